@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Installs (when missing) and starts everything the test suite talks to:
+# PostgreSQL, MariaDB, an S3-compatible server (moto, from PyPI), and the
+# sqlite3/zstd/pg_dump/mysqldump command-line tools. Safe to run repeatedly.
+# Source it to get the environment the tests read:
+#   source scripts/test-services.sh
+# Everything listens on 127.0.0.1 only.
+set -euo pipefail
+
+SPIREKEEP_S3_PORT="${SPIREKEEP_S3_PORT:-9107}"
+SPIREKEEP_S3_BUCKET="${SPIREKEEP_S3_BUCKET:-spirekeep-test}"
+root_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+state_dir="$root_dir/target/test-services"
+mkdir -p "$state_dir"
+
+log() { echo "test-services: $*" >&2; }
+
+need_apt=()
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql postgresql-client)
+command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server)
+command -v mariadb >/dev/null 2>&1 || need_apt+=(mariadb-client)
+command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
+command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  log "installing ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# --- PostgreSQL
+if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  log "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start
+  for _ in $(seq 60); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.5; done
+fi
+su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='spirekeep'\"" | grep -q 1 ||
+  su postgres -c "psql -qc \"CREATE ROLE spirekeep LOGIN PASSWORD 'spirekeep' CREATEDB\""
+
+# --- MariaDB (root has socket auth only on Debian: the tests use their own TCP user)
+if ! mysqladmin -uroot ping >/dev/null 2>&1; then
+  log "starting MariaDB"
+  mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+  for _ in $(seq 60); do mysqladmin -uroot ping >/dev/null 2>&1 && break; sleep 0.5; done
+fi
+mariadb -uroot -e "CREATE USER IF NOT EXISTS 'spirekeep'@'localhost' IDENTIFIED BY 'spirekeep';
+  CREATE USER IF NOT EXISTS 'spirekeep'@'%' IDENTIFIED BY 'spirekeep';
+  GRANT ALL PRIVILEGES ON *.* TO 'spirekeep'@'localhost' WITH GRANT OPTION;
+  GRANT ALL PRIVILEGES ON *.* TO 'spirekeep'@'%' WITH GRANT OPTION;"
+
+# --- S3 (moto server from PyPI, in a virtualenv of its own)
+moto_bin="$(command -v moto_server || true)"
+if [ -z "$moto_bin" ] || ! "$moto_bin" --help >/dev/null 2>&1; then
+  venv="$root_dir/target/moto-venv"
+  if [ ! -x "$venv/bin/moto_server" ]; then
+    log "installing moto[server] from PyPI (about 90 s)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q 'moto[server]'
+  fi
+  moto_bin="$venv/bin/moto_server"
+fi
+if ! curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_S3_PORT/"; then
+  log "starting moto on 127.0.0.1:$SPIREKEEP_S3_PORT"
+  (setsid "$moto_bin" -H 127.0.0.1 -p "$SPIREKEEP_S3_PORT" >"$state_dir/moto.log" 2>&1 &)
+  for _ in $(seq 60); do curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_S3_PORT/" && break; sleep 0.5; done
+fi
+curl -s -X PUT "http://127.0.0.1:$SPIREKEEP_S3_PORT/$SPIREKEEP_S3_BUCKET" >/dev/null
+
+export SPIREKEEP_TEST_PG_URL="postgres://spirekeep:spirekeep@127.0.0.1:5432/postgres"
+export SPIREKEEP_TEST_MYSQL_URL="mysql://spirekeep:spirekeep@127.0.0.1:3306/"
+export SPIREKEEP_TEST_S3_ENDPOINT="http://127.0.0.1:$SPIREKEEP_S3_PORT"
+export SPIREKEEP_TEST_S3_BUCKET="$SPIREKEEP_S3_BUCKET"
+# moto accepts any credentials; giving them keeps object_store off the cloud metadata address.
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
+# Tests fail, rather than skip, when a service is missing.
+export SPIREKEEP_TEST_REQUIRE_SERVICES=1
+log "ready: PostgreSQL, MariaDB, S3 at $SPIREKEEP_TEST_S3_ENDPOINT"

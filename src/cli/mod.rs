@@ -1,0 +1,130 @@
+//! The command line: clap definitions and one file per command. Everything
+//! here is thin; the work is done by the library modules.
+
+mod inspect;
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{DatastoreSource, ResolvedDatastore, resolve_datastore};
+use crate::error::{Error, ErrorKind};
+
+/// Exit codes, documented in the README.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// A check found problems (incompatible upgrade, failed verification).
+    pub const CHECK_FAILED: u8 = 1;
+    /// Bad input: flags, connection string, config file, not a SPIRE datastore.
+    pub const USAGE: u8 = 2;
+    /// An upgrade failed and was rolled back.
+    pub const ROLLED_BACK: u8 = 3;
+    /// A server could not be reached or refused the credentials.
+    pub const UNREACHABLE: u8 = 4;
+    /// Any other runtime failure (database or storage error).
+    pub const FAILED: u8 = 5;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "spirekeep",
+    version,
+    about = "Snapshots, verified restores and staged upgrades for SPIRE server datastores"
+)]
+pub struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More log output (-v info, -vv debug). Logs go to stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what is in a SPIRE datastore: engine, schema and code version, row counts, agents by version.
+    Inspect(inspect::InspectArgs),
+}
+
+/// How to reach the datastore: a connection string or SPIRE's server.conf.
+#[derive(Debug, Args, Clone)]
+pub struct DatastoreArgs {
+    /// Connection string as SPIRE writes it (SQLite path or file: URI, lib/pq key=value or postgres:// URL,
+    /// go-sql-driver DSN user:pass@tcp(host:3306)/spire?parseTime=true) or a mysql:// / sqlite:// URL.
+    #[arg(
+        long,
+        env = "SPIREKEEP_DATASTORE",
+        hide_env_values = true,
+        conflicts_with = "spire_config"
+    )]
+    pub datastore: Option<String>,
+
+    /// SPIRE server config file; the DataStore "sql" block is read from it.
+    #[arg(long, env = "SPIREKEEP_SPIRE_CONFIG", value_name = "PATH")]
+    pub spire_config: Option<PathBuf>,
+
+    /// SPIRE's database_type (sqlite3, postgres, mysql) when the string alone is ambiguous.
+    #[arg(long, value_name = "TYPE")]
+    pub database_type: Option<String>,
+
+    /// Directory relative SQLite paths are resolved against (SPIRE's working directory). Default: the current directory.
+    #[arg(long, value_name = "DIR")]
+    pub spire_workdir: Option<PathBuf>,
+
+    /// Expand $VAR and ${VAR} in the SPIRE config, as spire-server -expandEnv does.
+    #[arg(long)]
+    pub expand_env: bool,
+}
+
+impl DatastoreArgs {
+    /// Validates the flags into a datastore to open (no I/O beyond reading server.conf).
+    pub(crate) fn resolve(&self) -> Result<ResolvedDatastore, Error> {
+        let source = match (&self.datastore, &self.spire_config) {
+            (Some(value), _) => DatastoreSource::Connection {
+                value: value.clone(),
+                database_type: self.database_type.clone(),
+            },
+            (None, Some(path)) => DatastoreSource::SpireConfig {
+                path: path.clone(),
+                expand_env: self.expand_env,
+            },
+            (None, None) => {
+                return Err(Error::Unsupported(
+                    "no datastore given: pass --datastore STRING or --spire-config PATH (or set SPIREKEEP_DATASTORE)".into(),
+                ));
+            }
+        };
+        resolve_datastore(&source, self.spire_workdir.as_deref())
+    }
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub async fn run(cli: Cli) -> u8 {
+    let result = match &cli.command {
+        Command::Inspect(args) => inspect::run(args, cli.json).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            output::print_error(&err, cli.json);
+            exit_code_for(&err)
+        }
+    }
+}
+
+/// The exit code for an error that ended a command.
+#[must_use]
+pub fn exit_code_for(err: &anyhow::Error) -> u8 {
+    match err.downcast_ref::<Error>().map(Error::kind) {
+        Some(ErrorKind::Usage | ErrorKind::NotSpire) => exit::USAGE,
+        Some(ErrorKind::Unreachable | ErrorKind::Auth) => exit::UNREACHABLE,
+        Some(ErrorKind::Integrity) => exit::CHECK_FAILED,
+        Some(ErrorKind::Backend) | None => exit::FAILED,
+    }
+}

@@ -1,0 +1,99 @@
+//! Access to a SPIRE server's SQL datastore.
+//!
+//! The [`Datastore`] trait stays close to what each engine can do (read the
+//! catalogue, count rows, run a script, insert rows); everything SPIRE-specific
+//! (what a `migrations` row means, which tables count as agents or entries) lives
+//! above it in generic code. Only the files in this module import a database
+//! driver.
+
+mod catalogue;
+mod driver_error;
+pub mod dsn;
+mod mysql;
+mod postgres;
+pub mod spire_conf;
+mod sql;
+mod sqlite;
+pub mod timefmt;
+mod value;
+
+use async_trait::async_trait;
+
+pub use catalogue::{Catalogue, Column, Index, Table};
+pub use dsn::{ConnectionSpec, Engine, OpenMode};
+pub use value::{ColumnKind, Value};
+
+use crate::error::Result;
+
+/// The one row of SPIRE's `migrations` table (spire-reference §3).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MigrationsRow {
+    /// The schema version (`migrations.version`).
+    pub schema_version: i64,
+    /// The SPIRE version that last wrote the row, exactly as stored (`1.15.3`, `1.16.0-dev-abc123`, or empty).
+    pub code_version: String,
+}
+
+/// A connection to one SPIRE datastore.
+#[async_trait]
+pub trait Datastore: Send + Sync {
+    /// Which engine this is.
+    fn engine(&self) -> Engine;
+
+    /// Where it is, with any password removed: safe to print and log.
+    fn location(&self) -> &str;
+
+    /// The database server's own version string (`15.18`, `10.11.19-MariaDB`, `3.51.3`).
+    async fn server_version(&self) -> Result<String>;
+
+    /// The live catalogue: every user table with its columns, primary key and indexes.
+    async fn catalogue(&self) -> Result<Catalogue>;
+
+    /// `SELECT count(*)` of one table.
+    async fn count_rows(&self, table: &str) -> Result<u64>;
+
+    /// `SELECT column, count(*) ... GROUP BY column` with the column read as text
+    /// (`None` for NULL), sorted by value.
+    async fn count_by(&self, table: &str, column: &str) -> Result<Vec<(Option<String>, u64)>>;
+
+    /// Reads every row of `table`, ordered by its primary key, converting each
+    /// column according to its kind. For small tables and tests; snapshots stream.
+    async fn read_table(&self, table: &Table) -> Result<Vec<Vec<Value>>>;
+
+    /// Runs a multi-statement SQL script (DDL of a fixture schema, for example).
+    async fn execute_script(&self, sql: &str) -> Result<()>;
+
+    /// Inserts rows into `table` inside one transaction. `columns` names the
+    /// columns and their kinds, in the order of each row's values.
+    async fn insert_rows(
+        &self,
+        table: &str,
+        columns: &[(String, ColumnKind)],
+        rows: &[Vec<Value>],
+    ) -> Result<()>;
+
+    /// Closes the connection pool cleanly.
+    async fn close(&self);
+}
+
+/// Opens a datastore from a parsed connection spec.
+///
+/// # Errors
+/// A missing SQLite file, an unreachable host, refused credentials or any other
+/// connection failure, each as its own [`crate::Error`] variant.
+pub async fn open(spec: &ConnectionSpec, mode: OpenMode) -> Result<Box<dyn Datastore>> {
+    match spec {
+        ConnectionSpec::Sqlite(s) => Ok(Box::new(sqlite::SqliteDatastore::open(s, mode).await?)),
+        ConnectionSpec::Postgres(p) => Ok(Box::new(postgres::PostgresDatastore::open(p).await?)),
+        ConnectionSpec::Mysql(m) => Ok(Box::new(mysql::MysqlDatastore::open(m).await?)),
+    }
+}
+
+/// Quotes an identifier for `engine` (double quotes, or backticks on MySQL).
+#[must_use]
+pub fn quote_ident(engine: Engine, name: &str) -> String {
+    match engine {
+        Engine::Mysql => format!("`{}`", name.replace('`', "``")),
+        Engine::Sqlite | Engine::Postgres => format!("\"{}\"", name.replace('"', "\"\"")),
+    }
+}

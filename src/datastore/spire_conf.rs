@@ -1,0 +1,348 @@
+//! Reading the datastore settings out of SPIRE's `server.conf`.
+//!
+//! SPIRE requires exactly one `DataStore "sql"` block (spire-reference §1):
+//!
+//! ```hcl
+//! plugins {
+//!     DataStore "sql" {
+//!         plugin_data {
+//!             database_type = "sqlite3"
+//!             connection_string = "./.data/datastore.sqlite3"
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! `database_type` may also take SPIRE's block form (`database_type "aws_postgres" { region = "..." }`),
+//! which spirekeep recognises only to say it is not supported yet.
+
+use std::path::{Path, PathBuf};
+
+use hcl::{Body, Expression};
+
+use super::dsn::{self, ConnectionSpec, Engine};
+use crate::error::{Error, Result};
+
+/// What spirekeep needs from a SPIRE server configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpireDatastoreConfig {
+    /// `database_type` (`sqlite3`, `postgres`, `mysql`, or an unsupported name).
+    pub database_type: String,
+    /// `connection_string`, exactly as written (it may hold a password: never print it).
+    pub connection_string: String,
+    /// `disable_migration`, which changes SPIRE's start-up rules (spire-reference §4).
+    pub disable_migration: bool,
+    /// `server { data_dir = ... }`, if set.
+    pub data_dir: Option<String>,
+}
+
+impl SpireDatastoreConfig {
+    /// Turns the settings into a connection, resolving relative SQLite paths
+    /// against `workdir` (the SPIRE server's working directory).
+    ///
+    /// # Errors
+    /// Unsupported `database_type` values and malformed connection strings.
+    pub fn connection(&self, workdir: &Path) -> Result<ConnectionSpec> {
+        let engine = Engine::from_database_type(&self.database_type)?;
+        dsn::parse(&self.connection_string, Some(engine), workdir)
+    }
+}
+
+/// Reads and parses a SPIRE server config file.
+///
+/// With `expand_env`, `$VAR` and `${VAR}` are replaced from the environment
+/// before parsing, as `spire-server run -expandEnv` does.
+///
+/// # Errors
+/// An unreadable file, invalid HCL, or a missing or malformed `DataStore "sql"` block.
+pub fn load(path: &Path, expand_env: bool) -> Result<SpireDatastoreConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| conf_err(path, format!("cannot read it: {e}")))?;
+    let text = if expand_env {
+        expand_env_vars(&text)
+    } else {
+        text
+    };
+    parse(&text).map_err(|message| conf_err(path, message))
+}
+
+fn conf_err(path: &Path, message: String) -> Error {
+    Error::SpireConfig {
+        path: PathBuf::from(path),
+        message,
+    }
+}
+
+/// Parses config text; the error is a message without the path.
+///
+/// # Errors
+/// As [`load`].
+pub fn parse(text: &str) -> std::result::Result<SpireDatastoreConfig, String> {
+    // The HCL parser's messages quote the offending line, which may be the
+    // connection string with its password: keep only the position.
+    let body: Body = hcl::parse(text).map_err(|e| {
+        let msg = e.to_string();
+        let first = msg.lines().next().unwrap_or("syntax error").to_string();
+        format!(
+            "invalid HCL: {}",
+            first.split(" --> ").next().unwrap_or(&first).trim()
+        )
+    })?;
+
+    let data_dir = body
+        .blocks()
+        .filter(|b| b.identifier() == "server")
+        .find_map(|b| {
+            b.body()
+                .attributes()
+                .find(|a| a.key() == "data_dir")
+                .and_then(|a| as_string(a.expr()))
+        });
+
+    let mut datastores = Vec::new();
+    for plugins in body.blocks().filter(|b| b.identifier() == "plugins") {
+        for block in plugins
+            .body()
+            .blocks()
+            .filter(|b| b.identifier() == "DataStore")
+        {
+            datastores.push(block);
+        }
+    }
+    let block = match datastores.as_slice() {
+        [] => return Err("no DataStore block under plugins { ... }; SPIRE requires exactly one DataStore \"sql\"".into()),
+        [one] => *one,
+        _ => return Err(format!("{} DataStore blocks; SPIRE requires exactly one", datastores.len())),
+    };
+    let name = block
+        .labels()
+        .first()
+        .map(|l| l.as_str().to_string())
+        .unwrap_or_default();
+    if name != "sql" {
+        return Err(format!(
+            "DataStore \"{name}\" is not supported: SPIRE accepts only the built-in \"sql\" datastore"
+        ));
+    }
+    let plugin_data = plugin_data(block.body()).ok_or("DataStore \"sql\" has no plugin_data")?;
+
+    let database_type = match plugin_data.iter().find(|(k, _)| k == "database_type") {
+        Some((_, Setting::Value(v))) => as_string(v).ok_or("database_type must be a string")?,
+        // Block form: database_type "aws_postgres" { region = "..." }
+        Some((_, Setting::Block(label))) => label.clone(),
+        None => return Err("database_type must be set".into()),
+    };
+    let connection_string = match plugin_data.iter().find(|(k, _)| k == "connection_string") {
+        Some((_, Setting::Value(Expression::String(s)))) => s.clone(),
+        Some((_, Setting::Value(Expression::TemplateExpr(_)))) => {
+            return Err("connection_string uses ${...} interpolation; pass --expand-env (as for spire-server -expandEnv)".into())
+        }
+        Some(_) => return Err("connection_string must be a string".into()),
+        None => return Err("connection_string must be set".into()),
+    };
+    let disable_migration = matches!(
+        plugin_data.iter().find(|(k, _)| k == "disable_migration"),
+        Some((_, Setting::Value(Expression::Bool(true))))
+    );
+    Ok(SpireDatastoreConfig {
+        database_type,
+        connection_string,
+        disable_migration,
+        data_dir,
+    })
+}
+
+enum Setting {
+    Value(Expression),
+    /// A nested block, with its first label.
+    Block(String),
+}
+
+/// The settings in `plugin_data { ... }` (or `plugin_data = { ... }`).
+fn plugin_data(body: &Body) -> Option<Vec<(String, Setting)>> {
+    if let Some(block) = body.blocks().find(|b| b.identifier() == "plugin_data") {
+        let mut out: Vec<(String, Setting)> = block
+            .body()
+            .attributes()
+            .map(|a| (a.key().to_string(), Setting::Value(a.expr().clone())))
+            .collect();
+        for b in block.body().blocks() {
+            let label = b
+                .labels()
+                .first()
+                .map(|l| l.as_str().to_string())
+                .unwrap_or_default();
+            out.push((b.identifier().to_string(), Setting::Block(label)));
+        }
+        return Some(out);
+    }
+    let attr = body.attributes().find(|a| a.key() == "plugin_data")?;
+    match attr.expr() {
+        Expression::Object(obj) => Some(
+            obj.iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string().trim_matches('"').to_string(),
+                        Setting::Value(v.clone()),
+                    )
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn as_string(e: &Expression) -> Option<String> {
+    match e {
+        Expression::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// `os.ExpandEnv`: `$VAR` and `${VAR}`; unset variables become empty.
+fn expand_env_vars(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let name: String = if chars.peek() == Some(&'{') {
+            chars.next();
+            let mut n = String::new();
+            for c in chars.by_ref() {
+                if c == '}' {
+                    break;
+                }
+                n.push(c);
+            }
+            n
+        } else {
+            let mut n = String::new();
+            while let Some(&c) = chars.peek() {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    n.push(c);
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            if n.is_empty() {
+                out.push('$');
+                continue;
+            }
+            n
+        };
+        out.push_str(&std::env::var(&name).unwrap_or_default());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+server {
+    bind_address = "0.0.0.0"
+    bind_port = "8081"
+    trust_domain = "example.org"
+    data_dir = "./.data"
+    log_level = "DEBUG"
+}
+
+plugins {
+    DataStore "sql" {
+        plugin_data {
+            database_type = "sqlite3"
+            connection_string = "./.data/datastore.sqlite3"
+        }
+    }
+
+    KeyManager "disk" {
+        plugin_data {
+            keys_path = "./.data/keys.json"
+        }
+    }
+}
+"#;
+
+    #[test]
+    fn reads_the_sample_server_conf() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.database_type, "sqlite3");
+        assert_eq!(c.connection_string, "./.data/datastore.sqlite3");
+        assert_eq!(c.data_dir.as_deref(), Some("./.data"));
+        assert!(!c.disable_migration);
+        let spec = c.connection(Path::new("/opt/spire")).unwrap();
+        assert_eq!(
+            spec.redacted(),
+            "sqlite:/opt/spire/./.data/datastore.sqlite3"
+        );
+    }
+
+    #[test]
+    fn aws_block_form_is_recognised_and_refused() {
+        let text = r#"plugins { DataStore "sql" { plugin_data {
+            database_type "aws_postgres" { region = "us-east-1" }
+            connection_string = "dbname=spire user=spire host=db"
+        } } }"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.database_type, "aws_postgres");
+        let err = c.connection(Path::new("/")).unwrap_err().to_string();
+        assert!(err.contains("not supported yet"), "{err}");
+    }
+
+    #[test]
+    fn disable_migration_and_mysql() {
+        let text = r#"plugins { DataStore "sql" { plugin_data {
+            database_type = "mysql"
+            connection_string = "spire:pw@tcp(db:3306)/spire?parseTime=true"
+            disable_migration = true
+        } } }"#;
+        let c = parse(text).unwrap();
+        assert!(c.disable_migration);
+        assert_eq!(
+            c.connection(Path::new("/")).unwrap().engine(),
+            Engine::Mysql
+        );
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        assert!(parse("server { }").unwrap_err().contains("no DataStore"));
+        assert!(
+            parse(r#"plugins { DataStore "x" { plugin_data { } } }"#)
+                .unwrap_err()
+                .contains("only the built-in")
+        );
+        assert!(
+            parse(r#"plugins { DataStore "sql" { plugin_data { connection_string = "x" } } }"#)
+                .unwrap_err()
+                .contains("database_type must be set")
+        );
+        let err = parse(r#"plugins { DataStore "sql" { plugin_data { database_type = "postgres" connection_string = "password=hunter2 host=x" oops } } }"#).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = parse(
+            r#"plugins { DataStore "sql" { plugin_data {
+            database_type = "postgres"
+            connection_string = "password=${DB_PASSWORD} host=x"
+        } } }"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("--expand-env"), "{err}");
+    }
+
+    #[test]
+    fn expands_environment_like_spire() {
+        // SAFETY-free: uses a variable name no other test touches.
+        let key = "SPIREKEEP_TEST_EXPAND_VAR_7731";
+        // Reading only: we do not set env vars in tests (set_var is unsafe in edition 2024).
+        assert_eq!(
+            expand_env_vars(&format!("a ${{{key}}} b ${key}c $ d")),
+            "a  b  $ d"
+        );
+        assert_eq!(expand_env_vars("cost $"), "cost $");
+    }
+}

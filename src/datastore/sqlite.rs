@@ -1,0 +1,276 @@
+//! SQLite, as SPIRE uses it through go-sqlite3 (WAL mode, text datetimes).
+//!
+//! The file is always read through SQLite itself, never copied: committed data
+//! may still sit in the `-wal` file (spire-reference §8).
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, TypeInfo, ValueRef};
+
+use super::catalogue::{Catalogue, Column, Index, Table};
+use super::driver_error::{classify, rows_per_statement};
+use super::dsn::{Engine, OpenMode, SqliteSpec};
+use super::sql::{insert_head, select_all_sql};
+use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
+use super::{ColumnKind, Datastore, Value, quote_ident};
+use crate::error::{Error, Result};
+
+pub(crate) struct SqliteDatastore {
+    pool: SqlitePool,
+    location: String,
+}
+
+impl SqliteDatastore {
+    pub(crate) async fn open(spec: &SqliteSpec, mode: OpenMode) -> Result<Self> {
+        let location = format!("sqlite:{}", spec.path.display());
+        if mode != OpenMode::Create && !spec.path.exists() {
+            return Err(Error::MissingSqliteFile {
+                path: spec.path.clone(),
+            });
+        }
+        if spec.path.is_dir() {
+            return Err(Error::NotSpire {
+                location,
+                why: "it is a directory, not a SQLite file".into(),
+            });
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(&spec.path)
+            .read_only(mode == OpenMode::ReadOnly)
+            .create_if_missing(mode == OpenMode::Create);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|e| classify(&e, &location))?;
+        let store = Self { pool, location };
+        // A file that is not a database fails only on first read: check now.
+        store.server_version().await?;
+        sqlx::query("SELECT count(*) FROM sqlite_master")
+            .fetch_one(&store.pool)
+            .await
+            .map_err(|e| classify(&e, &store.location))?;
+        Ok(store)
+    }
+
+    fn err(&self, e: &sqlx::Error) -> Error {
+        classify(e, &self.location)
+    }
+}
+
+#[async_trait]
+impl Datastore for SqliteDatastore {
+    fn engine(&self) -> Engine {
+        Engine::Sqlite
+    }
+
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    async fn server_version(&self) -> Result<String> {
+        sqlx::query_scalar::<_, String>("SELECT sqlite_version()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(&e))
+    }
+
+    async fn catalogue(&self) -> Result<Catalogue> {
+        let tables: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(&e))?;
+        let mut out = Vec::with_capacity(tables.len());
+        for (name, sql) in tables {
+            let cols: Vec<(i64, String, String, i64, Option<String>, i64)> =
+                sqlx::query_as(AssertSqlSafe(format!("SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_info({})", sql_str(&name))))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.err(&e))?;
+            let autoinc = sql
+                .as_deref()
+                .is_some_and(|s| s.to_ascii_uppercase().contains("AUTOINCREMENT"));
+            let mut pk: Vec<(i64, String)> = cols
+                .iter()
+                .filter(|c| c.5 > 0)
+                .map(|c| (c.5, c.1.clone()))
+                .collect();
+            pk.sort();
+            let single_int_pk = pk.len() == 1;
+            let columns = cols
+                .iter()
+                .map(|(_, cname, ctype, notnull, _, pkpos)| Column {
+                    name: cname.clone(),
+                    declared_type: ctype.clone(),
+                    kind: ColumnKind::from_sqlite_type(ctype),
+                    // An INTEGER PRIMARY KEY is the rowid and can never be NULL.
+                    nullable: *notnull == 0 && *pkpos == 0,
+                    auto_increment: autoinc
+                        && single_int_pk
+                        && *pkpos == 1
+                        && ctype.eq_ignore_ascii_case("integer"),
+                })
+                .collect();
+            let idx_list: Vec<(i64, String, i64, String, i64)> =
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT seq, name, \"unique\", origin, partial FROM pragma_index_list({})",
+                    sql_str(&name)
+                )))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.err(&e))?;
+            let mut indexes = Vec::new();
+            for (_, iname, unique, origin, _) in idx_list {
+                if origin == "pk" {
+                    continue;
+                }
+                let mut icols: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT seqno, name FROM pragma_index_info({})",
+                    sql_str(&iname)
+                )))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.err(&e))?;
+                icols.sort();
+                indexes.push(Index {
+                    name: iname,
+                    columns: icols.into_iter().map(|c| c.1).collect(),
+                    unique: unique != 0,
+                });
+            }
+            indexes.sort_by(|a, b| a.name.cmp(&b.name));
+            out.push(Table {
+                name,
+                columns,
+                primary_key: pk.into_iter().map(|p| p.1).collect(),
+                indexes,
+                create_sql: sql,
+            });
+        }
+        Ok(Catalogue { tables: out })
+    }
+
+    async fn count_rows(&self, table: &str) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}",
+            quote_ident(Engine::Sqlite, table)
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.err(&e))?;
+        Ok(n.unsigned_abs())
+    }
+
+    async fn count_by(&self, table: &str, column: &str) -> Result<Vec<(Option<String>, u64)>> {
+        let c = quote_ident(Engine::Sqlite, column);
+        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT CAST({c} AS TEXT), count(*) FROM {} GROUP BY 1 ORDER BY 1",
+            quote_ident(Engine::Sqlite, table)
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(&e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(v, n)| (v, n.unsigned_abs()))
+            .collect())
+    }
+
+    async fn read_table(&self, table: &Table) -> Result<Vec<Vec<Value>>> {
+        let sql = select_all_sql(Engine::Sqlite, table, |c| {
+            quote_ident(Engine::Sqlite, &c.name)
+        });
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(&e))?;
+        let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
+        rows.iter()
+            .map(|r| decode_row(r, &kinds).map_err(|e| self.err(&e)))
+            .collect()
+    }
+
+    async fn execute_script(&self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(())
+    }
+
+    async fn insert_rows(
+        &self,
+        table: &str,
+        columns: &[(String, ColumnKind)],
+        rows: &[Vec<Value>],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(&e))?;
+        let head = insert_head(Engine::Sqlite, table, columns);
+        for chunk in rows.chunks(rows_per_statement(columns.len())) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(head.clone());
+            qb.push_values(chunk, |mut b, row| {
+                for v in row {
+                    match v {
+                        Value::Null => b.push_bind(Option::<i64>::None),
+                        Value::Bool(x) => b.push_bind(*x),
+                        Value::Int(x) => b.push_bind(*x),
+                        Value::Float(x) => b.push_bind(*x),
+                        Value::Text(x) => b.push_bind(x.as_str()),
+                        Value::Bytes(x) => b.push_bind(x.as_slice()),
+                        Value::Timestamp(t) => b.push_bind(format_sqlite_datetime(*t)),
+                    };
+                }
+            });
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(&e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(&e))
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// `'name'` as a SQL string literal (for table-valued pragma arguments).
+fn sql_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Reads one SQLite row. SQLite is dynamically typed, so the storage class of
+/// each value decides how it is read; the column kind decides what it means.
+pub(crate) fn decode_row(
+    row: &SqliteRow,
+    kinds: &[ColumnKind],
+) -> std::result::Result<Vec<Value>, sqlx::Error> {
+    let mut out = Vec::with_capacity(kinds.len());
+    for (i, kind) in kinds.iter().enumerate() {
+        let raw = row.try_get_raw(i)?;
+        if raw.is_null() {
+            out.push(Value::Null);
+            continue;
+        }
+        let storage = raw.type_info().name().to_string();
+        let v = match (storage.as_str(), kind) {
+            ("INTEGER", ColumnKind::Boolean) => Value::Bool(row.try_get::<i64, _>(i)? != 0),
+            ("INTEGER", _) => Value::Int(row.try_get::<i64, _>(i)?),
+            ("REAL", _) => Value::Float(row.try_get::<f64, _>(i)?),
+            ("BLOB", _) => Value::Bytes(row.try_get::<Vec<u8>, _>(i)?),
+            (_, ColumnKind::Timestamp) => {
+                let text: String = row.try_get(i)?;
+                match parse_sqlite_datetime(&text) {
+                    Some(t) => Value::Timestamp(t),
+                    None => Value::Text(text),
+                }
+            }
+            (_, ColumnKind::Bytes) => Value::Bytes(row.try_get::<String, _>(i)?.into_bytes()),
+            _ => Value::Text(row.try_get::<String, _>(i)?),
+        };
+        out.push(v);
+    }
+    Ok(out)
+}

@@ -54,6 +54,9 @@ pub enum Error {
 
     #[error("{0}")]
     Unsupported(String),
+
+    #[error("{0}")]
+    Aborted(String),
 }
 
 impl Error {
@@ -68,7 +71,7 @@ impl Error {
             Self::Unreachable { .. } => ErrorKind::Unreachable,
             Self::AuthFailed { .. } => ErrorKind::Auth,
             Self::NotSpire { .. } => ErrorKind::NotSpire,
-            Self::Database { .. } => ErrorKind::Backend,
+            Self::Database { .. } | Self::Aborted(_) => ErrorKind::Backend,
         }
     }
 

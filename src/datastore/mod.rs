@@ -7,6 +7,7 @@
 //! driver.
 
 mod catalogue;
+pub mod ddl;
 mod driver_error;
 pub mod dsn;
 mod mysql;
@@ -72,8 +73,59 @@ pub trait Datastore: Send + Sync {
         rows: &[Vec<Value>],
     ) -> Result<()>;
 
+    /// Opens one consistent, read-only view of the whole datastore: a single
+    /// transaction with snapshot isolation (REPEATABLE READ on PostgreSQL,
+    /// `WITH CONSISTENT SNAPSHOT` on InnoDB, a read transaction on SQLite).
+    async fn begin_snapshot(&self) -> Result<Box<dyn SnapshotRead>>;
+
+    /// Starts an all-or-nothing restore that will replace `existing` (the
+    /// target's current tables; empty for an empty target). Nothing is visible
+    /// to other sessions until [`RestoreWrite::commit`].
+    async fn begin_restore(&self, existing: &[String]) -> Result<Box<dyn RestoreWrite>>;
+
     /// Closes the connection pool cleanly.
     async fn close(&self);
+}
+
+/// Rows travel between stages in batches of this many, so per-row channel
+/// overhead stays small and memory stays bounded.
+pub const ROW_BATCH: usize = 1024;
+
+/// A batch of rows.
+pub type RowBatch = Vec<Vec<Value>>;
+
+/// One open snapshot transaction.
+#[async_trait]
+pub trait SnapshotRead: Send {
+    /// The catalogue as this transaction sees it.
+    async fn catalogue(&mut self) -> Result<Catalogue>;
+
+    /// Streams every row of `table`, in primary-key order, into `out` in
+    /// batches of at most [`ROW_BATCH`]. Returns the number of rows.
+    async fn stream_rows(&mut self, table: &Table, out: &tokio::sync::mpsc::Sender<RowBatch>) -> Result<u64>;
+
+    /// Ends the transaction.
+    async fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// One open restore. Dropping it without [`RestoreWrite::commit`] leaves the
+/// target as it was.
+#[async_trait]
+pub trait RestoreWrite: Send {
+    /// The name under which `table` is created and loaded until commit (the
+    /// table itself inside a transaction; a shadow table on MySQL, whose DDL
+    /// commits on its own).
+    fn staging_name(&self, table: &str) -> String;
+
+    /// Runs DDL (CREATE TABLE, CREATE INDEX) against the staging tables.
+    async fn execute(&mut self, sql: &str) -> Result<()>;
+
+    /// Loads rows into a staging table.
+    async fn insert_rows(&mut self, table: &str, columns: &[(String, ColumnKind)], rows: &[Vec<Value>]) -> Result<()>;
+
+    /// Makes the restore visible at once and moves auto-increment sequences
+    /// past the restored ids. `tables` are the restored tables under their final names.
+    async fn commit(self: Box<Self>, tables: &[Table]) -> Result<()>;
 }
 
 /// Opens a datastore from a parsed connection spec.

@@ -11,7 +11,7 @@ use super::driver_error::{classify, rows_per_statement};
 use super::dsn::{Engine, MysqlSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_mysql_datetime, parse_mysql_datetime};
-use super::{ColumnKind, Datastore, Value, quote_ident};
+use super::{ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident};
 use crate::error::{Error, Result};
 
 pub(crate) struct MysqlDatastore {
@@ -77,61 +77,8 @@ impl Datastore for MysqlDatastore {
     }
 
     async fn catalogue(&self) -> Result<Catalogue> {
-        let cols: Vec<(String, String, String, String, String)> = sqlx::query_as(COLUMNS_SQL)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        let mut tables: Vec<Table> = Vec::new();
-        for (table, name, ty, nullable, extra) in cols {
-            if tables.last().is_none_or(|t| t.name != table) {
-                tables.push(Table {
-                    name: table.clone(),
-                    columns: Vec::new(),
-                    primary_key: Vec::new(),
-                    indexes: Vec::new(),
-                    create_sql: None,
-                });
-            }
-            let t = tables.last_mut().expect("just pushed");
-            t.columns.push(Column {
-                name,
-                kind: ColumnKind::from_mysql_type(&ty),
-                declared_type: ty,
-                nullable: nullable == "YES",
-                auto_increment: extra.to_ascii_lowercase().contains("auto_increment"),
-            });
-        }
-        let idx: Vec<(String, String, i64, String)> = sqlx::query_as(INDEXES_SQL)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        for (table, name, non_unique, column) in idx {
-            let Some(t) = tables.iter_mut().find(|t| t.name == table) else {
-                continue;
-            };
-            if name == "PRIMARY" {
-                t.primary_key.push(column);
-            } else if let Some(i) = t.indexes.iter_mut().find(|i| i.name == name) {
-                i.columns.push(column);
-            } else {
-                t.indexes.push(Index {
-                    name,
-                    columns: vec![column],
-                    unique: non_unique == 0,
-                });
-            }
-        }
-        for t in &mut tables {
-            let row: (String, String) = sqlx::query_as(AssertSqlSafe(format!(
-                "SHOW CREATE TABLE {}",
-                quote_ident(Engine::Mysql, &t.name)
-            )))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-            t.create_sql = Some(row.1);
-        }
-        Ok(Catalogue { tables })
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?;
+        catalogue_on(&mut conn, &self.location).await
     }
 
     async fn count_rows(&self, table: &str) -> Result<u64> {
@@ -187,28 +134,32 @@ impl Datastore for MysqlDatastore {
         rows: &[Vec<Value>],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(&e))?;
-        let head = insert_head(Engine::Mysql, table, columns);
-        for chunk in rows.chunks(rows_per_statement(columns.len())) {
-            let mut qb: QueryBuilder<MySql> = QueryBuilder::new(head.clone());
-            qb.push_values(chunk, |mut b, row| {
-                for v in row {
-                    match v {
-                        Value::Null => b.push_bind(Option::<i64>::None),
-                        Value::Bool(x) => b.push_bind(*x),
-                        Value::Int(x) => b.push_bind(*x),
-                        Value::Float(x) => b.push_bind(*x),
-                        Value::Text(x) => b.push_bind(x.as_str()),
-                        Value::Bytes(x) => b.push_bind(x.as_slice()),
-                        Value::Timestamp(t) => b.push_bind(format_mysql_datetime(*t)),
-                    };
-                }
-            });
-            qb.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(&e))?;
-        }
+        insert_on(&mut tx, table, columns, rows, &self.location).await?;
         tx.commit().await.map_err(|e| self.err(&e))
+    }
+
+    async fn begin_snapshot(&self) -> Result<Box<dyn SnapshotRead>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        // Applies to the next transaction only; works on MariaDB and MySQL 8 alike.
+        exec_on(&mut conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", &self.location).await?;
+        exec_on(&mut conn, "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY", &self.location).await?;
+        Ok(Box::new(Snapshot { conn, location: self.location.clone() }))
+    }
+
+    async fn begin_restore(&self, existing: &[String]) -> Result<Box<dyn RestoreWrite>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        // Shadow tables left by a restore that was killed before its swap.
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
+             AND (TABLE_NAME LIKE '\\_spirekeep\\_new\\_%' OR TABLE_NAME LIKE '\\_spirekeep\\_old\\_%')",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| self.err(&e))?;
+        for t in &stale {
+            exec_on(&mut conn, &format!("DROP TABLE {}", quote_ident(Engine::Mysql, t)), &self.location).await?;
+        }
+        Ok(Box::new(Restore { conn, location: self.location.clone(), existing: existing.to_vec() }))
     }
 
     async fn close(&self) {
@@ -255,4 +206,198 @@ fn decode_row(
         out.push(v);
     }
     Ok(out)
+}
+
+/// Reads the catalogue on one connection (inside a snapshot transaction, if one is open).
+async fn catalogue_on(conn: &mut sqlx::mysql::MySqlConnection, location: &str) -> Result<Catalogue> {
+    let cols: Vec<(String, String, String, String, String)> = sqlx::query_as(COLUMNS_SQL)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, location))?;
+    let mut tables: Vec<Table> = Vec::new();
+    for (table, name, ty, nullable, extra) in cols {
+        if tables.last().is_none_or(|t| t.name != table) {
+            tables.push(Table {
+                name: table.clone(),
+                columns: Vec::new(),
+                primary_key: Vec::new(),
+                indexes: Vec::new(),
+                create_sql: None,
+            });
+        }
+        let t = tables.last_mut().expect("just pushed");
+        t.columns.push(Column {
+            name,
+            kind: ColumnKind::from_mysql_type(&ty),
+            declared_type: ty,
+            nullable: nullable == "YES",
+            auto_increment: extra.to_ascii_lowercase().contains("auto_increment"),
+        });
+    }
+    let idx: Vec<(String, String, i64, String)> = sqlx::query_as(INDEXES_SQL)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, location))?;
+    for (table, name, non_unique, column) in idx {
+        let Some(t) = tables.iter_mut().find(|t| t.name == table) else {
+            continue;
+        };
+        if name == "PRIMARY" {
+            t.primary_key.push(column);
+        } else if let Some(i) = t.indexes.iter_mut().find(|i| i.name == name) {
+            i.columns.push(column);
+        } else {
+            t.indexes.push(Index {
+                name,
+                columns: vec![column],
+                unique: non_unique == 0,
+            });
+        }
+    }
+    for t in &mut tables {
+        let row: (String, String) = sqlx::query_as(AssertSqlSafe(format!(
+            "SHOW CREATE TABLE {}",
+            quote_ident(Engine::Mysql, &t.name)
+        )))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, location))?;
+        t.create_sql = Some(row.1);
+    }
+    Ok(Catalogue { tables })
+}
+
+/// Inserts rows with multi-row INSERTs on one connection (the caller owns the transaction).
+async fn insert_on(
+    conn: &mut sqlx::mysql::MySqlConnection,
+    table: &str,
+    columns: &[(String, ColumnKind)],
+    rows: &[Vec<Value>],
+    location: &str,
+) -> Result<()> {
+    let head = insert_head(Engine::Mysql, table, columns);
+    for chunk in rows.chunks(rows_per_statement(columns.len())) {
+        let mut qb: QueryBuilder<MySql> = QueryBuilder::new(head.clone());
+        qb.push_values(chunk, |mut b, row| {
+            for v in row {
+                match v {
+                    Value::Null => b.push_bind(Option::<i64>::None),
+                    Value::Bool(x) => b.push_bind(*x),
+                    Value::Int(x) => b.push_bind(*x),
+                    Value::Float(x) => b.push_bind(*x),
+                    Value::Text(x) => b.push_bind(x.as_str()),
+                    Value::Bytes(x) => b.push_bind(x.as_slice()),
+                    Value::Timestamp(t) => b.push_bind(format_mysql_datetime(*t)),
+                };
+            }
+        });
+        qb.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| classify(&e, location))?;
+    }
+    Ok(())
+}
+
+/// Streams `table` from `conn` into `out` in batches (see [`SnapshotRead::stream_rows`]).
+async fn stream_on(
+    conn: &mut sqlx::mysql::MySqlConnection,
+    table: &Table,
+    out: &tokio::sync::mpsc::Sender<RowBatch>,
+    location: &str,
+) -> Result<u64> {
+    use futures::TryStreamExt;
+    let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
+    let sql = select_all_sql(Engine::Mysql, table, select_expr);
+    let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn);
+    let mut batch: RowBatch = Vec::with_capacity(ROW_BATCH);
+    let mut count = 0u64;
+    while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
+        batch.push(decode_row(&row, &kinds).map_err(|e| classify(&e, location))?);
+        count += 1;
+        if batch.len() == ROW_BATCH {
+            out.send(std::mem::take(&mut batch))
+                .await
+                .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+        }
+    }
+    if !batch.is_empty() {
+        out.send(batch)
+            .await
+            .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+    }
+    Ok(count)
+}
+
+/// Runs one statement on a dedicated connection.
+async fn exec_on(conn: &mut sqlx::mysql::MySqlConnection, sql: &str, location: &str) -> Result<()> {
+    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, location))?;
+    Ok(())
+}
+
+/// An open snapshot transaction on a dedicated connection (closed, and so
+/// rolled back, if dropped).
+struct Snapshot {
+    conn: sqlx::mysql::MySqlConnection,
+    location: String,
+}
+
+#[async_trait]
+impl SnapshotRead for Snapshot {
+    async fn catalogue(&mut self) -> Result<Catalogue> {
+        catalogue_on(&mut self.conn, &self.location).await
+    }
+
+    async fn stream_rows(&mut self, table: &Table, out: &tokio::sync::mpsc::Sender<RowBatch>) -> Result<u64> {
+        stream_on(&mut self.conn, table, out, &self.location).await
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<()> {
+        exec_on(&mut self.conn, "ROLLBACK", &self.location).await
+    }
+}
+
+/// MySQL DDL commits on its own, so a restore loads shadow tables and swaps
+/// them in with one atomic `RENAME TABLE`; until then the target is untouched.
+struct Restore {
+    conn: sqlx::mysql::MySqlConnection,
+    location: String,
+    existing: Vec<String>,
+}
+
+const SHADOW_NEW: &str = "_spirekeep_new_";
+const SHADOW_OLD: &str = "_spirekeep_old_";
+
+#[async_trait]
+impl RestoreWrite for Restore {
+    fn staging_name(&self, table: &str) -> String {
+        format!("{SHADOW_NEW}{table}")
+    }
+
+    async fn execute(&mut self, sql: &str) -> Result<()> {
+        exec_on(&mut self.conn, sql, &self.location).await
+    }
+
+    async fn insert_rows(&mut self, table: &str, columns: &[(String, ColumnKind)], rows: &[Vec<Value>]) -> Result<()> {
+        exec_on(&mut self.conn, "START TRANSACTION", &self.location).await?;
+        insert_on(&mut self.conn, table, columns, rows, &self.location).await?;
+        exec_on(&mut self.conn, "COMMIT", &self.location).await
+    }
+
+    async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<()> {
+        let q = |t: &str| quote_ident(Engine::Mysql, t);
+        let mut renames: Vec<String> =
+            self.existing.iter().map(|t| format!("{} TO {}", q(t), q(&format!("{SHADOW_OLD}{t}")))).collect();
+        renames.extend(tables.iter().map(|t| format!("{} TO {}", q(&format!("{SHADOW_NEW}{}", t.name)), q(&t.name))));
+        // One statement: MySQL applies every rename of a RENAME TABLE atomically.
+        exec_on(&mut self.conn, &format!("RENAME TABLE {}", renames.join(", ")), &self.location).await?;
+        for t in &self.existing {
+            exec_on(&mut self.conn, &format!("DROP TABLE {}", q(&format!("{SHADOW_OLD}{t}"))), &self.location).await?;
+        }
+        // InnoDB's AUTO_INCREMENT already sits past the largest id inserted.
+        Ok(())
+    }
 }

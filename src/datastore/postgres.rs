@@ -13,7 +13,7 @@ use super::driver_error::{classify, rows_per_statement};
 use super::dsn::{Engine, PostgresSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::parse_sqlite_datetime;
-use super::{ColumnKind, Datastore, Value, quote_ident};
+use super::{ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident};
 use crate::error::{Error, Result};
 
 pub(crate) struct PostgresDatastore {
@@ -86,49 +86,8 @@ impl Datastore for PostgresDatastore {
     }
 
     async fn catalogue(&self) -> Result<Catalogue> {
-        let cols: Vec<(String, String, String, bool, String, String)> = sqlx::query_as(TABLES_SQL)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        let mut tables: Vec<Table> = Vec::new();
-        for (table, name, ty, notnull, default, identity) in cols {
-            if tables.last().is_none_or(|t| t.name != table) {
-                tables.push(Table {
-                    name: table.clone(),
-                    columns: Vec::new(),
-                    primary_key: Vec::new(),
-                    indexes: Vec::new(),
-                    create_sql: None,
-                });
-            }
-            let t = tables.last_mut().expect("just pushed");
-            t.columns.push(Column {
-                name,
-                kind: ColumnKind::from_postgres_type(&ty),
-                declared_type: ty,
-                nullable: !notnull,
-                auto_increment: default.starts_with("nextval(") || !identity.is_empty(),
-            });
-        }
-        let idx: Vec<(String, String, bool, bool, Vec<String>)> = sqlx::query_as(INDEXES_SQL)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        for (table, name, unique, primary, columns) in idx {
-            let Some(t) = tables.iter_mut().find(|t| t.name == table) else {
-                continue;
-            };
-            if primary {
-                t.primary_key = columns;
-            } else {
-                t.indexes.push(Index {
-                    name,
-                    columns,
-                    unique,
-                });
-            }
-        }
-        Ok(Catalogue { tables })
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?;
+        catalogue_on(&mut conn, &self.location).await
     }
 
     async fn count_rows(&self, table: &str) -> Result<u64> {
@@ -184,29 +143,25 @@ impl Datastore for PostgresDatastore {
         rows: &[Vec<Value>],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(&e))?;
-        let head = insert_head(Engine::Postgres, table, columns);
-        for chunk in rows.chunks(rows_per_statement(columns.len())) {
-            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(head.clone());
-            let mut bad: Option<String> = None;
-            qb.push_values(chunk, |mut b, row| {
-                for (v, (cname, kind)) in row.iter().zip(columns) {
-                    if let Err(msg) = push_pg(&mut b, v, *kind) {
-                        bad.get_or_insert_with(|| format!("{table}.{cname}: {msg}"));
-                    }
-                }
-            });
-            if let Some(msg) = bad {
-                return Err(Error::Database {
-                    location: self.location.clone(),
-                    detail: msg,
-                });
-            }
-            qb.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(&e))?;
-        }
+        insert_on(&mut tx, table, columns, rows, &self.location).await?;
         tx.commit().await.map_err(|e| self.err(&e))
+    }
+
+    async fn begin_snapshot(&self) -> Result<Box<dyn SnapshotRead>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        exec_on(&mut conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", &self.location).await?;
+        // The snapshot is taken at the first statement of the transaction.
+        sqlx::query("SELECT 1").execute(&mut conn).await.map_err(|e| self.err(&e))?;
+        Ok(Box::new(Snapshot { conn, location: self.location.clone() }))
+    }
+
+    async fn begin_restore(&self, existing: &[String]) -> Result<Box<dyn RestoreWrite>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        exec_on(&mut conn, "BEGIN", &self.location).await?;
+        for t in existing {
+            exec_on(&mut conn, &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Postgres, t)), &self.location).await?;
+        }
+        Ok(Box::new(Restore { conn, location: self.location.clone() }))
     }
 
     async fn close(&self) {
@@ -296,4 +251,182 @@ fn push_pg(
         }
     };
     Ok(())
+}
+
+/// Reads the catalogue on one connection (inside a snapshot transaction, if one is open).
+async fn catalogue_on(conn: &mut sqlx::postgres::PgConnection, location: &str) -> Result<Catalogue> {
+    let cols: Vec<(String, String, String, bool, String, String)> = sqlx::query_as(TABLES_SQL)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, location))?;
+    let mut tables: Vec<Table> = Vec::new();
+    for (table, name, ty, notnull, default, identity) in cols {
+        if tables.last().is_none_or(|t| t.name != table) {
+            tables.push(Table {
+                name: table.clone(),
+                columns: Vec::new(),
+                primary_key: Vec::new(),
+                indexes: Vec::new(),
+                create_sql: None,
+            });
+        }
+        let t = tables.last_mut().expect("just pushed");
+        t.columns.push(Column {
+            name,
+            kind: ColumnKind::from_postgres_type(&ty),
+            declared_type: ty,
+            nullable: !notnull,
+            auto_increment: default.starts_with("nextval(") || !identity.is_empty(),
+        });
+    }
+    let idx: Vec<(String, String, bool, bool, Vec<String>)> = sqlx::query_as(INDEXES_SQL)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, location))?;
+    for (table, name, unique, primary, columns) in idx {
+        let Some(t) = tables.iter_mut().find(|t| t.name == table) else {
+            continue;
+        };
+        if primary {
+            t.primary_key = columns;
+        } else {
+            t.indexes.push(Index {
+                name,
+                columns,
+                unique,
+            });
+        }
+    }
+    Ok(Catalogue { tables })
+}
+
+/// Inserts rows with multi-row INSERTs on one connection (the caller owns the transaction).
+async fn insert_on(
+    conn: &mut sqlx::postgres::PgConnection,
+    table: &str,
+    columns: &[(String, ColumnKind)],
+    rows: &[Vec<Value>],
+    location: &str,
+) -> Result<()> {
+    let head = insert_head(Engine::Postgres, table, columns);
+    for chunk in rows.chunks(rows_per_statement(columns.len())) {
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(head.clone());
+        let mut bad: Option<String> = None;
+        qb.push_values(chunk, |mut b, row| {
+            for (v, (cname, kind)) in row.iter().zip(columns) {
+                if let Err(msg) = push_pg(&mut b, v, *kind) {
+                    bad.get_or_insert_with(|| format!("{table}.{cname}: {msg}"));
+                }
+            }
+        });
+        if let Some(msg) = bad {
+            return Err(Error::Database {
+                location: location.to_string(),
+                detail: msg,
+            });
+        }
+        qb.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| classify(&e, location))?;
+    }
+    Ok(())
+}
+
+/// Streams `table` from `conn` into `out` in batches (see [`SnapshotRead::stream_rows`]).
+async fn stream_on(
+    conn: &mut sqlx::postgres::PgConnection,
+    table: &Table,
+    out: &tokio::sync::mpsc::Sender<RowBatch>,
+    location: &str,
+) -> Result<u64> {
+    use futures::TryStreamExt;
+    let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
+    let sql = select_all_sql(Engine::Postgres, table, select_expr);
+    let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn);
+    let mut batch: RowBatch = Vec::with_capacity(ROW_BATCH);
+    let mut count = 0u64;
+    while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
+        batch.push(decode_row(&row, &kinds).map_err(|e| classify(&e, location))?);
+        count += 1;
+        if batch.len() == ROW_BATCH {
+            out.send(std::mem::take(&mut batch))
+                .await
+                .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+        }
+    }
+    if !batch.is_empty() {
+        out.send(batch)
+            .await
+            .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+    }
+    Ok(count)
+}
+
+/// Runs one statement on a dedicated connection.
+async fn exec_on(conn: &mut sqlx::postgres::PgConnection, sql: &str, location: &str) -> Result<()> {
+    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, location))?;
+    Ok(())
+}
+
+/// An open snapshot transaction on a dedicated connection (closed, and so
+/// rolled back, if dropped).
+struct Snapshot {
+    conn: sqlx::postgres::PgConnection,
+    location: String,
+}
+
+#[async_trait]
+impl SnapshotRead for Snapshot {
+    async fn catalogue(&mut self) -> Result<Catalogue> {
+        catalogue_on(&mut self.conn, &self.location).await
+    }
+
+    async fn stream_rows(&mut self, table: &Table, out: &tokio::sync::mpsc::Sender<RowBatch>) -> Result<u64> {
+        stream_on(&mut self.conn, table, out, &self.location).await
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<()> {
+        exec_on(&mut self.conn, "ROLLBACK", &self.location).await
+    }
+}
+
+/// A restore inside one transaction (PostgreSQL DDL is transactional).
+struct Restore {
+    conn: sqlx::postgres::PgConnection,
+    location: String,
+}
+
+#[async_trait]
+impl RestoreWrite for Restore {
+    fn staging_name(&self, table: &str) -> String {
+        table.to_string()
+    }
+
+    async fn execute(&mut self, sql: &str) -> Result<()> {
+        exec_on(&mut self.conn, sql, &self.location).await
+    }
+
+    async fn insert_rows(&mut self, table: &str, columns: &[(String, ColumnKind)], rows: &[Vec<Value>]) -> Result<()> {
+        insert_on(&mut self.conn, table, columns, rows, &self.location).await
+    }
+
+    async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<()> {
+        // Rows were loaded with explicit ids: move each serial's sequence past them.
+        for t in tables {
+            for c in t.columns.iter().filter(|c| c.auto_increment) {
+                let (tq, cq) = (quote_ident(Engine::Postgres, &t.name), quote_ident(Engine::Postgres, &c.name));
+                let sql = format!(
+                    "SELECT setval(pg_get_serial_sequence('{}', '{}'), GREATEST(COALESCE(MAX({cq}), 0), 1), COALESCE(MAX({cq}), 0) > 0) FROM {tq}",
+                    tq.replace('\'', "''"),
+                    c.name.replace('\'', "''"),
+                );
+                exec_on(&mut self.conn, &sql, &self.location).await?;
+            }
+        }
+        exec_on(&mut self.conn, "COMMIT", &self.location).await
+    }
 }

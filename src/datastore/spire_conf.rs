@@ -284,10 +284,17 @@ plugins {
 
     #[test]
     fn aws_block_form_is_recognised_and_refused() {
-        let text = r#"plugins { DataStore "sql" { plugin_data {
-            database_type "aws_postgres" { region = "us-east-1" }
+        let text = r#"
+plugins {
+    DataStore "sql" {
+        plugin_data {
+            database_type "aws_postgres" {
+                region = "us-east-1"
+            }
             connection_string = "dbname=spire user=spire host=db"
-        } } }"#;
+        }
+    }
+}"#;
         let c = parse(text).unwrap();
         assert_eq!(c.database_type, "aws_postgres");
         let err = c.connection(Path::new("/")).unwrap_err().to_string();
@@ -296,11 +303,16 @@ plugins {
 
     #[test]
     fn disable_migration_and_mysql() {
-        let text = r#"plugins { DataStore "sql" { plugin_data {
+        let text = r#"
+plugins {
+    DataStore "sql" {
+        plugin_data {
             database_type = "mysql"
             connection_string = "spire:pw@tcp(db:3306)/spire?parseTime=true"
             disable_migration = true
-        } } }"#;
+        }
+    }
+}"#;
         let c = parse(text).unwrap();
         assert!(c.disable_migration);
         assert_eq!(
@@ -313,22 +325,27 @@ plugins {
     fn bad_configs_say_what_is_wrong() {
         assert!(parse("server { }").unwrap_err().contains("no DataStore"));
         assert!(
-            parse(r#"plugins { DataStore "x" { plugin_data { } } }"#)
+            parse("plugins {\n DataStore \"x\" {\n plugin_data {\n }\n }\n}")
                 .unwrap_err()
                 .contains("only the built-in")
         );
         assert!(
-            parse(r#"plugins { DataStore "sql" { plugin_data { connection_string = "x" } } }"#)
+            parse("plugins {\n DataStore \"sql\" {\n plugin_data {\n connection_string = \"x\"\n }\n }\n}")
                 .unwrap_err()
                 .contains("database_type must be set")
         );
         let err = parse(r#"plugins { DataStore "sql" { plugin_data { database_type = "postgres" connection_string = "password=hunter2 host=x" oops } } }"#).unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
         let err = parse(
-            r#"plugins { DataStore "sql" { plugin_data {
+            r#"
+plugins {
+    DataStore "sql" {
+        plugin_data {
             database_type = "postgres"
             connection_string = "password=${DB_PASSWORD} host=x"
-        } } }"#,
+        }
+    }
+}"#,
         )
         .unwrap_err();
         assert!(err.contains("--expand-env"), "{err}");
@@ -336,7 +353,6 @@ plugins {
 
     #[test]
     fn expands_environment_like_spire() {
-        // SAFETY-free: uses a variable name no other test touches.
         let key = "SPIREKEEP_TEST_EXPAND_VAR_7731";
         // Reading only: we do not set env vars in tests (set_var is unsafe in edition 2024).
         assert_eq!(

@@ -12,7 +12,7 @@ use super::driver_error::{classify, rows_per_statement};
 use super::dsn::{Engine, OpenMode, SqliteSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
-use super::{ColumnKind, Datastore, Value, quote_ident};
+use super::{ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident};
 use crate::error::{Error, Result};
 
 pub(crate) struct SqliteDatastore {
@@ -76,80 +76,8 @@ impl Datastore for SqliteDatastore {
     }
 
     async fn catalogue(&self) -> Result<Catalogue> {
-        let tables: Vec<(String, Option<String>)> = sqlx::query_as(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err(&e))?;
-        let mut out = Vec::with_capacity(tables.len());
-        for (name, sql) in tables {
-            let cols: Vec<(i64, String, String, i64, Option<String>, i64)> =
-                sqlx::query_as(AssertSqlSafe(format!("SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_info({})", sql_str(&name))))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(|e| self.err(&e))?;
-            let autoinc = sql
-                .as_deref()
-                .is_some_and(|s| s.to_ascii_uppercase().contains("AUTOINCREMENT"));
-            let mut pk: Vec<(i64, String)> = cols
-                .iter()
-                .filter(|c| c.5 > 0)
-                .map(|c| (c.5, c.1.clone()))
-                .collect();
-            pk.sort();
-            let single_int_pk = pk.len() == 1;
-            let columns = cols
-                .iter()
-                .map(|(_, cname, ctype, notnull, _, pkpos)| Column {
-                    name: cname.clone(),
-                    declared_type: ctype.clone(),
-                    kind: ColumnKind::from_sqlite_type(ctype),
-                    // An INTEGER PRIMARY KEY is the rowid and can never be NULL.
-                    nullable: *notnull == 0 && *pkpos == 0,
-                    auto_increment: autoinc
-                        && single_int_pk
-                        && *pkpos == 1
-                        && ctype.eq_ignore_ascii_case("integer"),
-                })
-                .collect();
-            let idx_list: Vec<(i64, String, i64, String, i64)> =
-                sqlx::query_as(AssertSqlSafe(format!(
-                    "SELECT seq, name, \"unique\", origin, partial FROM pragma_index_list({})",
-                    sql_str(&name)
-                )))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.err(&e))?;
-            let mut indexes = Vec::new();
-            for (_, iname, unique, origin, _) in idx_list {
-                if origin == "pk" {
-                    continue;
-                }
-                let mut icols: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
-                    "SELECT seqno, name FROM pragma_index_info({})",
-                    sql_str(&iname)
-                )))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.err(&e))?;
-                icols.sort();
-                indexes.push(Index {
-                    name: iname,
-                    columns: icols.into_iter().map(|c| c.1).collect(),
-                    unique: unique != 0,
-                });
-            }
-            indexes.sort_by(|a, b| a.name.cmp(&b.name));
-            out.push(Table {
-                name,
-                columns,
-                primary_key: pk.into_iter().map(|p| p.1).collect(),
-                indexes,
-                create_sql: sql,
-            });
-        }
-        Ok(Catalogue { tables: out })
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?;
+        catalogue_on(&mut conn, &self.location).await
     }
 
     async fn count_rows(&self, table: &str) -> Result<u64> {
@@ -207,28 +135,29 @@ impl Datastore for SqliteDatastore {
         rows: &[Vec<Value>],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(&e))?;
-        let head = insert_head(Engine::Sqlite, table, columns);
-        for chunk in rows.chunks(rows_per_statement(columns.len())) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(head.clone());
-            qb.push_values(chunk, |mut b, row| {
-                for v in row {
-                    match v {
-                        Value::Null => b.push_bind(Option::<i64>::None),
-                        Value::Bool(x) => b.push_bind(*x),
-                        Value::Int(x) => b.push_bind(*x),
-                        Value::Float(x) => b.push_bind(*x),
-                        Value::Text(x) => b.push_bind(x.as_str()),
-                        Value::Bytes(x) => b.push_bind(x.as_slice()),
-                        Value::Timestamp(t) => b.push_bind(format_sqlite_datetime(*t)),
-                    };
-                }
-            });
-            qb.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(&e))?;
-        }
+        insert_on(&mut tx, table, columns, rows, &self.location).await?;
         tx.commit().await.map_err(|e| self.err(&e))
+    }
+
+    async fn begin_snapshot(&self) -> Result<Box<dyn SnapshotRead>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.map_err(|e| self.err(&e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(journal_mode = %mode, "the SQLite datastore is not in WAL mode: SPIRE's writes wait until the snapshot ends");
+        }
+        // A deferred transaction takes its snapshot at the first read: read now.
+        exec_on(&mut conn, "BEGIN DEFERRED", &self.location).await?;
+        sqlx::query("SELECT count(*) FROM sqlite_master").fetch_one(&mut conn).await.map_err(|e| self.err(&e))?;
+        Ok(Box::new(Snapshot { conn, location: self.location.clone() }))
+    }
+
+    async fn begin_restore(&self, existing: &[String]) -> Result<Box<dyn RestoreWrite>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        exec_on(&mut conn, "BEGIN IMMEDIATE", &self.location).await?;
+        for t in existing {
+            exec_on(&mut conn, &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Sqlite, t)), &self.location).await?;
+        }
+        Ok(Box::new(Restore { conn, location: self.location.clone() }))
     }
 
     async fn close(&self) {
@@ -273,4 +202,202 @@ pub(crate) fn decode_row(
         out.push(v);
     }
     Ok(out)
+}
+
+/// Reads the catalogue on one connection (inside a snapshot transaction, if one is open).
+async fn catalogue_on(conn: &mut sqlx::sqlite::SqliteConnection, location: &str) -> Result<Catalogue> {
+    let tables: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| classify(&e, location))?;
+    let mut out = Vec::with_capacity(tables.len());
+    for (name, sql) in tables {
+        let cols: Vec<(i64, String, String, i64, Option<String>, i64)> =
+            sqlx::query_as(AssertSqlSafe(format!("SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_info({})", sql_str(&name))))
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| classify(&e, location))?;
+        let autoinc = sql
+            .as_deref()
+            .is_some_and(|s| s.to_ascii_uppercase().contains("AUTOINCREMENT"));
+        let mut pk: Vec<(i64, String)> = cols
+            .iter()
+            .filter(|c| c.5 > 0)
+            .map(|c| (c.5, c.1.clone()))
+            .collect();
+        pk.sort();
+        let single_int_pk = pk.len() == 1;
+        let columns = cols
+            .iter()
+            .map(|(_, cname, ctype, notnull, _, pkpos)| Column {
+                name: cname.clone(),
+                declared_type: ctype.clone(),
+                kind: ColumnKind::from_sqlite_type(ctype),
+                // An INTEGER PRIMARY KEY is the rowid and can never be NULL.
+                nullable: *notnull == 0 && *pkpos == 0,
+                auto_increment: autoinc
+                    && single_int_pk
+                    && *pkpos == 1
+                    && ctype.eq_ignore_ascii_case("integer"),
+            })
+            .collect();
+        let idx_list: Vec<(i64, String, i64, String, i64)> =
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT seq, name, \"unique\", origin, partial FROM pragma_index_list({})",
+                sql_str(&name)
+            )))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| classify(&e, location))?;
+        let mut indexes = Vec::new();
+        for (_, iname, unique, origin, _) in idx_list {
+            if origin == "pk" {
+                continue;
+            }
+            let mut icols: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT seqno, name FROM pragma_index_info({})",
+                sql_str(&iname)
+            )))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| classify(&e, location))?;
+            icols.sort();
+            indexes.push(Index {
+                name: iname,
+                columns: icols.into_iter().map(|c| c.1).collect(),
+                unique: unique != 0,
+            });
+        }
+        indexes.sort_by(|a, b| a.name.cmp(&b.name));
+        out.push(Table {
+            name,
+            columns,
+            primary_key: pk.into_iter().map(|p| p.1).collect(),
+            indexes,
+            create_sql: sql,
+        });
+    }
+    Ok(Catalogue { tables: out })
+}
+
+/// Inserts rows with multi-row INSERTs on one connection (the caller owns the transaction).
+async fn insert_on(
+    conn: &mut sqlx::sqlite::SqliteConnection,
+    table: &str,
+    columns: &[(String, ColumnKind)],
+    rows: &[Vec<Value>],
+    location: &str,
+) -> Result<()> {
+    let head = insert_head(Engine::Sqlite, table, columns);
+    for chunk in rows.chunks(rows_per_statement(columns.len())) {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(head.clone());
+        qb.push_values(chunk, |mut b, row| {
+            for v in row {
+                match v {
+                    Value::Null => b.push_bind(Option::<i64>::None),
+                    Value::Bool(x) => b.push_bind(*x),
+                    Value::Int(x) => b.push_bind(*x),
+                    Value::Float(x) => b.push_bind(*x),
+                    Value::Text(x) => b.push_bind(x.as_str()),
+                    Value::Bytes(x) => b.push_bind(x.as_slice()),
+                    Value::Timestamp(t) => b.push_bind(format_sqlite_datetime(*t)),
+                };
+            }
+        });
+        qb.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| classify(&e, location))?;
+    }
+    Ok(())
+}
+
+/// Streams `table` from `conn` into `out` in batches (see [`SnapshotRead::stream_rows`]).
+async fn stream_on(
+    conn: &mut sqlx::sqlite::SqliteConnection,
+    table: &Table,
+    out: &tokio::sync::mpsc::Sender<RowBatch>,
+    location: &str,
+) -> Result<u64> {
+    use futures::TryStreamExt;
+    let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
+    let sql = select_all_sql(Engine::Sqlite, table, |c| quote_ident(Engine::Sqlite, &c.name));
+    let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn);
+    let mut batch: RowBatch = Vec::with_capacity(ROW_BATCH);
+    let mut count = 0u64;
+    while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
+        batch.push(decode_row(&row, &kinds).map_err(|e| classify(&e, location))?);
+        count += 1;
+        if batch.len() == ROW_BATCH {
+            out.send(std::mem::take(&mut batch))
+                .await
+                .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+        }
+    }
+    if !batch.is_empty() {
+        out.send(batch)
+            .await
+            .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+    }
+    Ok(count)
+}
+
+/// Runs one statement on a dedicated connection.
+async fn exec_on(conn: &mut sqlx::sqlite::SqliteConnection, sql: &str, location: &str) -> Result<()> {
+    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, location))?;
+    Ok(())
+}
+
+/// An open snapshot transaction on a dedicated connection (closed, and so
+/// rolled back, if dropped).
+struct Snapshot {
+    conn: sqlx::sqlite::SqliteConnection,
+    location: String,
+}
+
+#[async_trait]
+impl SnapshotRead for Snapshot {
+    async fn catalogue(&mut self) -> Result<Catalogue> {
+        catalogue_on(&mut self.conn, &self.location).await
+    }
+
+    async fn stream_rows(&mut self, table: &Table, out: &tokio::sync::mpsc::Sender<RowBatch>) -> Result<u64> {
+        stream_on(&mut self.conn, table, out, &self.location).await
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<()> {
+        exec_on(&mut self.conn, "ROLLBACK", &self.location).await
+    }
+}
+
+/// A restore inside one transaction (DDL included).
+struct Restore {
+    conn: sqlx::sqlite::SqliteConnection,
+    location: String,
+}
+
+#[async_trait]
+impl RestoreWrite for Restore {
+    fn staging_name(&self, table: &str) -> String {
+        table.to_string()
+    }
+
+    async fn execute(&mut self, sql: &str) -> Result<()> {
+        exec_on(&mut self.conn, sql, &self.location).await
+    }
+
+    async fn insert_rows(&mut self, table: &str, columns: &[(String, ColumnKind)], rows: &[Vec<Value>]) -> Result<()> {
+        insert_on(&mut self.conn, table, columns, rows, &self.location).await
+    }
+
+    async fn commit(mut self: Box<Self>, _tables: &[Table]) -> Result<()> {
+        // AUTOINCREMENT keeps sqlite_sequence at the largest id inserted, so
+        // ids continue past the restored ones without help.
+        exec_on(&mut self.conn, "COMMIT", &self.location).await
+    }
 }

@@ -1,0 +1,942 @@
+//! The repository: where snapshots live in object storage.
+//!
+//! This is the only module that imports `object_store`. A [`Repository`] is an
+//! `Arc<dyn ObjectStore>` (S3 and S3-compatible stores, Google Cloud Storage,
+//! Azure Blob Storage, a local directory, or memory) rooted at a prefix, with a
+//! small set of operations named after what spirekeep needs:
+//!
+//! - [`Repository::put_create`]: create-only writes (manifests, verification
+//!   records, the lease), which refuse to replace an existing object;
+//! - [`Repository::put_if_match`]: conditional replacement (lease renewal);
+//! - [`Repository::upload`]: a streaming multipart upload with bounded memory
+//!   (data objects);
+//! - reads, listings and deletes.
+//!
+//! Keys are relative to the repository root; their layout is in [`keys`].
+//!
+//! Credentials are never arguments: they come from the environment the way
+//! each cloud's own tools read them (`AWS_*`, `GOOGLE_*`, `AZURE_*`, and instance
+//! or workload identity), and the display form of a repository
+//! ([`Repository::location`]) never carries any.
+
+pub mod keys;
+
+use std::fmt;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
+};
+use time::OffsetDateTime;
+use url::Url;
+
+use crate::error::ErrorKind;
+
+/// Size of each part of a multipart upload. S3 refuses parts under 5 MiB
+/// (except the last). With S3's limit of 10,000 parts this caps one object at
+/// 48.8 GiB; a larger table is split over several objects
+/// ([`keys::data_object`] has a part number for that).
+pub const PART_SIZE: usize = 5 * 1024 * 1024;
+
+/// How many parts of one upload may be in flight at once. Together with the
+/// part being filled, an upload holds at most `(MAX_PARTS_IN_FLIGHT + 1) *
+/// PART_SIZE` bytes (25 MiB), however large the object.
+pub const MAX_PARTS_IN_FLIGHT: usize = 4;
+
+/// Result type of this module.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Settings for S3 and S3-compatible stores (MinIO, Ceph RGW, moto). Everything
+/// here is safe to log; credentials are read from the environment only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepoOptions {
+    /// A custom endpoint, e.g. `http://minio:9000`. Without it the
+    /// environment's `AWS_ENDPOINT_URL`/`AWS_ENDPOINT`, else AWS itself.
+    pub s3_endpoint: Option<String>,
+    /// Allow plain `http://` endpoints (otherwise `AWS_ALLOW_HTTP` decides).
+    pub s3_allow_http: bool,
+    /// Force path-style requests (`endpoint/bucket/key`), which most
+    /// S3-compatible servers need. When false, `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`
+    /// decides, and object_store's default is path style too.
+    pub s3_path_style: bool,
+    /// The region (otherwise `AWS_REGION`/`AWS_DEFAULT_REGION`, else `us-east-1`).
+    pub s3_region: Option<String>,
+}
+
+/// Which version of an object a write produced or a conditional write expects.
+/// Stores use an ETag, a version id, or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectVersion {
+    pub e_tag: Option<String>,
+    pub version: Option<String>,
+}
+
+/// What the store says about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The key, relative to the repository root.
+    pub key: String,
+    pub size: u64,
+    pub last_modified: OffsetDateTime,
+    pub e_tag: Option<String>,
+    pub version: Option<String>,
+}
+
+impl ObjectMeta {
+    /// The version to pass to [`Repository::put_if_match`].
+    #[must_use]
+    pub fn object_version(&self) -> ObjectVersion {
+        ObjectVersion {
+            e_tag: self.e_tag.clone(),
+            version: self.version.clone(),
+        }
+    }
+}
+
+/// Everything that can go wrong talking to the repository. Messages name the
+/// repository (without credentials) and the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("invalid repository location {location}: {why}")]
+    InvalidLocation { location: String, why: String },
+
+    #[error("invalid object key {key:?}: {why}")]
+    InvalidKey { key: String, why: String },
+
+    #[error(
+        "{key} already exists in {repo}; spirekeep never replaces it (snapshots, their manifests and \
+         verification records are immutable); if a previous run was interrupted, start a new snapshot"
+    )]
+    AlreadyExists { repo: String, key: String },
+
+    #[error("{key} does not exist in {repo}")]
+    NotFound { repo: String, key: String },
+
+    #[error(
+        "{key} in {repo} was changed by someone else since it was read (conditional write refused); \
+         read it again before retrying"
+    )]
+    Conflict { repo: String, key: String },
+
+    #[error("{repo} does not support {operation}")]
+    NotSupported { repo: String, operation: String },
+
+    #[error(
+        "access to {key} in {repo} was refused: {detail}; check the credentials in the environment \
+         (AWS_*, GOOGLE_*, AZURE_*) and the bucket's permissions"
+    )]
+    Denied {
+        repo: String,
+        key: String,
+        detail: String,
+    },
+
+    #[error("object storage error on {key} in {repo}: {detail}")]
+    Backend {
+        repo: String,
+        key: String,
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// The class of this error (for exit codes).
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidLocation { .. } | Self::InvalidKey { .. } | Self::NotSupported { .. } => {
+                ErrorKind::Usage
+            }
+            Self::Denied { .. } => ErrorKind::Auth,
+            Self::NotFound { .. } => ErrorKind::Integrity,
+            Self::AlreadyExists { .. } | Self::Conflict { .. } | Self::Backend { .. } => {
+                ErrorKind::Backend
+            }
+        }
+    }
+
+    /// Whether trying again later may help. object_store already retries
+    /// transient HTTP failures with backoff, so only a lost conditional write is
+    /// worth retrying (after reading the object again).
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Conflict { .. })
+    }
+}
+
+/// An object store rooted at a prefix. Cheap to clone; safe to share between tasks.
+#[derive(Clone)]
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    display: Arc<str>,
+}
+
+impl fmt::Debug for Repository {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Repository")
+            .field("location", &self.display)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for Repository {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+impl Repository {
+    /// Opens a repository from its location:
+    ///
+    /// - `s3://bucket[/prefix]`, `gs://bucket[/prefix]`, `az://container[/prefix]`
+    ///   (the Azure account comes from `AZURE_STORAGE_ACCOUNT_NAME`);
+    /// - `file:///absolute/path` or a plain path (relative paths resolve
+    ///   against the working directory); the directory is created if missing.
+    ///
+    /// Nothing is contacted yet: the first request may still fail (for
+    /// example on missing credentials).
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidLocation`] for an unknown scheme, a `file://` URL
+    /// with a host (a relative path), a URL carrying credentials or query
+    /// options, an `http://` endpoint without `s3_allow_http`, or a local
+    /// directory that cannot be created.
+    pub fn open(location: &str, options: &RepoOptions) -> Result<Self> {
+        if location.contains("://") {
+            let url = Url::parse(location).map_err(|e| StoreError::InvalidLocation {
+                location: redact_unparsable(location),
+                why: e.to_string(),
+            })?;
+            Self::open_url(&url, options)
+        } else if location.is_empty() {
+            Err(StoreError::InvalidLocation {
+                location: String::new(),
+                why: "empty location".into(),
+            })
+        } else {
+            let path = std::path::absolute(location).map_err(|e| StoreError::InvalidLocation {
+                location: location.to_owned(),
+                why: e.to_string(),
+            })?;
+            Self::open_local(&path)
+        }
+    }
+
+    fn open_url(url: &Url, options: &RepoOptions) -> Result<Self> {
+        let shown = redact_url(url);
+        let invalid = |why: String| StoreError::InvalidLocation {
+            location: shown.clone(),
+            why,
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid(
+                "the URL carries credentials; remove them and provide credentials through the environment \
+                 (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY, ...)"
+                    .into(),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "query parameters and fragments are not accepted; use the repository options"
+                    .into(),
+            ));
+        }
+        if url.scheme() == "file" {
+            match url.host_str() {
+                None | Some("" | "localhost") => {}
+                Some(_) => {
+                    return Err(invalid(
+                        "a file:// URL must be absolute (file:///abs/path); for a relative path, give the path \
+                         without file://"
+                            .into(),
+                    ));
+                }
+            }
+            let path = url
+                .to_file_path()
+                .map_err(|()| invalid("not a local absolute path".into()))?;
+            return Self::open_local(&path);
+        }
+        let bucket = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| invalid("the bucket (or container) name is missing".into()))?
+            .to_owned();
+        let prefix =
+            Path::from_url_path(url.path()).map_err(|e| invalid(format!("bad prefix: {e}")))?;
+        let (store, display): (Arc<dyn ObjectStore>, String) = match url.scheme() {
+            "s3" => {
+                let mut builder = AmazonS3Builder::from_env().with_url(format!("s3://{bucket}"));
+                let mut display = format!("s3://{bucket}");
+                push_prefix(&mut display, &prefix);
+                let endpoint = options
+                    .s3_endpoint
+                    .clone()
+                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+                    .or_else(|| std::env::var("AWS_ENDPOINT").ok());
+                if let Some(endpoint) = &endpoint {
+                    let parsed = Url::parse(endpoint)
+                        .map_err(|e| invalid(format!("bad S3 endpoint: {e}")))?;
+                    if !parsed.username().is_empty() || parsed.password().is_some() {
+                        return Err(invalid(
+                            "the S3 endpoint URL must not carry credentials".into(),
+                        ));
+                    }
+                    let env_allows = std::env::var("AWS_ALLOW_HTTP")
+                        .is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+                    if parsed.scheme() == "http" && !options.s3_allow_http && !env_allows {
+                        return Err(invalid(format!(
+                            "the S3 endpoint {endpoint} is plain http; allow it explicitly (--s3-allow-http or \
+                             AWS_ALLOW_HTTP=true) or use https"
+                        )));
+                    }
+                    display.push_str(&format!(" (endpoint {endpoint})"));
+                }
+                if let Some(endpoint) = &options.s3_endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if options.s3_allow_http {
+                    builder = builder.with_allow_http(true);
+                }
+                if options.s3_path_style {
+                    builder = builder.with_virtual_hosted_style_request(false);
+                }
+                if let Some(region) = &options.s3_region {
+                    builder = builder.with_region(region);
+                }
+                let s3 = builder.build().map_err(|e| invalid(e.to_string()))?;
+                (Arc::new(s3), display)
+            }
+            "gs" => {
+                let gcs = GoogleCloudStorageBuilder::from_env()
+                    .with_url(format!("gs://{bucket}"))
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                let mut display = format!("gs://{bucket}");
+                push_prefix(&mut display, &prefix);
+                (Arc::new(gcs), display)
+            }
+            "az" => {
+                let az = MicrosoftAzureBuilder::from_env()
+                    .with_url(format!("az://{bucket}"))
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                let mut display = format!("az://{bucket}");
+                push_prefix(&mut display, &prefix);
+                (Arc::new(az), display)
+            }
+            other => {
+                return Err(invalid(format!(
+                    "unsupported scheme {other}://; use s3://, gs://, az://, file:// or a local path"
+                )));
+            }
+        };
+        let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
+            store
+        } else {
+            Arc::new(PrefixStore::new(store, prefix))
+        };
+        Ok(Self {
+            store,
+            display: display.into(),
+        })
+    }
+
+    fn open_local(path: &FsPath) -> Result<Self> {
+        let shown = format!("file://{}", path.display());
+        std::fs::create_dir_all(path).map_err(|e| StoreError::InvalidLocation {
+            location: shown.clone(),
+            why: format!("cannot create the directory: {e}"),
+        })?;
+        let fs = LocalFileSystem::new_with_prefix(path)
+            .map_err(|e| StoreError::InvalidLocation {
+                location: shown.clone(),
+                why: e.to_string(),
+            })?
+            // A backup that says it is written must be on disk.
+            .with_fsync(true)
+            // Deleting a snapshot's last object removes its now-empty folders.
+            .with_automatic_cleanup(true);
+        Ok(Self {
+            store: Arc::new(fs),
+            display: shown.into(),
+        })
+    }
+
+    /// A repository held in memory (tests, dry runs).
+    #[must_use]
+    pub fn in_memory() -> Self {
+        Self {
+            store: Arc::new(InMemory::new()),
+            display: "memory://".into(),
+        }
+    }
+
+    /// Wraps any object store, rooted at `prefix` (may be empty). This is the
+    /// seam for wrapper stores (throttling, fault injection in tests) and for
+    /// stores configured in code. `display` is how the repository is shown: it
+    /// must not contain credentials.
+    ///
+    /// # Errors
+    /// A prefix that is not a valid object path.
+    pub fn from_object_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        display: impl Into<String>,
+    ) -> Result<Self> {
+        let display = display.into();
+        let prefix = Path::parse(prefix).map_err(|e| StoreError::InvalidLocation {
+            location: display.clone(),
+            why: format!("bad prefix: {e}"),
+        })?;
+        let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
+            store
+        } else {
+            Arc::new(PrefixStore::new(store, prefix))
+        };
+        Ok(Self {
+            store,
+            display: display.into(),
+        })
+    }
+
+    /// Where the repository is, safe to print and log (no credentials).
+    #[must_use]
+    pub fn location(&self) -> &str {
+        &self.display
+    }
+
+    /// Writes `bytes` at `key` only if nothing is there yet.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] if the key exists, or any store failure.
+    pub async fn put_create(&self, key: &str, bytes: Bytes) -> Result<ObjectVersion> {
+        self.put_with(key, bytes, PutMode::Create).await
+    }
+
+    /// Writes `bytes` at `key`, replacing whatever is there.
+    ///
+    /// # Errors
+    /// Any store failure.
+    pub async fn put_overwrite(&self, key: &str, bytes: Bytes) -> Result<ObjectVersion> {
+        self.put_with(key, bytes, PutMode::Overwrite).await
+    }
+
+    /// Replaces `key` only if it is still at `expected` (from [`Self::head`],
+    /// [`Self::get_with_meta`] or an earlier put).
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if the object changed (or vanished) since,
+    /// [`StoreError::NotSupported`] on stores without conditional updates (the
+    /// local filesystem), or any store failure.
+    pub async fn put_if_match(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        expected: &ObjectVersion,
+    ) -> Result<ObjectVersion> {
+        let mode = PutMode::Update(UpdateVersion {
+            e_tag: expected.e_tag.clone(),
+            version: expected.version.clone(),
+        });
+        match self.put_with(key, bytes, mode).await {
+            // S3 answers a conditional write on a missing key with 404.
+            Err(StoreError::NotFound { repo, key }) => Err(StoreError::Conflict { repo, key }),
+            other => other,
+        }
+    }
+
+    async fn put_with(&self, key: &str, bytes: Bytes, mode: PutMode) -> Result<ObjectVersion> {
+        let path = self.path(key)?;
+        let opts = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        let result = self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), opts)
+            .await
+            .map_err(|e| self.map_err(key, e))?;
+        Ok(ObjectVersion {
+            e_tag: result.e_tag,
+            version: result.version,
+        })
+    }
+
+    /// Reads a whole object into memory (manifests, records; use
+    /// [`Self::get_stream`] for data objects).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] or any store failure.
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        Ok(self.get_with_meta(key).await?.0)
+    }
+
+    /// Reads a whole object and its metadata (for a later [`Self::put_if_match`]).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] or any store failure.
+    pub async fn get_with_meta(&self, key: &str) -> Result<(Bytes, ObjectMeta)> {
+        let path = self.path(key)?;
+        let result = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| self.map_err(key, e))?;
+        let meta = convert_meta(key.to_owned(), &result.meta);
+        let bytes = result.bytes().await.map_err(|e| self.map_err(key, e))?;
+        Ok((bytes, meta))
+    }
+
+    /// Streams an object's bytes in the store's chunk sizes.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] or any store failure, at once or within the stream.
+    pub async fn get_stream(&self, key: &str) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let path = self.path(key)?;
+        let result = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| self.map_err(key, e))?;
+        let this = self.clone();
+        let key = key.to_owned();
+        Ok(result
+            .into_stream()
+            .map_err(move |e| this.map_err(&key, e))
+            .boxed())
+    }
+
+    /// The object's metadata, or `None` if there is no such object.
+    ///
+    /// # Errors
+    /// Any store failure other than the object's absence.
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        let path = self.path(key)?;
+        match self.store.head(&path).await {
+            Ok(meta) => Ok(Some(convert_meta(key.to_owned(), &meta))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.map_err(key, e)),
+        }
+    }
+
+    /// Every object under `prefix` (a folder such as `snapshots/` or
+    /// `snapshots/<id>/`; empty for the whole repository), recursively, sorted
+    /// by key. Prefixes match whole path segments: `snap` does not match
+    /// `snapshots/...`.
+    ///
+    /// # Errors
+    /// An invalid prefix or any store failure.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let path = self.prefix_path(prefix)?;
+        let mut stream = self.store.list(Some(&path));
+        let mut out = Vec::new();
+        while let Some(meta) = stream.next().await {
+            let meta = meta.map_err(|e| self.map_err(prefix, e))?;
+            out.push(convert_meta(meta.location.to_string(), &meta));
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// The sub-folders directly under `prefix`, each as `prefix/name/`, sorted
+    /// (e.g. `snapshots/<id>/` for every snapshot folder).
+    ///
+    /// # Errors
+    /// An invalid prefix or any store failure.
+    pub async fn list_folders(&self, prefix: &str) -> Result<Vec<String>> {
+        let path = self.prefix_path(prefix)?;
+        let result = self
+            .store
+            .list_with_delimiter(Some(&path))
+            .await
+            .map_err(|e| self.map_err(prefix, e))?;
+        let mut out: Vec<String> = result
+            .common_prefixes
+            .iter()
+            .map(|p| format!("{p}/"))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes an object. Deleting a missing object is not an error.
+    ///
+    /// # Errors
+    /// Any store failure.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.map_err(key, e)),
+        }
+    }
+
+    /// Starts a streaming upload to `key`. Nothing is visible at `key` until
+    /// [`ObjectUpload::finish`] succeeds; an upload that is dropped or
+    /// [aborted](ObjectUpload::abort) leaves nothing behind (on S3, a dropped
+    /// multipart upload is aborted in the background; a bucket lifecycle rule
+    /// `AbortIncompleteMultipartUpload` cleans up after a killed process).
+    ///
+    /// # Errors
+    /// An invalid key.
+    pub fn upload(&self, key: &str) -> Result<ObjectUpload> {
+        let path = self.path(key)?;
+        Ok(ObjectUpload {
+            repo: self.clone(),
+            key: key.to_owned(),
+            path,
+            pending: Vec::new(),
+            pending_len: 0,
+            multipart: None,
+            written: 0,
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<Path> {
+        let bad = |why: &str| StoreError::InvalidKey {
+            key: key.to_owned(),
+            why: why.to_owned(),
+        };
+        if key.is_empty() {
+            return Err(bad("empty"));
+        }
+        if key.starts_with('/') || key.ends_with('/') {
+            return Err(bad("keys are relative and name an object, not a folder"));
+        }
+        if key
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+        {
+            return Err(bad("empty, '.' or '..' segment"));
+        }
+        Path::parse(key).map_err(|e| bad(&e.to_string()))
+    }
+
+    fn prefix_path(&self, prefix: &str) -> Result<Path> {
+        let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+        if trimmed.is_empty() {
+            return Ok(Path::default());
+        }
+        self.path(trimmed)
+    }
+
+    fn map_err(&self, key: &str, e: object_store::Error) -> StoreError {
+        let repo = self.display.to_string();
+        let key = key.to_owned();
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { repo, key },
+            object_store::Error::AlreadyExists { .. } => StoreError::AlreadyExists { repo, key },
+            object_store::Error::Precondition { .. } => StoreError::Conflict { repo, key },
+            object_store::Error::NotImplemented { operation, .. } => StoreError::NotSupported {
+                repo,
+                operation: describe_operation(&operation),
+            },
+            object_store::Error::NotSupported { source } => StoreError::NotSupported {
+                repo,
+                operation: source.to_string(),
+            },
+            e @ (object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }) => StoreError::Denied {
+                repo,
+                key,
+                detail: e.to_string(),
+            },
+            e => StoreError::Backend {
+                repo,
+                key,
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
+fn describe_operation(operation: &str) -> String {
+    if operation.contains("PutMode::Update") {
+        "conditional updates (if-match writes); use an object store that has them (S3, GCS, Azure, MinIO)".to_owned()
+    } else {
+        operation.to_owned()
+    }
+}
+
+fn convert_meta(key: String, meta: &object_store::ObjectMeta) -> ObjectMeta {
+    let nanos = i128::from(meta.last_modified.timestamp()) * 1_000_000_000
+        + i128::from(meta.last_modified.timestamp_subsec_nanos());
+    ObjectMeta {
+        key,
+        size: meta.size,
+        last_modified: OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        e_tag: meta.e_tag.clone(),
+        version: meta.version.clone(),
+    }
+}
+
+fn push_prefix(display: &mut String, prefix: &Path) {
+    if !prefix.as_ref().is_empty() {
+        display.push('/');
+        display.push_str(prefix.as_ref());
+    }
+}
+
+/// A URL without user info, query or fragment.
+fn redact_url(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.set_fragment(None);
+    u.to_string()
+}
+
+/// Something that looked like a URL but did not parse: keep the scheme only.
+fn redact_unparsable(location: &str) -> String {
+    match location.split_once("://") {
+        Some((scheme, _)) => format!("{scheme}://…"),
+        None => "…".to_owned(),
+    }
+}
+
+/// A streaming upload of one object; see [`Repository::upload`].
+///
+/// Bytes are collected into parts of [`PART_SIZE`]. An object that ends
+/// before its first part is full is written with one plain put; a larger one
+/// becomes a multipart upload with at most [`MAX_PARTS_IN_FLIGHT`] parts in
+/// flight, so [`Self::write`] waits (back-pressure) when the store is slower
+/// than the producer.
+pub struct ObjectUpload {
+    repo: Repository,
+    key: String,
+    path: Path,
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    multipart: Option<WriteMultipart>,
+    written: u64,
+}
+
+impl fmt::Debug for ObjectUpload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectUpload")
+            .field("repo", &self.repo.location())
+            .field("key", &self.key)
+            .field("written", &self.written)
+            .field("multipart", &self.multipart.is_some())
+            .finish()
+    }
+}
+
+impl ObjectUpload {
+    /// The key being written.
+    #[must_use]
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Bytes accepted so far.
+    #[must_use]
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends bytes to the object.
+    ///
+    /// # Errors
+    /// A failed part upload (the upload is then unusable: call [`Self::abort`]).
+    pub async fn write(&mut self, bytes: Bytes) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.written += bytes.len() as u64;
+        if let Some(w) = self.multipart.as_mut() {
+            w.wait_for_capacity(MAX_PARTS_IN_FLIGHT)
+                .await
+                .map_err(|e| self.repo.map_err(&self.key, e))?;
+            w.put(bytes);
+            return Ok(());
+        }
+        self.pending_len += bytes.len();
+        self.pending.push(bytes);
+        if self.pending_len >= PART_SIZE {
+            let upload = self
+                .repo
+                .store
+                .put_multipart(&self.path)
+                .await
+                .map_err(|e| self.repo.map_err(&self.key, e))?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            for b in self.pending.drain(..) {
+                w.put(b);
+            }
+            self.pending_len = 0;
+            self.multipart = Some(w);
+        }
+        Ok(())
+    }
+
+    /// Completes the object and makes it visible at its key.
+    ///
+    /// # Errors
+    /// Any store failure (a failed multipart upload is aborted).
+    pub async fn finish(mut self) -> Result<ObjectVersion> {
+        let result = if let Some(w) = self.multipart.take() {
+            w.finish().await
+        } else {
+            let payload: PutPayload = std::mem::take(&mut self.pending).into_iter().collect();
+            self.repo.store.put(&self.path, payload).await
+        };
+        let result = result.map_err(|e| self.repo.map_err(&self.key, e))?;
+        Ok(ObjectVersion {
+            e_tag: result.e_tag,
+            version: result.version,
+        })
+    }
+
+    /// Abandons the upload; nothing appears at the key.
+    ///
+    /// # Errors
+    /// The store's failure to abort a multipart upload (a lifecycle rule will
+    /// still remove its parts).
+    pub async fn abort(mut self) -> Result<()> {
+        if let Some(w) = self.multipart.take() {
+            w.abort()
+                .await
+                .map_err(|e| self.repo.map_err(&self.key, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ObjectUpload {
+    fn drop(&mut self) {
+        if let Some(w) = self.multipart.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let key = std::mem::take(&mut self.key);
+            handle.spawn(async move {
+                if let Err(e) = w.abort().await {
+                    tracing::warn!(key, error = %e, "could not abort an abandoned multipart upload");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_are_parsed_and_shown_without_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b");
+        let url = format!("file://{}", nested.display());
+        let repo = Repository::open(&url, &RepoOptions::default()).unwrap();
+        assert!(nested.is_dir(), "the directory is created");
+        assert_eq!(repo.location(), url);
+
+        let plain = Repository::open(nested.to_str().unwrap(), &RepoOptions::default()).unwrap();
+        assert_eq!(plain.location(), url);
+
+        let err = Repository::open("file://relative/dir", &RepoOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("must be absolute"), "{err}");
+
+        let err = Repository::open("s3://AKIAX:supersecret@bucket/p", &RepoOptions::default())
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            !text.contains("supersecret") && !text.contains("AKIAX"),
+            "{text}"
+        );
+        assert!(text.contains("carries credentials"), "{text}");
+
+        let err =
+            Repository::open("s3://bucket/p?secret=abc", &RepoOptions::default()).unwrap_err();
+        assert!(!err.to_string().contains("abc"), "{err}");
+
+        let err = Repository::open("ftp://host/x", &RepoOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("unsupported scheme"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::Usage);
+
+        let err = Repository::open("s3:///prefix", &RepoOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("bucket"), "{err}");
+
+        let err = Repository::open(
+            "s3://bucket/x",
+            &RepoOptions {
+                s3_endpoint: Some("http://127.0.0.1:1".into()),
+                ..RepoOptions::default()
+            },
+        );
+        // Refused unless AWS_ALLOW_HTTP happens to be set in this environment.
+        if std::env::var("AWS_ALLOW_HTTP").is_err() {
+            assert!(err.unwrap_err().to_string().contains("plain http"));
+        }
+    }
+
+    #[test]
+    fn s3_location_display() {
+        let repo = Repository::open(
+            "s3://bucket/some/prefix",
+            &RepoOptions {
+                s3_endpoint: Some("http://127.0.0.1:1".into()),
+                s3_allow_http: true,
+                s3_path_style: true,
+                s3_region: Some("eu-west-1".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            repo.location(),
+            "s3://bucket/some/prefix (endpoint http://127.0.0.1:1)"
+        );
+        let gs = Repository::open("gs://b/p", &RepoOptions::default());
+        // GCS needs credentials at build time only if configured; either way no secret is shown.
+        if let Ok(gs) = gs {
+            assert_eq!(gs.location(), "gs://b/p");
+        }
+    }
+
+    #[tokio::test]
+    async fn local_repositories_keep_their_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let repo = Repository::open(root.to_str().unwrap(), &RepoOptions::default()).unwrap();
+        repo.put_create("snapshots/x/data/t.0", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        assert!(root.join("snapshots/x/data/t.0").is_file());
+        repo.delete("snapshots/x/data/t.0").await.unwrap();
+        assert!(
+            !root.join("snapshots").exists(),
+            "empty folders are removed"
+        );
+        assert!(root.is_dir(), "the repository root stays");
+        repo.put_create("a", Bytes::from_static(b"2"))
+            .await
+            .unwrap();
+        assert_eq!(repo.get("a").await.unwrap(), Bytes::from_static(b"2"));
+    }
+
+    #[test]
+    fn keys_are_validated() {
+        let repo = Repository::in_memory();
+        for bad in ["", "/abs", "dir/", "a//b", "a/../b", "./a"] {
+            assert!(
+                matches!(repo.path(bad), Err(StoreError::InvalidKey { .. })),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(repo.path("snapshots/x/manifest.json").is_ok());
+    }
+}

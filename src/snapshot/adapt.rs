@@ -1,0 +1,471 @@
+//! What a target engine cannot hold unchanged, found before a restore.
+//!
+//! Every row on its way into the target passes through an [`Adapter`] built
+//! for that target table. The preflight runs it over the whole snapshot and
+//! lists each change; the restore runs it again and writes the adapted rows, so
+//! the values reaching the database are already representable and read back
+//! exactly (spire-reference §10):
+//!
+//! - MySQL `DATETIME` has no fractional seconds (MariaDB truncates, MySQL 8
+//!   rounds): sub-second timestamps are truncated to the second.
+//! - SPIRE's MySQL tables are `utf8` (utf8mb3): four-byte characters are
+//!   rejected; they become U+FFFD.
+//! - `varchar(n)` holds n characters: longer text is cut to n.
+//! - PostgreSQL `text` cannot hold NUL: NULs are removed. PostgreSQL keeps
+//!   microseconds: nanoseconds are truncated (a note, no consent needed).
+//! - Integers outside the target column's range, and values that collide in a
+//!   MySQL unique index under `utf8_general_ci` (case-, accent- and
+//!   trailing-space-insensitive), cannot be adapted: the restore refuses.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use unicode_normalization::UnicodeNormalization;
+
+use crate::datastore::{ColumnKind, Engine, Table, Value};
+
+/// Why a value changes (or why a row cannot go in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// Sub-second timestamp into MySQL `DATETIME`: truncated to the second.
+    SubSecondTimestamp,
+    /// Nanoseconds into PostgreSQL: truncated to the microsecond.
+    SubMicrosecondTimestamp,
+    /// A four-byte UTF-8 character into a MySQL `utf8` (utf8mb3) table: replaced by U+FFFD.
+    FourByteUtf8,
+    /// NUL in text into PostgreSQL: removed.
+    NulInText,
+    /// Text longer than the target `varchar(n)`: cut to n characters.
+    TooLong,
+    /// An integer outside the target column's range: cannot be restored.
+    IntegerOutOfRange,
+    /// Two rows equal under MySQL's `utf8_general_ci` in a unique index: cannot be restored.
+    UniqueCollision,
+}
+
+impl ChangeKind {
+    /// Whether the change needs the operator's explicit consent (`--accept-changes`).
+    #[must_use]
+    pub fn needs_consent(self) -> bool {
+        !matches!(self, Self::SubMicrosecondTimestamp)
+    }
+
+    /// Whether no flag can make the row go in.
+    #[must_use]
+    pub fn is_blocking(self) -> bool {
+        matches!(self, Self::IntegerOutOfRange | Self::UniqueCollision)
+    }
+}
+
+/// One changed value (or one row that cannot go in).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub table: String,
+    /// The row's primary key, rendered `col=value,...` (all columns without one).
+    pub row: String,
+    pub column: String,
+    pub kind: ChangeKind,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone)]
+struct ColumnRule {
+    name: String,
+    kind: ColumnKind,
+    /// `varchar(n)`'s n.
+    max_chars: Option<usize>,
+    /// Allowed integer range.
+    range: Option<(i128, i128)>,
+}
+
+/// Adapts rows of one table for one target engine.
+#[derive(Debug)]
+pub struct Adapter {
+    target: Engine,
+    table: String,
+    key_positions: Vec<usize>,
+    columns: Vec<ColumnRule>,
+    /// MySQL unique indexes: column positions, and the folded keys seen so far.
+    unique: Vec<(String, Vec<usize>, HashMap<u64, String>)>,
+}
+
+impl Adapter {
+    /// An adapter for rows of `source_table` going into `target_table`
+    /// (the same columns, with the target engine's declared types).
+    #[must_use]
+    pub fn new(target: Engine, source_table: &Table, target_table: &Table) -> Self {
+        let columns = source_table
+            .columns
+            .iter()
+            .map(|c| {
+                let declared = target_table
+                    .column(&c.name)
+                    .map_or("", |t| t.declared_type.as_str())
+                    .to_ascii_lowercase();
+                ColumnRule {
+                    name: c.name.clone(),
+                    kind: c.kind,
+                    max_chars: varchar_len(&declared),
+                    range: integer_range(target, &declared),
+                }
+            })
+            .collect();
+        let pos = |name: &String| source_table.columns.iter().position(|c| &c.name == name);
+        let key_positions = if source_table.primary_key.is_empty() {
+            (0..source_table.columns.len()).collect()
+        } else {
+            source_table.primary_key.iter().filter_map(pos).collect()
+        };
+        let unique = if target == Engine::Mysql {
+            target_table
+                .indexes
+                .iter()
+                .filter(|i| i.unique)
+                .map(|i| {
+                    (
+                        i.name.clone(),
+                        i.columns.iter().filter_map(pos).collect(),
+                        HashMap::new(),
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            target,
+            table: source_table.name.clone(),
+            key_positions,
+            columns,
+            unique,
+        }
+    }
+
+    /// Adapts one row in place and returns what changed. With `check_unique`,
+    /// also remembers the row's unique keys and reports collisions (the
+    /// preflight does; the restore itself need not).
+    pub fn adapt(&mut self, row: &mut [Value], check_unique: bool) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let key = self.row_key(row);
+        for (value, rule) in row.iter_mut().zip(&self.columns) {
+            if let Some((kind, detail)) = adapt_value(self.target, rule, value) {
+                changes.push(Change {
+                    table: self.table.clone(),
+                    row: key.clone(),
+                    column: rule.name.clone(),
+                    kind,
+                    detail,
+                });
+            }
+        }
+        if check_unique {
+            for (name, positions, seen) in &mut self.unique {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                for &p in positions.iter() {
+                    fold_general_ci(&row[p]).hash(&mut h);
+                }
+                let folded = h.finish();
+                if let Some(first) = seen.get(&folded) {
+                    changes.push(Change {
+                        table: self.table.clone(),
+                        row: key.clone(),
+                        column: name.clone(),
+                        kind: ChangeKind::UniqueCollision,
+                        detail: format!("equal to row {first} under MySQL's utf8_general_ci (case, accents and trailing spaces are ignored)"),
+                    });
+                } else {
+                    seen.insert(folded, key.clone());
+                }
+            }
+        }
+        changes
+    }
+
+    fn row_key(&self, row: &[Value]) -> String {
+        self.key_positions
+            .iter()
+            .map(|&p| format!("{}={}", self.columns[p].name, short(&row[p])))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn adapt_value(target: Engine, rule: &ColumnRule, v: &mut Value) -> Option<(ChangeKind, String)> {
+    match v {
+        Value::Timestamp(t) => match target {
+            Engine::Mysql if t.nanosecond() != 0 => {
+                let before = *t;
+                *t = t.replace_nanosecond(0).unwrap_or(*t);
+                Some((
+                    ChangeKind::SubSecondTimestamp,
+                    format!("{} becomes {}", canonical(before), canonical(*t)),
+                ))
+            }
+            Engine::Postgres if t.nanosecond() % 1000 != 0 => {
+                let before = *t;
+                *t = t
+                    .replace_nanosecond(t.nanosecond() / 1000 * 1000)
+                    .unwrap_or(*t);
+                Some((
+                    ChangeKind::SubMicrosecondTimestamp,
+                    format!("{} becomes {}", canonical(before), canonical(*t)),
+                ))
+            }
+            _ => None,
+        },
+        Value::Text(s) => {
+            if target == Engine::Postgres && s.contains('\0') {
+                *s = s.replace('\0', "");
+                return Some((ChangeKind::NulInText, "NUL characters removed".into()));
+            }
+            if target == Engine::Mysql && s.chars().any(|c| c.len_utf8() == 4) {
+                let n = s.chars().filter(|c| c.len_utf8() == 4).count();
+                *s = s
+                    .chars()
+                    .map(|c| if c.len_utf8() == 4 { '\u{FFFD}' } else { c })
+                    .collect();
+                return Some((
+                    ChangeKind::FourByteUtf8,
+                    format!("{n} four-byte character(s) replaced by U+FFFD"),
+                ));
+            }
+            if let Some(max) = rule.max_chars {
+                let len = s.chars().count();
+                if len > max {
+                    *s = s.chars().take(max).collect();
+                    return Some((
+                        ChangeKind::TooLong,
+                        format!("{len} characters cut to {max}"),
+                    ));
+                }
+            }
+            None
+        }
+        Value::Int(i) => match rule.range {
+            Some((lo, hi)) if !(lo..=hi).contains(&i128::from(*i)) => Some((
+                ChangeKind::IntegerOutOfRange,
+                format!("{i} is outside {lo}..={hi}"),
+            )),
+            _ => None,
+        },
+        _ => {
+            let _ = rule.kind;
+            None
+        }
+    }
+}
+
+fn canonical(t: OffsetDateTime) -> String {
+    crate::datastore::timefmt::canonical(t)
+}
+
+fn varchar_len(declared: &str) -> Option<usize> {
+    let rest = declared
+        .strip_prefix("varchar(")
+        .or_else(|| declared.strip_prefix("character varying("))?;
+    rest.split(')').next()?.parse().ok()
+}
+
+fn integer_range(target: Engine, declared: &str) -> Option<(i128, i128)> {
+    let unsigned = declared.contains("unsigned");
+    let base = declared.split(['(', ' ']).next().unwrap_or("");
+    let bits: u32 = match (target, base) {
+        (Engine::Sqlite, _) => return None,
+        (_, "tinyint") => 8,
+        (_, "smallint") => 16,
+        (_, "mediumint") => 24,
+        (_, "int" | "integer" | "serial") => 32,
+        (_, "bigint" | "bigserial") => 64,
+        _ => return None,
+    };
+    if unsigned {
+        Some((0, (1i128 << bits) - 1))
+    } else {
+        Some((-(1i128 << (bits - 1)), (1i128 << (bits - 1)) - 1))
+    }
+}
+
+/// The value as `utf8_general_ci` compares it: case-folded, accents removed,
+/// trailing spaces ignored (PAD SPACE). Non-text values compare as themselves.
+fn fold_general_ci(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s
+            .trim_end_matches(' ')
+            .nfd()
+            .filter(|c| !('\u{0300}'..='\u{036F}').contains(c))
+            .flat_map(char::to_lowercase)
+            .map(|c| if c == 'ß' { 's' } else { c })
+            .collect(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn short(v: &Value) -> String {
+    match v {
+        Value::Text(s) if s.chars().count() > 40 => {
+            format!("{:?}…", s.chars().take(40).collect::<String>())
+        }
+        Value::Text(s) => format!("{s:?}"),
+        Value::Int(i) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{Column, Index};
+
+    fn table(types: &[(&str, &str, ColumnKind)], unique: &[&str]) -> Table {
+        Table {
+            name: "t".into(),
+            columns: types
+                .iter()
+                .map(|(n, ty, k)| Column {
+                    name: (*n).into(),
+                    declared_type: (*ty).into(),
+                    kind: *k,
+                    nullable: true,
+                    auto_increment: false,
+                })
+                .collect(),
+            primary_key: vec!["id".into()],
+            indexes: if unique.is_empty() {
+                vec![]
+            } else {
+                vec![Index {
+                    name: "uix".into(),
+                    columns: unique.iter().map(|s| (*s).to_string()).collect(),
+                    unique: true,
+                }]
+            },
+            create_sql: None,
+        }
+    }
+
+    fn ts(nanos: u32) -> Value {
+        Value::Timestamp(
+            OffsetDateTime::from_unix_timestamp(1_700_000_000)
+                .unwrap()
+                .replace_nanosecond(nanos)
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn mysql_changes_are_listed_and_applied() {
+        let src = table(
+            &[
+                ("id", "integer", ColumnKind::Integer),
+                ("v", "varchar(255)", ColumnKind::Text),
+                ("at", "datetime", ColumnKind::Timestamp),
+            ],
+            &["v"],
+        );
+        let dst = table(
+            &[
+                ("id", "int unsigned", ColumnKind::Integer),
+                ("v", "varchar(5)", ColumnKind::Text),
+                ("at", "datetime", ColumnKind::Timestamp),
+            ],
+            &["v"],
+        );
+        let mut a = Adapter::new(Engine::Mysql, &src, &dst);
+        let mut row = vec![Value::Int(1), Value::Text("a😀".into()), ts(500_000_000)];
+        let changes = a.adapt(&mut row, true);
+        let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![ChangeKind::FourByteUtf8, ChangeKind::SubSecondTimestamp]
+        );
+        assert_eq!(row[1], Value::Text("a\u{FFFD}".into()));
+        assert_eq!(row[2], ts(0));
+        assert_eq!(changes[0].row, "id=1");
+
+        let mut long = vec![Value::Int(2), Value::Text("abcdefg".into()), ts(0)];
+        assert_eq!(a.adapt(&mut long, true)[0].kind, ChangeKind::TooLong);
+        assert_eq!(long[1], Value::Text("abcde".into()));
+
+        let mut neg = vec![Value::Int(-1), Value::Text("zz".into()), Value::Null];
+        assert!(
+            a.adapt(&mut neg, true)
+                .iter()
+                .any(|c| c.kind == ChangeKind::IntegerOutOfRange && c.kind.is_blocking())
+        );
+    }
+
+    #[test]
+    fn general_ci_collisions_are_found() {
+        let src = table(
+            &[
+                ("id", "integer", ColumnKind::Integer),
+                ("v", "varchar(255)", ColumnKind::Text),
+            ],
+            &["v"],
+        );
+        let mut a = Adapter::new(Engine::Mysql, &src, &src);
+        assert!(
+            a.adapt(&mut [Value::Int(1), Value::Text("Café".into())], true)
+                .is_empty()
+        );
+        let c = a.adapt(&mut [Value::Int(2), Value::Text("cafe  ".into())], true);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].kind, ChangeKind::UniqueCollision);
+        assert!(c[0].detail.contains("id=1"), "{}", c[0].detail);
+        // PostgreSQL and SQLite compare exactly.
+        let mut p = Adapter::new(Engine::Postgres, &src, &src);
+        assert!(
+            p.adapt(&mut [Value::Int(1), Value::Text("Café".into())], true)
+                .is_empty()
+        );
+        assert!(
+            p.adapt(&mut [Value::Int(2), Value::Text("cafe".into())], true)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn postgres_drops_nul_and_nanoseconds() {
+        let src = table(
+            &[
+                ("id", "integer", ColumnKind::Integer),
+                ("v", "varchar(255)", ColumnKind::Text),
+                ("at", "datetime", ColumnKind::Timestamp),
+            ],
+            &[],
+        );
+        let dst = table(
+            &[
+                ("id", "integer", ColumnKind::Integer),
+                ("v", "text", ColumnKind::Text),
+                ("at", "timestamp with time zone", ColumnKind::Timestamp),
+            ],
+            &[],
+        );
+        let mut a = Adapter::new(Engine::Postgres, &src, &dst);
+        let mut row = vec![
+            Value::Int(i64::from(i32::MAX)),
+            Value::Text("a\0b".into()),
+            ts(123_456_789),
+        ];
+        let changes = a.adapt(&mut row, true);
+        assert_eq!(
+            changes.iter().map(|c| c.kind).collect::<Vec<_>>(),
+            vec![ChangeKind::NulInText, ChangeKind::SubMicrosecondTimestamp]
+        );
+        assert!(!ChangeKind::SubMicrosecondTimestamp.needs_consent());
+        assert_eq!(row[2], ts(123_456_000));
+        let mut big = vec![
+            Value::Int(i64::from(i32::MAX) + 1),
+            Value::Null,
+            Value::Null,
+        ];
+        assert_eq!(
+            a.adapt(&mut big, false)[0].kind,
+            ChangeKind::IntegerOutOfRange
+        );
+    }
+}

@@ -21,6 +21,7 @@ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_apt+=(m
 command -v mariadb >/dev/null 2>&1 || need_apt+=(mariadb-client)
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
 if [ "${#need_apt[@]}" -gt 0 ]; then
@@ -35,8 +36,21 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start
   for _ in $(seq 60); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.5; done
 fi
+# The test password is distinctive so the tests can prove it never reaches any output.
+SPIREKEEP_TEST_PASSWORD="${SPIREKEEP_TEST_PASSWORD:-sk-test-pw-7Hq2}"
 su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='spirekeep'\"" | grep -q 1 ||
-  su postgres -c "psql -qc \"CREATE ROLE spirekeep LOGIN PASSWORD 'spirekeep' CREATEDB\""
+  su postgres -c "psql -qc \"CREATE ROLE spirekeep LOGIN CREATEDB\""
+su postgres -c "psql -qc \"ALTER ROLE spirekeep PASSWORD '$SPIREKEEP_TEST_PASSWORD'\""
+
+# A role whose password is really checked (127.0.0.1 may be "trust" for everyone
+# else), so the tests can see a wrong password refused.
+su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='spirekeep_auth'\"" | grep -q 1 ||
+  su postgres -c "psql -qc \"SET password_encryption='scram-sha-256'; CREATE ROLE spirekeep_auth LOGIN PASSWORD 'right-password'\""
+hba_file="$(su postgres -c "psql -qtAc 'SHOW hba_file'")"
+if ! grep -q "spirekeep_auth" "$hba_file"; then
+  sed -i "1i host all spirekeep_auth 127.0.0.1/32 scram-sha-256" "$hba_file"
+  su postgres -c "psql -qtAc 'SELECT pg_reload_conf()'" >/dev/null
+fi
 
 # --- MariaDB (root has socket auth only on Debian: the tests use their own TCP user)
 if ! mysqladmin -uroot ping >/dev/null 2>&1; then
@@ -45,8 +59,10 @@ if ! mysqladmin -uroot ping >/dev/null 2>&1; then
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
   for _ in $(seq 60); do mysqladmin -uroot ping >/dev/null 2>&1 && break; sleep 0.5; done
 fi
-mariadb -uroot -e "CREATE USER IF NOT EXISTS 'spirekeep'@'localhost' IDENTIFIED BY 'spirekeep';
-  CREATE USER IF NOT EXISTS 'spirekeep'@'%' IDENTIFIED BY 'spirekeep';
+mariadb -uroot -e "CREATE USER IF NOT EXISTS 'spirekeep'@'localhost' IDENTIFIED BY '$SPIREKEEP_TEST_PASSWORD';
+  CREATE USER IF NOT EXISTS 'spirekeep'@'%' IDENTIFIED BY '$SPIREKEEP_TEST_PASSWORD';
+  ALTER USER 'spirekeep'@'localhost' IDENTIFIED BY '$SPIREKEEP_TEST_PASSWORD';
+  ALTER USER 'spirekeep'@'%' IDENTIFIED BY '$SPIREKEEP_TEST_PASSWORD';
   GRANT ALL PRIVILEGES ON *.* TO 'spirekeep'@'localhost' WITH GRANT OPTION;
   GRANT ALL PRIVILEGES ON *.* TO 'spirekeep'@'%' WITH GRANT OPTION;"
 
@@ -68,8 +84,10 @@ if ! curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_S3_PORT/"; then
 fi
 curl -s -X PUT "http://127.0.0.1:$SPIREKEEP_S3_PORT/$SPIREKEEP_S3_BUCKET" >/dev/null
 
-export SPIREKEEP_TEST_PG_URL="postgres://spirekeep:spirekeep@127.0.0.1:5432/postgres"
-export SPIREKEEP_TEST_MYSQL_URL="mysql://spirekeep:spirekeep@127.0.0.1:3306/"
+export SPIREKEEP_TEST_PASSWORD
+export SPIREKEEP_TEST_PG_URL="postgres://spirekeep:$SPIREKEEP_TEST_PASSWORD@127.0.0.1:5432/postgres"
+export SPIREKEEP_TEST_MYSQL_URL="mysql://spirekeep:$SPIREKEEP_TEST_PASSWORD@127.0.0.1:3306/"
+export SPIREKEEP_TEST_MYSQL_SOCKET="$(mysqladmin -uroot variables 2>/dev/null | awk '$2=="socket"{print $4}')"
 export SPIREKEEP_TEST_S3_ENDPOINT="http://127.0.0.1:$SPIREKEEP_S3_PORT"
 export SPIREKEEP_TEST_S3_BUCKET="$SPIREKEEP_S3_BUCKET"
 # moto accepts any credentials; giving them keeps object_store off the cloud metadata address.

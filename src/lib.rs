@@ -19,9 +19,12 @@
 //! ```
 
 pub mod cli;
+pub mod compat;
 pub mod config;
 pub mod datastore;
 pub mod error;
 pub mod inspect;
+pub mod snapshot;
+pub mod store;
 
 pub use error::{Error, ErrorKind, Result};

@@ -24,10 +24,10 @@ const SPIRE_UNSIGNED_COLUMNS: [(&str, &str); 4] = [
 /// engine the catalogue was read from.
 #[must_use]
 pub fn create_statements(source: Engine, target: Engine, table: &Table, name: &str) -> Vec<String> {
-    if source == target {
-        if let Some(sql) = table.create_sql.as_deref() {
-            return same_engine_statements(target, table, name, sql);
-        }
+    if source == target
+        && let Some(sql) = table.create_sql.as_deref()
+    {
+        return same_engine_statements(target, table, name, sql);
     }
     let mut out = vec![create_table(source, target, table, name)];
     if target != Engine::Mysql {
@@ -41,7 +41,11 @@ fn same_engine_statements(engine: Engine, table: &Table, name: &str, sql: &str) 
         sql.to_string()
     } else {
         // `CREATE TABLE `t` (` on MySQL: rename only the first quoted name.
-        sql.replacen(&quote_ident(engine, &table.name), &quote_ident(engine, name), 1)
+        sql.replacen(
+            &quote_ident(engine, &table.name),
+            &quote_ident(engine, name),
+            1,
+        )
     };
     let mut out = vec![sql];
     // MySQL's SHOW CREATE TABLE already includes the indexes; SQLite keeps them apart.
@@ -52,20 +56,43 @@ fn same_engine_statements(engine: Engine, table: &Table, name: &str, sql: &str) 
 }
 
 fn create_table(source: Engine, target: Engine, table: &Table, name: &str) -> String {
-    let inline_pk = target == Engine::Sqlite && table.primary_key.len() == 1 && table.columns.iter().any(|c| c.auto_increment);
-    let mut parts: Vec<String> = table.columns.iter().map(|c| column_def(source, target, table, c)).collect();
+    let inline_pk = target == Engine::Sqlite
+        && table.primary_key.len() == 1
+        && table.columns.iter().any(|c| c.auto_increment);
+    let mut parts: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| column_def(source, target, table, c))
+        .collect();
     if !table.primary_key.is_empty() && !inline_pk {
-        let cols: Vec<String> = table.primary_key.iter().map(|c| quote_ident(target, c)).collect();
+        let cols: Vec<String> = table
+            .primary_key
+            .iter()
+            .map(|c| quote_ident(target, c))
+            .collect();
         parts.push(format!("PRIMARY KEY ({})", cols.join(",")));
     }
     if target == Engine::Mysql {
         for i in &table.indexes {
             let cols: Vec<String> = i.columns.iter().map(|c| quote_ident(target, c)).collect();
-            parts.push(format!("{}KEY {} ({})", if i.unique { "UNIQUE " } else { "" }, quote_ident(target, &i.name), cols.join(",")));
+            parts.push(format!(
+                "{}KEY {} ({})",
+                if i.unique { "UNIQUE " } else { "" },
+                quote_ident(target, &i.name),
+                cols.join(",")
+            ));
         }
     }
-    let suffix = if target == Engine::Mysql { " ENGINE=InnoDB ROW_FORMAT=DYNAMIC DEFAULT CHARSET=utf8" } else { "" };
-    format!("CREATE TABLE {} ({}){suffix}", quote_ident(target, name), parts.join(", "))
+    let suffix = if target == Engine::Mysql {
+        " ENGINE=InnoDB ROW_FORMAT=DYNAMIC DEFAULT CHARSET=utf8"
+    } else {
+        ""
+    };
+    format!(
+        "CREATE TABLE {} ({}){suffix}",
+        quote_ident(target, name),
+        parts.join(", ")
+    )
 }
 
 fn create_indexes(target: Engine, table: &Table, name: &str) -> Vec<String> {
@@ -92,7 +119,10 @@ fn column_def(source: Engine, target: Engine, table: &Table, c: &Column) -> Stri
         return match target {
             Engine::Sqlite => format!("{q} integer primary key autoincrement"),
             Engine::Postgres => format!("{q} {}", if big { "bigserial" } else { "serial" }),
-            Engine::Mysql => format!("{q} {} unsigned AUTO_INCREMENT", if big { "bigint" } else { "int" }),
+            Engine::Mysql => format!(
+                "{q} {} unsigned AUTO_INCREMENT",
+                if big { "bigint" } else { "int" }
+            ),
         };
     }
     let ty = if source == target {
@@ -100,9 +130,17 @@ fn column_def(source: Engine, target: Engine, table: &Table, c: &Column) -> Stri
     } else {
         portable_type(source, target, table, c, big)
     };
-    let not_null = if c.nullable || table.primary_key.contains(&c.name) { "" } else { " NOT NULL" };
+    let not_null = if c.nullable || table.primary_key.contains(&c.name) {
+        ""
+    } else {
+        " NOT NULL"
+    };
     // GORM declares MySQL datetimes as `DATETIME NULL` explicitly.
-    let null = if target == Engine::Mysql && c.kind == ColumnKind::Timestamp && c.nullable { " NULL" } else { "" };
+    let null = if target == Engine::Mysql && c.kind == ColumnKind::Timestamp && c.nullable {
+        " NULL"
+    } else {
+        ""
+    };
     format!("{q} {ty}{not_null}{null}")
 }
 
@@ -121,13 +159,25 @@ fn portable_type(source: Engine, target: Engine, table: &Table, c: &Column, big:
         _ => SPIRE_UNSIGNED_COLUMNS.contains(&(table.name.as_str(), c.name.as_str())),
     };
     let s = match (target, c.kind) {
-        (Engine::Sqlite, ColumnKind::Integer) => if big { "bigint" } else { "integer" },
+        (Engine::Sqlite, ColumnKind::Integer) => {
+            if big {
+                "bigint"
+            } else {
+                "integer"
+            }
+        }
         (Engine::Sqlite, ColumnKind::Boolean) => "bool",
         (Engine::Sqlite, ColumnKind::Text) => "varchar(255)",
         (Engine::Sqlite, ColumnKind::Bytes) => "blob",
         (Engine::Sqlite, ColumnKind::Timestamp) => "datetime",
         (Engine::Sqlite, ColumnKind::Float) => "real",
-        (Engine::Postgres, ColumnKind::Integer) => if big { "bigint" } else { "integer" },
+        (Engine::Postgres, ColumnKind::Integer) => {
+            if big {
+                "bigint"
+            } else {
+                "integer"
+            }
+        }
         (Engine::Postgres, ColumnKind::Boolean) => "boolean",
         (Engine::Postgres, ColumnKind::Text) => "text",
         (Engine::Postgres, ColumnKind::Bytes) => "bytea",
@@ -154,24 +204,45 @@ mod tests {
     use crate::datastore::Index;
 
     fn entries_table() -> Table {
-        let col = |name: &str, ty: &str, kind, nullable, ai| Column { name: name.into(), declared_type: ty.into(), kind, nullable, auto_increment: ai };
+        let col = |name: &str, ty: &str, kind, nullable, ai| Column {
+            name: name.into(),
+            declared_type: ty.into(),
+            kind,
+            nullable,
+            auto_increment: ai,
+        };
         Table {
             name: "selectors".into(),
             columns: vec![
                 col("id", "integer", ColumnKind::Integer, false, true),
                 col("created_at", "datetime", ColumnKind::Timestamp, true, false),
-                col("registered_entry_id", "integer", ColumnKind::Integer, true, false),
+                col(
+                    "registered_entry_id",
+                    "integer",
+                    ColumnKind::Integer,
+                    true,
+                    false,
+                ),
                 col("type", "varchar(255)", ColumnKind::Text, true, false),
             ],
             primary_key: vec!["id".into()],
-            indexes: vec![Index { name: "idx_selector_entry".into(), columns: vec!["registered_entry_id".into(), "type".into()], unique: true }],
+            indexes: vec![Index {
+                name: "idx_selector_entry".into(),
+                columns: vec!["registered_entry_id".into(), "type".into()],
+                unique: true,
+            }],
             create_sql: None,
         }
     }
 
     #[test]
     fn sqlite_to_mysql_uses_gorm_types() {
-        let stmts = create_statements(Engine::Sqlite, Engine::Mysql, &entries_table(), "_spirekeep_new_selectors");
+        let stmts = create_statements(
+            Engine::Sqlite,
+            Engine::Mysql,
+            &entries_table(),
+            "_spirekeep_new_selectors",
+        );
         assert_eq!(stmts.len(), 1);
         assert_eq!(
             stmts[0],
@@ -183,12 +254,20 @@ mod tests {
 
     #[test]
     fn sqlite_to_postgres_uses_serial_and_text() {
-        let stmts = create_statements(Engine::Sqlite, Engine::Postgres, &entries_table(), "selectors");
+        let stmts = create_statements(
+            Engine::Sqlite,
+            Engine::Postgres,
+            &entries_table(),
+            "selectors",
+        );
         assert_eq!(
             stmts[0],
             "CREATE TABLE \"selectors\" (\"id\" serial, \"created_at\" timestamp with time zone, \"registered_entry_id\" integer, \"type\" text, PRIMARY KEY (\"id\"))"
         );
-        assert_eq!(stmts[1], "CREATE UNIQUE INDEX \"idx_selector_entry\" ON \"selectors\" (\"registered_entry_id\",\"type\")");
+        assert_eq!(
+            stmts[1],
+            "CREATE UNIQUE INDEX \"idx_selector_entry\" ON \"selectors\" (\"registered_entry_id\",\"type\")"
+        );
     }
 
     #[test]

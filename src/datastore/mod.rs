@@ -15,6 +15,8 @@ mod postgres;
 pub mod spire_conf;
 mod sql;
 mod sqlite;
+#[doc(hidden)]
+pub mod testkit;
 pub mod timefmt;
 mod value;
 
@@ -102,7 +104,11 @@ pub trait SnapshotRead: Send {
 
     /// Streams every row of `table`, in primary-key order, into `out` in
     /// batches of at most [`ROW_BATCH`]. Returns the number of rows.
-    async fn stream_rows(&mut self, table: &Table, out: &tokio::sync::mpsc::Sender<RowBatch>) -> Result<u64>;
+    async fn stream_rows(
+        &mut self,
+        table: &Table,
+        out: &tokio::sync::mpsc::Sender<RowBatch>,
+    ) -> Result<u64>;
 
     /// Ends the transaction.
     async fn finish(self: Box<Self>) -> Result<()>;
@@ -121,7 +127,12 @@ pub trait RestoreWrite: Send {
     async fn execute(&mut self, sql: &str) -> Result<()>;
 
     /// Loads rows into a staging table.
-    async fn insert_rows(&mut self, table: &str, columns: &[(String, ColumnKind)], rows: &[Vec<Value>]) -> Result<()>;
+    async fn insert_rows(
+        &mut self,
+        table: &str,
+        columns: &[(String, ColumnKind)],
+        rows: &[Vec<Value>],
+    ) -> Result<()>;
 
     /// Makes the restore visible at once and moves auto-increment sequences
     /// past the restored ids. `tables` are the restored tables under their final names.

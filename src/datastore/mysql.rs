@@ -11,7 +11,9 @@ use super::driver_error::{classify, rows_per_statement};
 use super::dsn::{Engine, MysqlSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_mysql_datetime, parse_mysql_datetime};
-use super::{ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident};
+use super::{
+    ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident,
+};
 use crate::error::{Error, Result};
 
 pub(crate) struct MysqlDatastore {
@@ -139,15 +141,38 @@ impl Datastore for MysqlDatastore {
     }
 
     async fn begin_snapshot(&self) -> Result<Box<dyn SnapshotRead>> {
-        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.err(&e))?
+            .detach();
         // Applies to the next transaction only; works on MariaDB and MySQL 8 alike.
-        exec_on(&mut conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", &self.location).await?;
-        exec_on(&mut conn, "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY", &self.location).await?;
-        Ok(Box::new(Snapshot { conn, location: self.location.clone() }))
+        exec_on(
+            &mut conn,
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            &self.location,
+        )
+        .await?;
+        exec_on(
+            &mut conn,
+            "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
+            &self.location,
+        )
+        .await?;
+        Ok(Box::new(Snapshot {
+            conn,
+            location: self.location.clone(),
+        }))
     }
 
     async fn begin_restore(&self, existing: &[String]) -> Result<Box<dyn RestoreWrite>> {
-        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.err(&e))?
+            .detach();
         // Shadow tables left by a restore that was killed before its swap.
         let stale: Vec<String> = sqlx::query_scalar(
             "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
@@ -157,9 +182,18 @@ impl Datastore for MysqlDatastore {
         .await
         .map_err(|e| self.err(&e))?;
         for t in &stale {
-            exec_on(&mut conn, &format!("DROP TABLE {}", quote_ident(Engine::Mysql, t)), &self.location).await?;
+            exec_on(
+                &mut conn,
+                &format!("DROP TABLE {}", quote_ident(Engine::Mysql, t)),
+                &self.location,
+            )
+            .await?;
         }
-        Ok(Box::new(Restore { conn, location: self.location.clone(), existing: existing.to_vec() }))
+        Ok(Box::new(Restore {
+            conn,
+            location: self.location.clone(),
+            existing: existing.to_vec(),
+        }))
     }
 
     async fn close(&self) {
@@ -209,7 +243,10 @@ fn decode_row(
 }
 
 /// Reads the catalogue on one connection (inside a snapshot transaction, if one is open).
-async fn catalogue_on(conn: &mut sqlx::mysql::MySqlConnection, location: &str) -> Result<Catalogue> {
+async fn catalogue_on(
+    conn: &mut sqlx::mysql::MySqlConnection,
+    location: &str,
+) -> Result<Catalogue> {
     let cols: Vec<(String, String, String, String, String)> = sqlx::query_as(COLUMNS_SQL)
         .fetch_all(&mut *conn)
         .await
@@ -316,15 +353,21 @@ async fn stream_on(
         batch.push(decode_row(&row, &kinds).map_err(|e| classify(&e, location))?);
         count += 1;
         if batch.len() == ROW_BATCH {
-            out.send(std::mem::take(&mut batch))
-                .await
-                .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+            out.send(std::mem::take(&mut batch)).await.map_err(|_| {
+                Error::Aborted(format!(
+                    "reading {}: the consumer of the rows stopped",
+                    table.name
+                ))
+            })?;
         }
     }
     if !batch.is_empty() {
-        out.send(batch)
-            .await
-            .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+        out.send(batch).await.map_err(|_| {
+            Error::Aborted(format!(
+                "reading {}: the consumer of the rows stopped",
+                table.name
+            ))
+        })?;
     }
     Ok(count)
 }
@@ -351,7 +394,11 @@ impl SnapshotRead for Snapshot {
         catalogue_on(&mut self.conn, &self.location).await
     }
 
-    async fn stream_rows(&mut self, table: &Table, out: &tokio::sync::mpsc::Sender<RowBatch>) -> Result<u64> {
+    async fn stream_rows(
+        &mut self,
+        table: &Table,
+        out: &tokio::sync::mpsc::Sender<RowBatch>,
+    ) -> Result<u64> {
         stream_on(&mut self.conn, table, out, &self.location).await
     }
 
@@ -381,7 +428,12 @@ impl RestoreWrite for Restore {
         exec_on(&mut self.conn, sql, &self.location).await
     }
 
-    async fn insert_rows(&mut self, table: &str, columns: &[(String, ColumnKind)], rows: &[Vec<Value>]) -> Result<()> {
+    async fn insert_rows(
+        &mut self,
+        table: &str,
+        columns: &[(String, ColumnKind)],
+        rows: &[Vec<Value>],
+    ) -> Result<()> {
         exec_on(&mut self.conn, "START TRANSACTION", &self.location).await?;
         insert_on(&mut self.conn, table, columns, rows, &self.location).await?;
         exec_on(&mut self.conn, "COMMIT", &self.location).await
@@ -389,13 +441,32 @@ impl RestoreWrite for Restore {
 
     async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<()> {
         let q = |t: &str| quote_ident(Engine::Mysql, t);
-        let mut renames: Vec<String> =
-            self.existing.iter().map(|t| format!("{} TO {}", q(t), q(&format!("{SHADOW_OLD}{t}")))).collect();
-        renames.extend(tables.iter().map(|t| format!("{} TO {}", q(&format!("{SHADOW_NEW}{}", t.name)), q(&t.name))));
+        let mut renames: Vec<String> = self
+            .existing
+            .iter()
+            .map(|t| format!("{} TO {}", q(t), q(&format!("{SHADOW_OLD}{t}"))))
+            .collect();
+        renames.extend(tables.iter().map(|t| {
+            format!(
+                "{} TO {}",
+                q(&format!("{SHADOW_NEW}{}", t.name)),
+                q(&t.name)
+            )
+        }));
         // One statement: MySQL applies every rename of a RENAME TABLE atomically.
-        exec_on(&mut self.conn, &format!("RENAME TABLE {}", renames.join(", ")), &self.location).await?;
+        exec_on(
+            &mut self.conn,
+            &format!("RENAME TABLE {}", renames.join(", ")),
+            &self.location,
+        )
+        .await?;
         for t in &self.existing {
-            exec_on(&mut self.conn, &format!("DROP TABLE {}", q(&format!("{SHADOW_OLD}{t}"))), &self.location).await?;
+            exec_on(
+                &mut self.conn,
+                &format!("DROP TABLE {}", q(&format!("{SHADOW_OLD}{t}"))),
+                &self.location,
+            )
+            .await?;
         }
         // InnoDB's AUTO_INCREMENT already sits past the largest id inserted.
         Ok(())

@@ -13,7 +13,9 @@ use super::driver_error::{classify, rows_per_statement};
 use super::dsn::{Engine, PostgresSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::parse_sqlite_datetime;
-use super::{ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident};
+use super::{
+    ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident,
+};
 use crate::error::{Error, Result};
 
 pub(crate) struct PostgresDatastore {
@@ -148,20 +150,49 @@ impl Datastore for PostgresDatastore {
     }
 
     async fn begin_snapshot(&self) -> Result<Box<dyn SnapshotRead>> {
-        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
-        exec_on(&mut conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", &self.location).await?;
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.err(&e))?
+            .detach();
+        exec_on(
+            &mut conn,
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            &self.location,
+        )
+        .await?;
         // The snapshot is taken at the first statement of the transaction.
-        sqlx::query("SELECT 1").execute(&mut conn).await.map_err(|e| self.err(&e))?;
-        Ok(Box::new(Snapshot { conn, location: self.location.clone() }))
+        sqlx::query("SELECT 1")
+            .execute(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(Box::new(Snapshot {
+            conn,
+            location: self.location.clone(),
+        }))
     }
 
     async fn begin_restore(&self, existing: &[String]) -> Result<Box<dyn RestoreWrite>> {
-        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.err(&e))?
+            .detach();
         exec_on(&mut conn, "BEGIN", &self.location).await?;
         for t in existing {
-            exec_on(&mut conn, &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Postgres, t)), &self.location).await?;
+            exec_on(
+                &mut conn,
+                &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Postgres, t)),
+                &self.location,
+            )
+            .await?;
         }
-        Ok(Box::new(Restore { conn, location: self.location.clone() }))
+        Ok(Box::new(Restore {
+            conn,
+            location: self.location.clone(),
+        }))
     }
 
     async fn close(&self) {
@@ -254,7 +285,10 @@ fn push_pg(
 }
 
 /// Reads the catalogue on one connection (inside a snapshot transaction, if one is open).
-async fn catalogue_on(conn: &mut sqlx::postgres::PgConnection, location: &str) -> Result<Catalogue> {
+async fn catalogue_on(
+    conn: &mut sqlx::postgres::PgConnection,
+    location: &str,
+) -> Result<Catalogue> {
     let cols: Vec<(String, String, String, bool, String, String)> = sqlx::query_as(TABLES_SQL)
         .fetch_all(&mut *conn)
         .await
@@ -350,15 +384,21 @@ async fn stream_on(
         batch.push(decode_row(&row, &kinds).map_err(|e| classify(&e, location))?);
         count += 1;
         if batch.len() == ROW_BATCH {
-            out.send(std::mem::take(&mut batch))
-                .await
-                .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+            out.send(std::mem::take(&mut batch)).await.map_err(|_| {
+                Error::Aborted(format!(
+                    "reading {}: the consumer of the rows stopped",
+                    table.name
+                ))
+            })?;
         }
     }
     if !batch.is_empty() {
-        out.send(batch)
-            .await
-            .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+        out.send(batch).await.map_err(|_| {
+            Error::Aborted(format!(
+                "reading {}: the consumer of the rows stopped",
+                table.name
+            ))
+        })?;
     }
     Ok(count)
 }
@@ -385,7 +425,11 @@ impl SnapshotRead for Snapshot {
         catalogue_on(&mut self.conn, &self.location).await
     }
 
-    async fn stream_rows(&mut self, table: &Table, out: &tokio::sync::mpsc::Sender<RowBatch>) -> Result<u64> {
+    async fn stream_rows(
+        &mut self,
+        table: &Table,
+        out: &tokio::sync::mpsc::Sender<RowBatch>,
+    ) -> Result<u64> {
         stream_on(&mut self.conn, table, out, &self.location).await
     }
 
@@ -410,7 +454,12 @@ impl RestoreWrite for Restore {
         exec_on(&mut self.conn, sql, &self.location).await
     }
 
-    async fn insert_rows(&mut self, table: &str, columns: &[(String, ColumnKind)], rows: &[Vec<Value>]) -> Result<()> {
+    async fn insert_rows(
+        &mut self,
+        table: &str,
+        columns: &[(String, ColumnKind)],
+        rows: &[Vec<Value>],
+    ) -> Result<()> {
         insert_on(&mut self.conn, table, columns, rows, &self.location).await
     }
 
@@ -418,7 +467,10 @@ impl RestoreWrite for Restore {
         // Rows were loaded with explicit ids: move each serial's sequence past them.
         for t in tables {
             for c in t.columns.iter().filter(|c| c.auto_increment) {
-                let (tq, cq) = (quote_ident(Engine::Postgres, &t.name), quote_ident(Engine::Postgres, &c.name));
+                let (tq, cq) = (
+                    quote_ident(Engine::Postgres, &t.name),
+                    quote_ident(Engine::Postgres, &c.name),
+                );
                 let sql = format!(
                     "SELECT setval(pg_get_serial_sequence('{}', '{}'), GREATEST(COALESCE(MAX({cq}), 0), 1), COALESCE(MAX({cq}), 0) > 0) FROM {tq}",
                     tq.replace('\'', "''"),

@@ -12,7 +12,9 @@ use super::driver_error::{classify, rows_per_statement};
 use super::dsn::{Engine, OpenMode, SqliteSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
-use super::{ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident};
+use super::{
+    ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident,
+};
 use crate::error::{Error, Result};
 
 pub(crate) struct SqliteDatastore {
@@ -140,24 +142,51 @@ impl Datastore for SqliteDatastore {
     }
 
     async fn begin_snapshot(&self) -> Result<Box<dyn SnapshotRead>> {
-        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.map_err(|e| self.err(&e))?;
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.err(&e))?
+            .detach();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(journal_mode = %mode, "the SQLite datastore is not in WAL mode: SPIRE's writes wait until the snapshot ends");
         }
         // A deferred transaction takes its snapshot at the first read: read now.
         exec_on(&mut conn, "BEGIN DEFERRED", &self.location).await?;
-        sqlx::query("SELECT count(*) FROM sqlite_master").fetch_one(&mut conn).await.map_err(|e| self.err(&e))?;
-        Ok(Box::new(Snapshot { conn, location: self.location.clone() }))
+        sqlx::query("SELECT count(*) FROM sqlite_master")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(Box::new(Snapshot {
+            conn,
+            location: self.location.clone(),
+        }))
     }
 
     async fn begin_restore(&self, existing: &[String]) -> Result<Box<dyn RestoreWrite>> {
-        let mut conn = self.pool.acquire().await.map_err(|e| self.err(&e))?.detach();
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.err(&e))?
+            .detach();
         exec_on(&mut conn, "BEGIN IMMEDIATE", &self.location).await?;
         for t in existing {
-            exec_on(&mut conn, &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Sqlite, t)), &self.location).await?;
+            exec_on(
+                &mut conn,
+                &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Sqlite, t)),
+                &self.location,
+            )
+            .await?;
         }
-        Ok(Box::new(Restore { conn, location: self.location.clone() }))
+        Ok(Box::new(Restore {
+            conn,
+            location: self.location.clone(),
+        }))
     }
 
     async fn close(&self) {
@@ -205,7 +234,10 @@ pub(crate) fn decode_row(
 }
 
 /// Reads the catalogue on one connection (inside a snapshot transaction, if one is open).
-async fn catalogue_on(conn: &mut sqlx::sqlite::SqliteConnection, location: &str) -> Result<Catalogue> {
+async fn catalogue_on(
+    conn: &mut sqlx::sqlite::SqliteConnection,
+    location: &str,
+) -> Result<Catalogue> {
     let tables: Vec<(String, Option<String>)> = sqlx::query_as(
         "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
     )
@@ -215,10 +247,13 @@ async fn catalogue_on(conn: &mut sqlx::sqlite::SqliteConnection, location: &str)
     let mut out = Vec::with_capacity(tables.len());
     for (name, sql) in tables {
         let cols: Vec<(i64, String, String, i64, Option<String>, i64)> =
-            sqlx::query_as(AssertSqlSafe(format!("SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_info({})", sql_str(&name))))
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(|e| classify(&e, location))?;
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_info({})",
+                sql_str(&name)
+            )))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| classify(&e, location))?;
         let autoinc = sql
             .as_deref()
             .is_some_and(|s| s.to_ascii_uppercase().contains("AUTOINCREMENT"));
@@ -323,7 +358,9 @@ async fn stream_on(
 ) -> Result<u64> {
     use futures::TryStreamExt;
     let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
-    let sql = select_all_sql(Engine::Sqlite, table, |c| quote_ident(Engine::Sqlite, &c.name));
+    let sql = select_all_sql(Engine::Sqlite, table, |c| {
+        quote_ident(Engine::Sqlite, &c.name)
+    });
     let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn);
     let mut batch: RowBatch = Vec::with_capacity(ROW_BATCH);
     let mut count = 0u64;
@@ -331,21 +368,31 @@ async fn stream_on(
         batch.push(decode_row(&row, &kinds).map_err(|e| classify(&e, location))?);
         count += 1;
         if batch.len() == ROW_BATCH {
-            out.send(std::mem::take(&mut batch))
-                .await
-                .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+            out.send(std::mem::take(&mut batch)).await.map_err(|_| {
+                Error::Aborted(format!(
+                    "reading {}: the consumer of the rows stopped",
+                    table.name
+                ))
+            })?;
         }
     }
     if !batch.is_empty() {
-        out.send(batch)
-            .await
-            .map_err(|_| Error::Aborted(format!("reading {}: the consumer of the rows stopped", table.name)))?;
+        out.send(batch).await.map_err(|_| {
+            Error::Aborted(format!(
+                "reading {}: the consumer of the rows stopped",
+                table.name
+            ))
+        })?;
     }
     Ok(count)
 }
 
 /// Runs one statement on a dedicated connection.
-async fn exec_on(conn: &mut sqlx::sqlite::SqliteConnection, sql: &str, location: &str) -> Result<()> {
+async fn exec_on(
+    conn: &mut sqlx::sqlite::SqliteConnection,
+    sql: &str,
+    location: &str,
+) -> Result<()> {
     sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
         .execute(&mut *conn)
         .await
@@ -366,7 +413,11 @@ impl SnapshotRead for Snapshot {
         catalogue_on(&mut self.conn, &self.location).await
     }
 
-    async fn stream_rows(&mut self, table: &Table, out: &tokio::sync::mpsc::Sender<RowBatch>) -> Result<u64> {
+    async fn stream_rows(
+        &mut self,
+        table: &Table,
+        out: &tokio::sync::mpsc::Sender<RowBatch>,
+    ) -> Result<u64> {
         stream_on(&mut self.conn, table, out, &self.location).await
     }
 
@@ -391,7 +442,12 @@ impl RestoreWrite for Restore {
         exec_on(&mut self.conn, sql, &self.location).await
     }
 
-    async fn insert_rows(&mut self, table: &str, columns: &[(String, ColumnKind)], rows: &[Vec<Value>]) -> Result<()> {
+    async fn insert_rows(
+        &mut self,
+        table: &str,
+        columns: &[(String, ColumnKind)],
+        rows: &[Vec<Value>],
+    ) -> Result<()> {
         insert_on(&mut self.conn, table, columns, rows, &self.location).await
     }
 

@@ -57,6 +57,23 @@ pub enum Error {
 
     #[error("{0}")]
     Aborted(String),
+
+    /// An object-storage failure (the message names the repository and key).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+
+    /// A snapshot that cannot be written, read or trusted (the message names
+    /// the object or table).
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+
+    /// A snapshot, record or plan that does not exist or is in the wrong state.
+    #[error("{0}")]
+    NotFound(String),
+
+    /// Data read back does not match what was expected.
+    #[error("{0}")]
+    Integrity(String),
 }
 
 impl Error {
@@ -72,6 +89,10 @@ impl Error {
             Self::AuthFailed { .. } => ErrorKind::Auth,
             Self::NotSpire { .. } => ErrorKind::NotSpire,
             Self::Database { .. } | Self::Aborted(_) => ErrorKind::Backend,
+            Self::Store(e) => e.kind(),
+            Self::Snapshot(e) => e.kind(),
+            Self::NotFound(_) => ErrorKind::Usage,
+            Self::Integrity(_) => ErrorKind::Integrity,
         }
     }
 

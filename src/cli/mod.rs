@@ -1,8 +1,13 @@
 //! The command line: clap definitions and one file per command. Everything
 //! here is thin; the work is done by the library modules.
 
+mod backup;
 mod inspect;
+mod list;
 mod output;
+mod repo;
+
+pub use repo::RepoArgs;
 
 use std::path::PathBuf;
 
@@ -50,6 +55,12 @@ pub struct Cli {
 pub enum Command {
     /// Show what is in a SPIRE datastore: engine, schema and code version, row counts, agents by version.
     Inspect(inspect::InspectArgs),
+    /// Take a snapshot of the datastore into the repository: one consistent read, streamed, manifest last.
+    Backup(backup::BackupArgs),
+    /// List the snapshots in the repository.
+    List(list::ListArgs),
+    /// Show one snapshot's manifest: tables, rows, hashes, verification state.
+    Show(list::ShowArgs),
 }
 
 /// How to reach the datastore: a connection string or SPIRE's server.conf.
@@ -108,6 +119,9 @@ impl DatastoreArgs {
 pub async fn run(cli: Cli) -> u8 {
     let result = match &cli.command {
         Command::Inspect(args) => inspect::run(args, cli.json).await,
+        Command::Backup(args) => backup::run(args, cli.json).await,
+        Command::List(args) => list::list(args, cli.json).await,
+        Command::Show(args) => list::show(args, cli.json).await,
     };
     match result {
         Ok(code) => code,

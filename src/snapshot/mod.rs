@@ -1,8 +1,8 @@
-//! Snapshots: the data-object format, the streaming codec, and the manifest.
+//! Snapshots: the data-object format, the streaming codec, the manifest, and
+//! the operations over them (backup, list, verify, restore).
 //!
-//! Pure pieces, no database access: the backup, verify and restore commands
-//! drive them with rows from [`crate::datastore`] and store them through
-//! [`crate::store::Repository`]. The byte-level format is documented in
+//! The operations drive the pure pieces with rows from [`crate::datastore`]
+//! and store them through [`crate::store::Repository`]. The byte-level format is documented in
 //! docs/format.md.
 //!
 //! - [`format`]: SPKD, the engine-neutral, length-prefixed row encoding;
@@ -10,15 +10,19 @@
 //!   [`codec::TableReader`]) and the order-independent content hash;
 //! - [`manifest`]: the versioned manifest written last with a create-only put,
 //!   and verification records;
+//! - [`backup`]: one consistent read streamed into data objects, manifest last;
+//! - [`listing`]: `latest` or an id, and the summaries `list` and `show` print;
 //! - [`adapt`]: what a target engine cannot hold unchanged (restore preflight);
 //! - [`impact`]: what replacing a live datastore changes (agents, entries, bundles);
 //! - [`retention`]: which snapshots a retention policy keeps, and why.
 
 pub mod adapt;
+pub mod backup;
 pub mod codec;
 mod error;
 pub mod format;
 pub mod impact;
+pub mod listing;
 pub mod manifest;
 pub mod retention;
 

@@ -1,0 +1,317 @@
+//! `backup`: one consistent read of the whole datastore, streamed table by
+//! table into data objects, and the manifest written last.
+//!
+//! The database read and the encoding run side by side: the snapshot
+//! transaction sends row batches into a small bounded channel and the
+//! [`TableWriter`] compresses, hashes and uploads them as they come, so memory
+//! stays bounded by a few batches whatever the table size. A table larger than
+//! [`BackupOptions::part_raw_bytes`] is split into several objects.
+//!
+//! Nothing is a snapshot until its manifest exists. On any failure the data
+//! objects written so far are deleted (best effort; `prune` removes what a
+//! killed process leaves behind once it is older than the grace period).
+
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use super::codec::{CodecOptions, TableWriter};
+use super::manifest::{
+    DataFormat, DataObject, MANIFEST_FORMAT_VERSION, Manifest, SPIREKEEP_VERSION, TableData,
+};
+use crate::datastore::{Catalogue, Datastore, MigrationsRow, RowBatch, SnapshotRead, Table, Value};
+use crate::error::{Error, Result};
+use crate::store::Repository;
+use crate::store::keys::{self, SnapshotId};
+
+/// Row batches queued between the database read and the encoder.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// How a backup is taken.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Labels recorded in the manifest (`pre-upgrade`, `scheduled`).
+    pub labels: Vec<String>,
+    /// Compression settings.
+    pub codec: CodecOptions,
+    /// A table's data is split into a new object after this many
+    /// uncompressed bytes, so no single upload or restore read grows without bound.
+    pub part_raw_bytes: u64,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        Self {
+            labels: Vec::new(),
+            codec: CodecOptions::default(),
+            part_raw_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// Progress callbacks, for a terminal progress display or logs. Every method
+/// has a do-nothing default.
+pub trait BackupObserver: Send + Sync {
+    /// The snapshot transaction is open and will copy these tables.
+    fn started(&self, _id: &SnapshotId, _tables: &[Table]) {}
+    /// Rows of `table` copied so far (called once per batch).
+    fn rows(&self, _table: &str, _copied: u64) {}
+    /// `table` is complete.
+    fn table_done(&self, _table: &TableData) {}
+}
+
+/// An observer that does nothing.
+#[derive(Debug, Default)]
+pub struct Quiet;
+impl BackupObserver for Quiet {}
+
+/// Checks a label: 1 to 64 characters of `[A-Za-z0-9._-]`, starting with a
+/// letter or digit, so it is safe in keys, metric labels and shell scripts.
+///
+/// # Errors
+/// A label outside that alphabet or length.
+pub fn validate_label(label: &str) -> Result<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let valid = !label.is_empty()
+        && label.len() <= 64
+        && label.chars().all(ok_char)
+        && label.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Unsupported(format!(
+            "invalid label {label:?}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Takes a snapshot of `ds` into `repo` and returns its manifest (already
+/// stored). The snapshot is consistent: every table is read inside one
+/// transaction.
+///
+/// # Errors
+/// Database or storage failures, an invalid label, or a database that is not
+/// a SPIRE datastore. Nothing that looks like a snapshot is left behind.
+pub async fn backup(
+    ds: &dyn Datastore,
+    repo: &Repository,
+    options: &BackupOptions,
+    observer: &dyn BackupObserver,
+) -> Result<Manifest> {
+    for label in &options.labels {
+        validate_label(label)?;
+    }
+    let server_version = ds.server_version().await?;
+    let started_at = OffsetDateTime::now_utc();
+    let id = SnapshotId::new(started_at);
+    let mut read = ds.begin_snapshot().await?;
+    let catalogue = match read.catalogue().await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = read.finish().await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = check_is_spire(ds, &catalogue) {
+        let _ = read.finish().await;
+        return Err(e);
+    }
+    observer.started(&id, &catalogue.tables);
+    let mut written: Vec<String> = Vec::new();
+    let copied = copy_tables(
+        read.as_mut(),
+        repo,
+        &id,
+        &catalogue,
+        options,
+        observer,
+        &mut written,
+    )
+    .await;
+    let finished = read.finish().await;
+    let result = match (copied, finished) {
+        (Ok(copied), Ok(())) => {
+            let manifest = Manifest {
+                format_version: MANIFEST_FORMAT_VERSION,
+                snapshot_id: id,
+                spirekeep_version: SPIREKEEP_VERSION.into(),
+                engine: ds.engine(),
+                server_version,
+                source: ds.location().to_string(),
+                spire: copied.migrations,
+                started_at,
+                finished_at: OffsetDateTime::now_utc(),
+                labels: options.labels.clone(),
+                data_format: DataFormat::current(&options.codec),
+                catalogue,
+                tables: copied.tables,
+            };
+            manifest.validate().map_err(|source| {
+                Error::Integrity(format!(
+                    "the manifest of the new snapshot is inconsistent: {source}"
+                ))
+            })?;
+            manifest
+                .store(repo)
+                .await
+                .map(|_| manifest)
+                .map_err(Error::from)
+        }
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+    };
+    if result.is_err() {
+        for key in written {
+            let _ = repo.delete(&key).await;
+        }
+    }
+    result
+}
+
+fn check_is_spire(ds: &dyn Datastore, catalogue: &Catalogue) -> Result<()> {
+    let why = if catalogue.tables.is_empty() {
+        "the database has no tables (a SPIRE server creates them on its first start)"
+    } else if catalogue.table("migrations").is_none() {
+        "it has no `migrations` table; point --datastore at the database SPIRE's DataStore \"sql\" uses"
+    } else {
+        return Ok(());
+    };
+    Err(Error::NotSpire {
+        location: ds.location().to_string(),
+        why: why.to_string(),
+    })
+}
+
+struct Copied {
+    tables: Vec<TableData>,
+    migrations: MigrationsRow,
+}
+
+async fn copy_tables(
+    read: &mut dyn SnapshotRead,
+    repo: &Repository,
+    id: &SnapshotId,
+    catalogue: &Catalogue,
+    options: &BackupOptions,
+    observer: &dyn BackupObserver,
+    written: &mut Vec<String>,
+) -> Result<Copied> {
+    let mut tables = Vec::with_capacity(catalogue.tables.len());
+    let mut migrations = MigrationsRow {
+        schema_version: 0,
+        code_version: String::new(),
+    };
+    for table in &catalogue.tables {
+        let (objects, first_row) =
+            copy_table(read, repo, id, table, options, observer, written).await?;
+        if table.name == "migrations"
+            && let Some(row) = first_row
+        {
+            migrations = migrations_row(table, &row);
+        }
+        let data = TableData::from_objects(table.name.clone(), objects)
+            .map_err(|e| Error::Integrity(format!("table {}: {e}", table.name)))?;
+        observer.table_done(&data);
+        tables.push(data);
+    }
+    Ok(Copied { tables, migrations })
+}
+
+/// SPIRE reads the first row by id; rows stream in primary-key order.
+fn migrations_row(table: &Table, row: &[Value]) -> MigrationsRow {
+    let at = |name: &str| {
+        table
+            .columns
+            .iter()
+            .position(|c| c.name == name)
+            .and_then(|i| row.get(i))
+    };
+    MigrationsRow {
+        schema_version: match at("version") {
+            Some(Value::Int(v)) => *v,
+            _ => 0,
+        },
+        code_version: match at("code_version") {
+            Some(Value::Text(s)) => s.clone(),
+            _ => String::new(),
+        },
+    }
+}
+
+/// Streams one table into one or more data objects. Returns them and, for the
+/// `migrations` table, its first row.
+async fn copy_table(
+    read: &mut dyn SnapshotRead,
+    repo: &Repository,
+    id: &SnapshotId,
+    table: &Table,
+    options: &BackupOptions,
+    observer: &dyn BackupObserver,
+    written: &mut Vec<String>,
+) -> Result<(Vec<DataObject>, Option<Vec<Value>>)> {
+    let (tx, mut rx) = mpsc::channel::<RowBatch>(BATCHES_IN_FLIGHT);
+    let producer = async move {
+        let result = read.stream_rows(table, &tx).await;
+        drop(tx); // ends the consumer's loop
+        result
+    };
+    let consumer = async {
+        let mut objects = Vec::new();
+        let mut first_row = None;
+        let mut part = 0u32;
+        let mut writer = TableWriter::for_table(repo, id, table, part, options.codec)?;
+        written.push(writer.key().to_string());
+        let mut copied = 0u64;
+        while let Some(batch) = rx.recv().await {
+            if first_row.is_none() && table.name == "migrations" {
+                first_row = batch.first().cloned();
+            }
+            if let Err(e) = writer.write_batch(&batch).await {
+                let _ = writer.abort().await;
+                return Err(Error::from(e));
+            }
+            copied += u64::try_from(batch.len()).unwrap_or(u64::MAX);
+            observer.rows(&table.name, copied);
+            if writer.raw_size() >= options.part_raw_bytes {
+                objects.push(writer.finish().await?);
+                part += 1;
+                writer = TableWriter::for_table(repo, id, table, part, options.codec)?;
+                written.push(writer.key().to_string());
+            }
+        }
+        objects.push(writer.finish().await?);
+        Ok::<_, Error>((objects, first_row))
+    };
+    let (produced, consumed) = tokio::join!(producer, consumer);
+    match (produced, consumed) {
+        (Ok(rows), Ok((objects, first))) => {
+            let stored: u64 = objects.iter().map(|o| o.rows).sum();
+            if stored != rows {
+                return Err(Error::Integrity(format!(
+                    "table {}: read {rows} rows but {stored} reached the snapshot",
+                    table.name
+                )));
+            }
+            Ok((objects, first))
+        }
+        // The consumer's error is the cause when the producer only saw the channel close.
+        (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+    }
+}
+
+/// Deletes every object of snapshot `id`: the manifest first, so the snapshot
+/// stops existing before its data goes.
+///
+/// # Errors
+/// Storage failures.
+pub async fn delete_snapshot(repo: &Repository, id: &SnapshotId) -> Result<u64> {
+    let manifest = keys::manifest(id);
+    let mut deleted = 0u64;
+    if repo.head(&manifest).await?.is_some() {
+        repo.delete(&manifest).await?;
+        deleted += 1;
+    }
+    for meta in repo.list(&keys::snapshot_prefix(id)).await? {
+        repo.delete(&meta.key).await?;
+        deleted += 1;
+    }
+    Ok(deleted)
+}

@@ -264,18 +264,22 @@ async fn copy_table(
             if first_row.is_none() && table.name == "migrations" {
                 first_row = batch.first().cloned();
             }
-            if let Err(e) = writer.write_batch(&batch).await {
-                let _ = writer.abort().await;
-                return Err(Error::from(e));
+            for row in &batch {
+                // Start the next part only when a row is waiting for it, so
+                // no table ends with an empty part.
+                if writer.raw_size() >= options.part_raw_bytes {
+                    objects.push(writer.finish().await?);
+                    part += 1;
+                    writer = TableWriter::for_table(repo, id, table, part, options.codec)?;
+                    written.push(writer.key().to_string());
+                }
+                if let Err(e) = writer.write_row(row).await {
+                    let _ = writer.abort().await;
+                    return Err(Error::from(e));
+                }
             }
             copied += u64::try_from(batch.len()).unwrap_or(u64::MAX);
             observer.rows(&table.name, copied);
-            if writer.raw_size() >= options.part_raw_bytes {
-                objects.push(writer.finish().await?);
-                part += 1;
-                writer = TableWriter::for_table(repo, id, table, part, options.codec)?;
-                written.push(writer.key().to_string());
-            }
         }
         objects.push(writer.finish().await?);
         Ok::<_, Error>((objects, first_row))

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Benchmarks spirekeep against the tools an operator would reach for instead
+# (pg_dump, mysqldump, sqlite3 .backup, each piped through zstd -3), on the
+# same generated SPIRE datastore, in the same run. Not part of the test suite.
+#
+#   scripts/bench.sh [ENTRIES] [ENGINES...]      e.g. scripts/bench.sh 100000 sqlite postgres mysql
+#
+# Prints one Markdown table row per measurement: tool, operation, wall seconds,
+# peak RSS, stored bytes. docs/benchmarks.md records the figures and the
+# command that produced them.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ENTRIES="${1:-100000}"
+shift || true
+ENGINES=("${@:-sqlite postgres mysql}")
+# shellcheck disable=SC2206
+ENGINES=(${ENGINES[*]})
+
+# shellcheck source=scripts/test-services.sh
+source scripts/test-services.sh >/dev/null
+cargo build --release --quiet --bin spirekeep --example generate
+SK="$PWD/target/release/spirekeep"
+GEN="$PWD/target/release/examples/generate"
+PW="$SPIREKEEP_TEST_PASSWORD"
+WORK="$(mktemp -d /tmp/spirekeep-bench.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+DB="spirekeep_bench_$$"
+
+# measure LABEL OPERATION OUTPUT-PATH -- command...: wall time and peak RSS of
+# the command (children included), and the size of what it wrote.
+measure() {
+  local tool="$1" op="$2" out="$3"
+  shift 4
+  /usr/bin/time -f "%e %M" -o "$WORK/time" "$@" >/dev/null 2>"$WORK/stderr" || {
+    echo "FAILED: $tool $op" >&2
+    cat "$WORK/stderr" >&2
+    return 1
+  }
+  read -r secs kib <"$WORK/time"
+  local bytes="-"
+  [ -n "$out" ] && bytes="$(du -sb "$out" | cut -f1)"
+  printf '| %s | %s | %s | %s | %.1f MiB | %s |\n' "$engine" "$tool" "$op" "$secs" "$(awk -v k="$kib" 'BEGIN{print k/1024}')" "$bytes"
+}
+
+has_restore=0
+"$SK" restore --help >/dev/null 2>&1 && has_restore=1
+
+echo "| engine | tool | operation | seconds | peak RSS | bytes |"
+echo "|---|---|---|---|---|---|"
+for engine in "${ENGINES[@]}"; do
+  repo="$WORK/repo-$engine"
+  case "$engine" in
+  sqlite)
+    src="$WORK/spire.sqlite3"
+    "$GEN" --datastore "$src" --entries "$ENTRIES" >/dev/null
+    sqlite3 "$src" 'PRAGMA journal_mode=WAL;' >/dev/null
+    measure spirekeep backup "$repo" -- "$SK" backup --datastore "$src" --repo "$repo"
+    measure "sqlite3 .backup + zstd -3" backup "$WORK/sqlite.db.zst" -- \
+      sh -c "sqlite3 '$src' \".backup '$WORK/copy.db'\" && zstd -q -3 -f '$WORK/copy.db' -o '$WORK/sqlite.db.zst'"
+    if [ "$has_restore" = 1 ]; then
+      measure spirekeep restore "" -- "$SK" restore latest --repo "$repo" --datastore "$WORK/restored.sqlite3"
+      measure "zstd -d (file copy)" restore "" -- zstd -q -d -f "$WORK/sqlite.db.zst" -o "$WORK/restored-copy.db"
+    fi
+    ;;
+  postgres)
+    admin="postgres://spirekeep:$PW@127.0.0.1:5432/postgres"
+    psql -q "$admin" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" -c "DROP DATABASE IF EXISTS ${DB}_r" -c "CREATE DATABASE ${DB}_r"
+    url="postgres://spirekeep:$PW@127.0.0.1:5432/$DB?sslmode=disable"
+    "$GEN" --datastore "$url" --entries "$ENTRIES" >/dev/null
+    measure spirekeep backup "$repo" -- "$SK" backup --datastore "$url" --repo "$repo"
+    measure "pg_dump -Fc" backup "$WORK/pg.dump" -- pg_dump -Fc -f "$WORK/pg.dump" "$url"
+    measure "pg_dump | zstd -3" backup "$WORK/pg.sql.zst" -- sh -c "pg_dump '$url' | zstd -q -3 -o '$WORK/pg.sql.zst'"
+    if [ "$has_restore" = 1 ]; then
+      measure spirekeep restore "" -- "$SK" restore latest --repo "$repo" \
+        --datastore "postgres://spirekeep:$PW@127.0.0.1:5432/${DB}_r?sslmode=disable"
+      psql -q "$admin" -c "DROP DATABASE ${DB}_r" -c "CREATE DATABASE ${DB}_r"
+      measure "pg_restore --single-transaction" restore "" -- pg_restore --single-transaction \
+        -d "postgres://spirekeep:$PW@127.0.0.1:5432/${DB}_r?sslmode=disable" "$WORK/pg.dump"
+    fi
+    psql -q "$admin" -c "DROP DATABASE $DB" -c "DROP DATABASE ${DB}_r"
+    ;;
+  mysql)
+    my=(mariadb -h127.0.0.1 -uspirekeep "-p$PW")
+    "${my[@]}" -e "DROP DATABASE IF EXISTS $DB; CREATE DATABASE $DB; DROP DATABASE IF EXISTS ${DB}_r; CREATE DATABASE ${DB}_r"
+    dsn="spirekeep:$PW@tcp(127.0.0.1:3306)/$DB?parseTime=true"
+    "$GEN" --datastore "$dsn" --entries "$ENTRIES" >/dev/null
+    measure spirekeep backup "$repo" -- "$SK" backup --datastore "$dsn" --repo "$repo"
+    measure "mysqldump --single-transaction | zstd -3" backup "$WORK/my.sql.zst" -- \
+      sh -c "mysqldump -h127.0.0.1 -uspirekeep -p'$PW' --single-transaction $DB | zstd -q -3 -o '$WORK/my.sql.zst'"
+    if [ "$has_restore" = 1 ]; then
+      measure spirekeep restore "" -- "$SK" restore latest --repo "$repo" \
+        --datastore "spirekeep:$PW@tcp(127.0.0.1:3306)/${DB}_r?parseTime=true"
+      "${my[@]}" -e "DROP DATABASE ${DB}_r; CREATE DATABASE ${DB}_r"
+      measure "zstd -d | mysql" restore "" -- sh -c "zstd -q -d -c '$WORK/my.sql.zst' | mariadb -h127.0.0.1 -uspirekeep -p'$PW' ${DB}_r"
+    fi
+    "${my[@]}" -e "DROP DATABASE $DB; DROP DATABASE ${DB}_r"
+    ;;
+  *)
+    echo "unknown engine $engine (sqlite, postgres, mysql)" >&2
+    exit 2
+    ;;
+  esac
+done

@@ -2,6 +2,7 @@
 //! here is thin; the work is done by the library modules.
 
 mod backup;
+mod check;
 mod inspect;
 mod list;
 mod output;
@@ -55,6 +56,8 @@ pub struct Cli {
 pub enum Command {
     /// Show what is in a SPIRE datastore: engine, schema and code version, row counts, agents by version.
     Inspect(inspect::InspectArgs),
+    /// Can SPIRE get to a target release on this datastore? Verdict, upgrade path, and every finding with its way out.
+    Check(check::CheckArgs),
     /// Take a snapshot of the datastore into the repository: one consistent read, streamed, manifest last.
     Backup(backup::BackupArgs),
     /// List the snapshots in the repository.
@@ -119,6 +122,7 @@ impl DatastoreArgs {
 pub async fn run(cli: Cli) -> u8 {
     let result = match &cli.command {
         Command::Inspect(args) => inspect::run(args, cli.json).await,
+        Command::Check(args) => check::run(args, cli.json).await,
         Command::Backup(args) => backup::run(args, cli.json).await,
         Command::List(args) => list::list(args, cli.json).await,
         Command::Show(args) => list::show(args, cli.json).await,

@@ -39,7 +39,8 @@ measure() {
   read -r secs kib <"$WORK/time"
   local bytes="-"
   [ -n "$out" ] && bytes="$(du -sb "$out" | cut -f1)"
-  printf '| %s | %s | %s | %s | %.1f MiB | %s |\n' "$engine" "$tool" "$op" "$secs" "$(awk -v k="$kib" 'BEGIN{print k/1024}')" "$bytes"
+  # A pipe in a tool's name would split the Markdown cell.
+  printf '| %s | %s | %s | %s | %.1f MiB | %s |\n' "$engine" "${tool//|/\\|}" "$op" "$secs" "$(awk -v k="$kib" 'BEGIN{print k/1024}')" "$bytes"
 }
 
 has_restore=0

@@ -22,6 +22,7 @@ command -v mariadb >/dev/null 2>&1 || need_apt+=(mariadb-client)
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v prometheus-pushgateway >/dev/null 2>&1 || need_apt+=(prometheus-pushgateway)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
 if [ "${#need_apt[@]}" -gt 0 ]; then

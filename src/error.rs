@@ -74,6 +74,10 @@ pub enum Error {
     /// Data read back does not match what was expected.
     #[error("{0}")]
     Integrity(String),
+
+    /// The repository lock is held by another process, or was lost.
+    #[error(transparent)]
+    Lock(#[from] crate::store::lock::LockError),
 }
 
 impl Error {
@@ -93,6 +97,9 @@ impl Error {
             Self::Snapshot(e) => e.kind(),
             Self::NotFound(_) => ErrorKind::Usage,
             Self::Integrity(_) => ErrorKind::Integrity,
+            Self::Lock(crate::store::lock::LockError::Store(e)) => e.kind(),
+            Self::Lock(crate::store::lock::LockError::Invalid(_)) => ErrorKind::Usage,
+            Self::Lock(_) => ErrorKind::Backend,
         }
     }
 

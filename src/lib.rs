@@ -18,12 +18,15 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agent;
 pub mod cli;
 pub mod compat;
 pub mod config;
 pub mod datastore;
 pub mod error;
 pub mod inspect;
+pub mod metrics;
+pub mod plan;
 pub mod snapshot;
 pub mod store;
 

@@ -9,6 +9,8 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.verbose {
+        // A long-running agent logs each job.
+        0 if matches!(cli.command, spirekeep::cli::Command::Agent(_)) => "info",
         0 => "warn",
         1 => "info",
         _ => "debug",

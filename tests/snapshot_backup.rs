@@ -294,7 +294,16 @@ async fn a_killed_backup_leaves_no_snapshot_and_the_next_one_works() {
     let repo_dir = dir.path().join("repo");
     let repo = format!("file://{}", repo_dir.display());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spirekeep"))
-        .args(["backup", "--datastore", &fx.url(), "--repo", &repo])
+        // A short lease: the killed run's repository lock expires quickly for the next one.
+        .args([
+            "backup",
+            "--datastore",
+            &fx.url(),
+            "--repo",
+            &repo,
+            "--lock-ttl",
+            "3s",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -7,10 +7,12 @@ use std::sync::Mutex;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::lock::{Held, LockArgs};
 use super::output::print_json;
 use super::repo::RepoArgs;
 use super::{DatastoreArgs, exit};
 use crate::datastore::{self, OpenMode, Table};
+use crate::metrics::{FailureCounters, FailureKind, MetricsReport};
 use crate::snapshot::backup::{BackupObserver, BackupOptions, backup};
 use crate::snapshot::listing::{SnapshotSummary, human_bytes, rfc3339};
 use crate::snapshot::{CodecOptions, TableData};
@@ -35,11 +37,129 @@ pub struct BackupArgs {
     /// zstd worker threads (0 compresses on the encoding thread).
     #[arg(long, default_value_t = 0)]
     pub compression_workers: u32,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
+
+    #[command(flatten)]
+    pub metrics: OneShotMetricsArgs,
+}
+
+/// Metrics of a one-shot run, for node-exporter's textfile collector or a Pushgateway.
+#[derive(Debug, clap::Args)]
+pub struct OneShotMetricsArgs {
+    /// After the run (successful or not), write its Prometheus metrics to this file, atomically
+    /// (node-exporter textfile collector: a *.prom file in its --collector.textfile.directory).
+    #[arg(long, value_name = "PATH", env = "SPIREKEEP_METRICS_TEXTFILE")]
+    pub metrics_textfile: Option<std::path::PathBuf>,
+
+    /// After the run, push its metrics to this Pushgateway (http://host:9091), grouped by
+    /// job="spirekeep" and the repository.
+    #[arg(long, value_name = "URL", env = "SPIREKEEP_PUSHGATEWAY")]
+    pub pushgateway: Option<String>,
+
+    /// How often this backup is scheduled (e.g. 4h), exported as
+    /// spirekeep_backup_expected_interval_seconds for the backup-age alert.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub expected_interval: Option<std::time::Duration>,
+}
+
+impl OneShotMetricsArgs {
+    fn wanted(&self) -> bool {
+        self.metrics_textfile.is_some() || self.pushgateway.is_some()
+    }
+
+    /// Checks the destinations before anything runs.
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(path) = &self.metrics_textfile {
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            if !dir.is_dir() || path.file_name().is_none() {
+                return Err(crate::Error::Unsupported(format!(
+                    "--metrics-textfile {}: the directory {} does not exist",
+                    path.display(),
+                    dir.display()
+                ))
+                .into());
+            }
+        }
+        if let Some(url) = &self.pushgateway {
+            let ok = url::Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+            if !ok {
+                return Err(crate::Error::Unsupported(format!(
+                    "--pushgateway {url:?} is not an http:// or https:// URL"
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes / pushes the run's metrics. Problems are warnings: the backup's
+    /// own outcome decides the exit code.
+    async fn report(&self, repo: &crate::store::Repository, failed: Option<FailureKind>) {
+        if !self.wanted() {
+            return;
+        }
+        let facts = match crate::metrics::repo_facts(repo).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("warning: cannot read {repo} for the metrics: {e}");
+                None
+            }
+        };
+        let mut failures = FailureCounters::default();
+        if let Some(kind) = failed {
+            failures.inc(kind);
+        }
+        let repository = crate::metrics::repository_label(repo);
+        let known = facts.is_some();
+        let text = MetricsReport {
+            repository: repository.clone(),
+            facts,
+            expected_interval: self.expected_interval,
+            backup_failures: failures,
+            verify_failures: None,
+            prune_failures: None,
+        }
+        .render();
+        if let Some(path) = &self.metrics_textfile
+            && let Err(e) = crate::metrics::write_textfile(path, &text, !known)
+        {
+            eprintln!(
+                "warning: cannot write the metrics to {}: {e}",
+                path.display()
+            );
+        }
+        if let Some(url) = &self.pushgateway
+            && let Err(e) = crate::metrics::push(url, &repository, &text, known).await
+        {
+            eprintln!("warning: {e}");
+        }
+    }
 }
 
 pub(crate) async fn run(args: &BackupArgs, json: bool) -> anyhow::Result<u8> {
-    let resolved = args.datastore.resolve()?;
+    args.metrics.validate()?;
     let repo = args.repo.open()?;
+    let result = take(args, &repo, json).await;
+    let failed = result.as_ref().err().map(|e| {
+        e.downcast_ref::<crate::Error>()
+            .map_or(FailureKind::Other, FailureKind::of)
+    });
+    args.metrics.report(&repo, failed).await;
+    result
+}
+
+async fn take(
+    args: &BackupArgs,
+    repo: &crate::store::Repository,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let resolved = args.datastore.resolve()?;
     let ds = datastore::open(&resolved.spec, OpenMode::ReadOnly).await?;
     let options = BackupOptions {
         labels: args.labels.clone(),
@@ -50,7 +170,17 @@ pub(crate) async fn run(args: &BackupArgs, json: bool) -> anyhow::Result<u8> {
         ..BackupOptions::default()
     };
     let progress = TerminalProgress::new(!json && std::io::stderr().is_terminal());
-    let result = backup(ds.as_ref(), &repo, &options, &progress).await;
+    let held = match Held::acquire(repo, &args.lock, "backup").await {
+        Ok(held) => held,
+        Err(e) => {
+            ds.close().await;
+            return Err(e);
+        }
+    };
+    let result = held
+        .guard(async { Ok(backup(ds.as_ref(), repo, &options, &progress).await?) })
+        .await;
+    held.release().await;
     ds.close().await;
     progress.clear();
     let manifest = result?;

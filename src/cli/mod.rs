@@ -1,12 +1,21 @@
 //! The command line: clap definitions and one file per command. Everything
 //! here is thin; the work is done by the library modules.
 
+mod agent;
+mod apply;
 mod backup;
 mod check;
 mod inspect;
 mod list;
+mod lock;
 mod output;
+mod pin;
+mod plan;
+mod prune;
 mod repo;
+mod restore;
+mod status;
+mod verify;
 
 pub use repo::RepoArgs;
 
@@ -64,6 +73,24 @@ pub enum Command {
     List(list::ListArgs),
     /// Show one snapshot's manifest: tables, rows, hashes, verification state.
     Show(list::ShowArgs),
+    /// Delete snapshots by retention (keep-last/hourly/daily/weekly/monthly), never pinned ones or the newest verified one; clean up after killed backups.
+    Prune(prune::PruneArgs),
+    /// Run scheduled backups, retention and verification, serving Prometheus /metrics and /healthz.
+    Agent(agent::AgentArgs),
+    /// Inspect or break the repository lock.
+    Lock(lock::LockCommandArgs),
+    /// Pin snapshots so prune keeps them, or list and remove pins.
+    Pin(pin::PinArgs),
+    /// Re-read every object of a snapshot and check every hash; --deep restores it into a scratch datastore and compares.
+    Verify(verify::VerifyArgs),
+    /// Restore a snapshot into a datastore (same engine or another): hash check first, preflight, impact, all or nothing.
+    Restore(restore::RestoreArgs),
+    /// Make a staged-upgrade plan from a plan file and the live facts: every hop, every step, SPIRE's skew checked at each.
+    Plan(plan::PlanArgs),
+    /// Run a saved plan: pre-upgrade snapshot, servers, datastore gates, agent batches; restore and roll back on failure.
+    Apply(apply::ApplyArgs),
+    /// Show where a plan stands, from its journal.
+    Status(status::StatusArgs),
 }
 
 /// How to reach the datastore: a connection string or SPIRE's server.conf.
@@ -126,6 +153,15 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Backup(args) => backup::run(args, cli.json).await,
         Command::List(args) => list::list(args, cli.json).await,
         Command::Show(args) => list::show(args, cli.json).await,
+        Command::Prune(args) => prune::run(args, cli.json).await,
+        Command::Agent(args) => agent::run(args).await,
+        Command::Lock(args) => lock::run(args, cli.json).await,
+        Command::Pin(args) => pin::run(args, cli.json).await,
+        Command::Verify(args) => verify::run(args, cli.json).await,
+        Command::Restore(args) => restore::run(args, cli.json).await,
+        Command::Plan(args) => plan::run(args, cli.json).await,
+        Command::Apply(args) => apply::run(args, cli.json).await,
+        Command::Status(args) => status::run(args, cli.json).await,
     };
     match result {
         Ok(code) => code,

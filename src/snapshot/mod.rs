@@ -14,7 +14,11 @@
 //! - [`listing`]: `latest` or an id, and the summaries `list` and `show` print;
 //! - [`adapt`]: what a target engine cannot hold unchanged (restore preflight);
 //! - [`impact`]: what replacing a live datastore changes (agents, entries, bundles);
-//! - [`retention`]: which snapshots a retention policy keeps, and why.
+//! - [`retention`]: which snapshots a retention policy keeps, and why;
+//! - [`prune`]: a retention plan over a real repository (pins, leftovers) and its execution;
+//! - [`pins`]: explicit holds on a snapshot that prune respects;
+//! - [`verify`]: every object re-read and every hash checked; a deep verify is a restore drill;
+//! - [`restore`]: plan (hash check, preflight, impact), all-or-nothing load, read-back check.
 
 pub mod adapt;
 pub mod backup;
@@ -24,7 +28,11 @@ pub mod format;
 pub mod impact;
 pub mod listing;
 pub mod manifest;
+pub mod pins;
+pub mod prune;
+pub mod restore;
 pub mod retention;
+pub mod verify;
 
 pub use codec::{CodecOptions, ContentHash, ContentHasher, TableReader, TableWriter};
 pub use error::{ManifestError, SnapshotError};

@@ -8,6 +8,8 @@
 //! snapshots/<snapshot-id>/data/<table>.<n>.spkd.zst   data objects (zstd-compressed SPKD row streams)
 //! verifications/<snapshot-id>/<time>-<kind>.json one record per verify run, create-only
 //! locks/repository.lock                          the repository lease (conditional puts)
+//! pins/<snapshot-id>/<holder>.json               a pin: prune keeps the snapshot while any pin exists
+//! restores/<snapshot-id>/<time>.json             one record per restore (target, preflight changes), create-only
 //! journal/<plan-id>.json                         the staged-upgrade journal, mirrored from local disk
 //! ```
 //!
@@ -50,6 +52,10 @@ pub const SNAPSHOTS: &str = "snapshots/";
 pub const VERIFICATIONS: &str = "verifications/";
 /// Top-level folder of plan journals.
 pub const JOURNAL: &str = "journal/";
+/// Top-level folder of restore records.
+pub const RESTORES: &str = "restores/";
+/// Top-level folder of pins.
+pub const PINS: &str = "pins/";
 /// The repository lease object.
 pub const REPOSITORY_LOCK: &str = "locks/repository.lock";
 /// File name of a snapshot's manifest inside its folder.
@@ -241,6 +247,70 @@ pub fn verification(id: &SnapshotId, at: OffsetDateTime, kind: VerifyKind) -> St
     )
 }
 
+/// `restores/<id>/`: the records of every restore of one snapshot.
+#[must_use]
+pub fn restores_prefix(id: &SnapshotId) -> String {
+    format!("{RESTORES}{id}/")
+}
+
+/// `restores/<id>/<YYYYMMDDTHHMMSS.mmmZ>.json`: the record of one restore of
+/// snapshot `id` (where it went, and every value the preflight changed).
+/// Create-only, like verification records; prune leaves them as an audit trail.
+#[must_use]
+pub fn restore_record(id: &SnapshotId, at: OffsetDateTime) -> String {
+    let t = at.to_offset(UtcOffset::UTC);
+    let stamp = compact_time(t);
+    let (secs, _) = stamp.split_at(15);
+    format!("{}{secs}.{:03}Z.json", restores_prefix(id), t.millisecond())
+}
+
+/// `pins/<id>/`: every pin of one snapshot.
+#[must_use]
+pub fn pins_prefix(id: &SnapshotId) -> String {
+    format!("{PINS}{id}/")
+}
+
+/// `pins/<id>/<holder>.json`: the pin `holder` (a plan id, `operator`, ...)
+/// holds on snapshot `id`.
+///
+/// # Errors
+/// A holder that is not a valid name (same rules as a plan id: see [`journal`]).
+pub fn pin(id: &SnapshotId, holder: &str) -> Result<String, KeyError> {
+    check_name("pin holder", holder)?;
+    Ok(format!("{}{holder}.json", pins_prefix(id)))
+}
+
+/// The snapshot and holder of a pin key, or `None` for any other key.
+#[must_use]
+pub fn pin_of_key(key: &str) -> Option<(SnapshotId, String)> {
+    let rest = key.strip_prefix(PINS)?;
+    let (id, file) = rest.split_once('/')?;
+    let holder = file.strip_suffix(".json")?;
+    check_name("pin holder", holder).ok()?;
+    Some((SnapshotId::parse(id).ok()?, holder.to_owned()))
+}
+
+fn check_name(what: &'static str, name: &str) -> Result<(), KeyError> {
+    let err = |why| KeyError {
+        what,
+        value: name.to_owned(),
+        why,
+    };
+    if name.is_empty() || name.len() > 128 {
+        return Err(err("must be 1 to 128 characters"));
+    }
+    if name.starts_with('.') {
+        return Err(err("must not start with a dot"));
+    }
+    if !name
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+    {
+        return Err(err("may hold only letters, digits, '.', '_' and '-'"));
+    }
+    Ok(())
+}
+
 /// `journal/<plan-id>.json`.
 ///
 /// # Errors
@@ -394,6 +464,11 @@ mod tests {
         assert!(journal("a/b").is_err());
         assert!(journal("").is_err());
         assert_eq!(REPOSITORY_LOCK, "locks/repository.lock");
+        let key = pin(&id, "upgrade-1.13").unwrap();
+        assert_eq!(key, "pins/20261128T093000Z-0a1b2c/upgrade-1.13.json");
+        assert_eq!(pin_of_key(&key), Some((id.clone(), "upgrade-1.13".into())));
+        assert!(pin(&id, "../x").is_err());
+        assert_eq!(pin_of_key("pins/junk/a.json"), None);
     }
 
     #[test]

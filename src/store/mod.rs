@@ -20,6 +20,7 @@
 //! ([`Repository::location`]) never carries any.
 
 pub mod keys;
+pub mod lock;
 
 use std::fmt;
 use std::path::Path as FsPath;

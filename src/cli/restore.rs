@@ -1,0 +1,354 @@
+//! `spirekeep restore`
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::Mutex;
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::output::print_json;
+use super::repo::RepoArgs;
+use super::{DatastoreArgs, exit};
+use crate::datastore::dsn::ConnectionSpec;
+use crate::datastore::{self, OpenMode};
+use crate::error::{Error, ErrorKind};
+use crate::snapshot::Manifest;
+use crate::snapshot::adapt::ChangeKind;
+use crate::snapshot::listing::{human_bytes, resolve, rfc3339};
+use crate::snapshot::restore::{
+    RestoreObserver, RestoreOptions, RestorePlan, RestoreReport, execute, plan,
+};
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot id, or `latest`.
+    #[arg(value_name = "ID|latest")]
+    pub snapshot: String,
+
+    /// The datastore to restore into (see --datastore / --spire-config). A SQLite path that does not exist is created.
+    #[command(flatten)]
+    pub datastore: DatastoreArgs,
+
+    #[command(flatten)]
+    pub repo: RepoArgs,
+
+    /// Replace a datastore that already holds tables (every table in it is dropped). Stop every SPIRE server first.
+    #[arg(long)]
+    pub replace: bool,
+
+    /// Apply the values the preflight lists as changed for the target engine (e.g. sub-second times and four-byte
+    /// UTF-8 into MySQL), and record them in the repository. Without it the restore refuses.
+    #[arg(long)]
+    pub accept_changes: bool,
+
+    /// Check the snapshot, run the preflight and show the impact on the live datastore, then stop: nothing is written.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// The repository lock, held while the restore runs (no prune can delete the snapshot meanwhile).
+    #[command(flatten)]
+    pub lock: super::lock::LockArgs,
+}
+
+pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
+    let resolved = args.datastore.resolve()?;
+    let repo = args.repo.open()?;
+    let id = resolve(&repo, &args.snapshot).await?;
+    let manifest = Manifest::load(&repo, &id).await.map_err(Error::from)?;
+    let options = RestoreOptions {
+        replace: args.replace,
+        accept_changes: args.accept_changes,
+        dry_run: args.dry_run,
+    };
+    // A dry run must not leave a new SQLite file behind.
+    let created_sqlite = match &resolved.spec {
+        ConnectionSpec::Sqlite(s) if !s.path.exists() => Some(s.path.clone()),
+        _ => None,
+    };
+    let target = datastore::open(&resolved.spec, OpenMode::Create).await?;
+    let progress = TerminalProgress::new(!json && std::io::stderr().is_terminal());
+    let planned = plan(&repo, &manifest, target.as_ref(), &options, &progress).await;
+    // Nothing is written before execute: a SQLite file opened (and so
+    // created) only to be planned against is removed again.
+    let remove_created = || {
+        if let Some(path) = &created_sqlite {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut p = path.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    };
+    let planned = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            target.close().await;
+            progress.clear();
+            remove_created();
+            return Err(e.into());
+        }
+    };
+    if !planned.can_proceed() || options.dry_run {
+        target.close().await;
+        progress.clear();
+        remove_created();
+        if json {
+            print_json(&planned)?;
+        } else {
+            print_plan(&planned, &manifest);
+        }
+        return Ok(match planned.refusal_error() {
+            None => {
+                if !json {
+                    println!("dry run: nothing was changed");
+                }
+                exit::OK
+            }
+            Some(e) => {
+                eprintln!("error: {e}");
+                match e.kind() {
+                    ErrorKind::Usage | ErrorKind::NotSpire => exit::USAGE,
+                    _ => exit::CHECK_FAILED,
+                }
+            }
+        });
+    }
+    if !json {
+        print_plan(&planned, &manifest);
+    }
+    // Under the repository lock, so no prune deletes the snapshot while it is read.
+    let result = match super::lock::Held::acquire(&repo, &args.lock, "restore").await {
+        Ok(held) => {
+            let work = async {
+                Ok(execute(&repo, &manifest, target.as_ref(), &planned, &progress).await?)
+            };
+            let result = held.guard(work).await;
+            held.release().await;
+            result
+        }
+        Err(e) => Err(e),
+    };
+    target.close().await;
+    progress.clear();
+    let report = result.map_err(|e| {
+        e.context(format!(
+            "restore of snapshot {} into {}",
+            planned.snapshot_id, planned.target
+        ))
+    })?;
+    if json {
+        print_json(&report)?;
+    } else {
+        print_report(&report);
+    }
+    Ok(exit::OK)
+}
+
+fn print_plan(p: &RestorePlan, manifest: &Manifest) {
+    println!(
+        "restore snapshot {} ({} {}, schema {}, taken {}) into {} ({})",
+        p.snapshot_id,
+        p.source_engine,
+        manifest.server_version,
+        manifest.spire.schema_version,
+        rfc3339(p.snapshot_time),
+        p.target,
+        p.target_engine
+    );
+    println!(
+        "  snapshot: {} rows in {} tables; hash check ({}): {} objects, {}: {}",
+        p.rows,
+        p.tables.len(),
+        p.hash_check.mode,
+        p.hash_check.objects,
+        human_bytes(p.hash_check.stored_bytes),
+        if p.problems.is_empty() {
+            "ok"
+        } else {
+            "FAILED"
+        }
+    );
+    for problem in &p.problems {
+        println!("    problem: {problem}");
+    }
+    if p.existing_tables.is_empty() {
+        println!("  target: empty");
+    } else {
+        println!(
+            "  target: holds {} table(s), all of which the restore drops and replaces",
+            p.existing_tables.len()
+        );
+    }
+    let pf = &p.preflight;
+    if pf.ran {
+        println!(
+            "  preflight ({} -> {}): {} change(s), {} needing --accept-changes, {} row(s) that cannot go in",
+            p.source_engine,
+            p.target_engine,
+            pf.total,
+            pf.needs_consent.saturating_sub(pf.blocking),
+            pf.blocking
+        );
+        // Every change that needs consent (or cannot go in) one by one; the
+        // rest (PostgreSQL's nanoseconds) as counts. --json lists them all.
+        for c in pf.changes.iter().filter(|c| c.kind.needs_consent()) {
+            println!(
+                "    {}  {}  {}  {}: {}",
+                c.table,
+                c.row,
+                c.column,
+                kind_name(c.kind),
+                c.detail
+            );
+        }
+        if pf.truncated {
+            println!(
+                "    ... {} more (all of them are counted below, and covered by the digest)",
+                pf.total - pf.changes.len() as u64
+            );
+        }
+        if pf.truncated || pf.changes.iter().any(|c| !c.kind.needs_consent()) {
+            println!("    per table, column and kind:");
+            for c in &pf.counts {
+                println!(
+                    "      {}  {}  {}: {}",
+                    c.table,
+                    c.column,
+                    kind_name(c.kind),
+                    c.count
+                );
+            }
+        }
+    }
+    if let Some(i) = &p.impact {
+        println!("  impact on the live datastore (what replacing it changes):");
+        println!(
+            "    agents attested since the snapshot: {} (unknown after the restore: they must attest again)",
+            i.agents.attested_since
+        );
+        println!(
+            "    agents whose SVID rotated since: {} (rejected until they attest again)",
+            i.agents.rotated_since
+        );
+        if i.agents.join_token_agents > 0 {
+            println!(
+                "    of these, join-token agents: {} (they cannot attest again on their own: each needs a new join token)",
+                i.agents.join_token_agents
+            );
+        }
+        if !i.agents.examples.is_empty() {
+            println!("      e.g. {}", i.agents.examples.join(", "));
+        }
+        println!(
+            "    agents in the snapshot but gone now: {} (they come back)",
+            i.agents.come_back
+        );
+        println!(
+            "    registration entries: {} created since (gone after the restore), {} deleted since (back after)",
+            i.entries.created_since, i.entries.deleted_since
+        );
+        println!(
+            "    bundles: {} created since (gone after the restore), {} deleted since (back after)",
+            i.bundles.created_since, i.bundles.deleted_since
+        );
+    }
+}
+
+/// The kind as it appears in --json (`sub_second_timestamp`, ...).
+fn kind_name(kind: ChangeKind) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{kind:?}"))
+}
+
+fn print_report(r: &RestoreReport) {
+    let adapted = r.tables.iter().filter(|t| !t.matches_manifest).count();
+    println!(
+        "restored {} rows into {} tables of {} in {:.1} s; row counts and content hashes read back match {}",
+        r.rows,
+        r.tables.len(),
+        r.plan.target,
+        r.seconds,
+        if adapted == 0 {
+            "the snapshot".to_string()
+        } else {
+            format!(
+                "the snapshot ({adapted} table(s) with the {} listed change(s) applied)",
+                r.changes_applied
+            )
+        }
+    );
+    let checked = r.sequences.iter().filter(|s| s.ok == Some(true)).count();
+    println!(
+        "  auto-increment: {checked} of {} sequences checked to continue past the restored ids{}",
+        r.sequences.len(),
+        if r.plan.target_engine == crate::datastore::Engine::Mysql {
+            " (InnoDB keeps AUTO_INCREMENT past the largest id on its own)"
+        } else {
+            ""
+        }
+    );
+    match (&r.record_key, &r.record_error) {
+        (Some(k), _) => println!("  recorded in {k}"),
+        (None, Some(e)) => println!("  warning: the restore record could not be written: {e}"),
+        _ => {}
+    }
+}
+
+/// One progress line per table on a terminal; nothing otherwise.
+struct TerminalProgress {
+    multi: Option<MultiProgress>,
+    bars: Mutex<HashMap<String, ProgressBar>>,
+}
+
+impl TerminalProgress {
+    fn new(enabled: bool) -> Self {
+        Self {
+            multi: enabled.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
+            bars: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(multi) = &self.multi {
+            let _ = multi.clear();
+        }
+    }
+}
+
+impl RestoreObserver for TerminalProgress {
+    fn stage(&self, stage: &str) {
+        if let Some(multi) = &self.multi {
+            let _ = multi.println(stage);
+        }
+    }
+
+    fn table_started(&self, table: &str, rows: u64) {
+        let Some(multi) = &self.multi else { return };
+        let bar = multi.add(ProgressBar::new(rows));
+        let style = ProgressStyle::with_template(
+            "{prefix:<32} {bar:30} {pos:>10}/{len} rows {per_sec:>12}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_prefix(table.to_string());
+        if let Ok(mut bars) = self.bars.lock() {
+            bars.insert(table.to_string(), bar);
+        }
+    }
+
+    fn rows(&self, table: &str, loaded: u64) {
+        if let Some(bar) = self.bars.lock().ok().and_then(|b| b.get(table).cloned()) {
+            bar.set_position(loaded);
+        }
+    }
+
+    fn table_done(&self, table: &str, rows: u64) {
+        if let Some(bar) = self.bars.lock().ok().and_then(|b| b.get(table).cloned()) {
+            bar.set_position(rows);
+            bar.finish();
+        }
+    }
+}

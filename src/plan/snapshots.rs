@@ -1,0 +1,215 @@
+//! Glue to the snapshot operations a plan uses: the pre-upgrade backup
+//! (taken under the repository lock), its verification, the pin that keeps
+//! it through prune until the plan finishes, and the restore on failure.
+//! Nothing here reimplements them; it only chooses their options.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::datastore::OpenMode;
+use crate::error::{Error, Result};
+use crate::snapshot::Manifest;
+use crate::snapshot::backup::{BackupOptions, Quiet, backup};
+use crate::snapshot::manifest::list_snapshots;
+use crate::snapshot::pins;
+use crate::snapshot::restore::{self, RestoreOptions};
+use crate::snapshot::verify::{self, VerifyMode};
+use crate::store::Repository;
+use crate::store::keys::SnapshotId;
+use crate::store::lock::{self, LockOptions, RepositoryLock};
+
+use super::facts::open_datastore;
+use super::file::Plan;
+use super::model::PRE_UPGRADE_LABEL;
+
+/// How long `apply` waits for a repository lock held by a backup or prune.
+const LOCK_WAIT: Duration = Duration::from_secs(300);
+
+/// The label that ties a snapshot to its plan.
+#[must_use]
+pub fn plan_label(plan_id: &str) -> String {
+    let label = format!("plan-{plan_id}");
+    label.chars().take(64).collect()
+}
+
+/// Takes the repository lock, waiting for another holder. A lease left by
+/// an earlier run of the same plan whose process is gone (an `apply` killed
+/// on this host) is broken at once instead of waiting for it to expire.
+async fn acquire(repo: &Repository, plan_id: &str, purpose: String) -> Result<RepositoryLock> {
+    if let Ok(Some(status)) = lock::inspect(repo).await {
+        let ours = status
+            .record
+            .as_ref()
+            .is_some_and(|r| r.purpose.contains(plan_id) && !r.released);
+        if ours && status.holder_process_gone == Some(true) {
+            tracing::info!("breaking the repository lease an interrupted run of {plan_id} left");
+            let _ = lock::break_lease(repo, false).await;
+        }
+    }
+    let purpose = format!("{purpose} [{plan_id}]");
+    Ok(RepositoryLock::acquire(
+        repo,
+        &LockOptions {
+            wait: LOCK_WAIT,
+            ..LockOptions::new(purpose)
+        },
+    )
+    .await?)
+}
+
+/// A snapshot of this plan taken since `since` that already exists (a
+/// resumed `apply` that was killed after its backup finished reuses it).
+///
+/// # Errors
+/// Storage failures.
+pub async fn find_existing(
+    repo: &Repository,
+    plan_id: &str,
+    since: OffsetDateTime,
+) -> Result<Option<Manifest>> {
+    let label = plan_label(plan_id);
+    let ids = list_snapshots(repo).await?;
+    // ids sort by start time; the plan's snapshot is not older than the plan
+    let since = since - time::Duration::minutes(5);
+    for id in ids.iter().rev().take_while(|id| id.time() >= since) {
+        let m = Manifest::load(repo, id).await?;
+        if m.labels.iter().any(|l| l == &label) {
+            return Ok(Some(m));
+        }
+    }
+    Ok(None)
+}
+
+/// Takes (or finds) the pre-upgrade snapshot, verifies it and pins it for
+/// the plan, all while holding the repository lock so a prune cannot remove
+/// it between the backup and the pin.
+///
+/// # Errors
+/// Backup, verification, lock or storage failures.
+pub async fn take_pre_upgrade(
+    plan: &Plan,
+    repo: &Repository,
+    plan_id: &str,
+    reuse_since: Option<OffsetDateTime>,
+) -> Result<(Manifest, String)> {
+    let lock = acquire(
+        repo,
+        plan_id,
+        format!("pre-upgrade snapshot of plan {plan_id}"),
+    )
+    .await?;
+    let result = async {
+        let existing = match reuse_since {
+            Some(since) => find_existing(repo, plan_id, since).await?,
+            None => None,
+        };
+        let (manifest, reused) = match existing {
+            Some(m) => (m, true),
+            None => {
+                let (ds, _) = open_datastore(plan, OpenMode::ReadOnly).await?;
+                let options = BackupOptions {
+                    labels: vec![PRE_UPGRADE_LABEL.into(), plan_label(plan_id)],
+                    ..BackupOptions::default()
+                };
+                let m = backup(ds.as_ref(), repo, &options, &Quiet).await;
+                ds.close().await;
+                (m?, false)
+            }
+        };
+        lock.check()?;
+        let verified = verify(repo, &manifest).await?;
+        lock.check()?;
+        pins::pin(
+            repo,
+            &manifest.snapshot_id,
+            plan_id,
+            &format!("pre-upgrade snapshot of plan {plan_id}; unpinned when the plan finishes"),
+        )
+        .await?;
+        let detail = format!(
+            "snapshot {} ({} rows in {} tables, schema {}, code_version {}){}; {verified}; pinned for {plan_id}",
+            manifest.snapshot_id,
+            manifest.total_rows(),
+            manifest.tables.len(),
+            manifest.spire.schema_version,
+            manifest.spire.code_version,
+            if reused { ", taken by the interrupted run" } else { "" },
+        );
+        Ok::<_, Error>((manifest, detail))
+    }
+    .await;
+    let _ = lock.release().await;
+    result
+}
+
+/// Verifies every object of the snapshot (every object re-read, every size
+/// and hash checked; the outcome is recorded in the repository).
+async fn verify(repo: &Repository, manifest: &Manifest) -> Result<String> {
+    let report = verify::verify(repo, manifest, VerifyMode::Shallow).await?;
+    if report.ok {
+        Ok(format!(
+            "verified ({} objects, {} rows re-read, every hash matches)",
+            report.objects, report.rows
+        ))
+    } else {
+        Err(Error::Integrity(format!(
+            "the pre-upgrade snapshot {} failed verification: {}",
+            manifest.snapshot_id,
+            report.problems.join("; ")
+        )))
+    }
+}
+
+/// Releases the plan's pin.
+///
+/// # Errors
+/// Storage failures.
+pub async fn unpin(repo: &Repository, snapshot_id: &str, plan_id: &str) -> Result<bool> {
+    let id = SnapshotId::parse(snapshot_id).map_err(|e| Error::Unsupported(e.to_string()))?;
+    pins::unpin(repo, &id, plan_id).await
+}
+
+/// Restores the snapshot into the plan's datastore, replacing what is there,
+/// under the repository lock. The restore checks every hash before it
+/// touches the datastore and is all or nothing.
+///
+/// # Errors
+/// Restore failures (the target is then left as it was).
+pub async fn restore_pre_upgrade(
+    plan: &Plan,
+    repo: &Repository,
+    plan_id: &str,
+    snapshot_id: &str,
+) -> Result<Manifest> {
+    let id = SnapshotId::parse(snapshot_id).map_err(|e| Error::Unsupported(e.to_string()))?;
+    let manifest = Manifest::load(repo, &id).await?;
+    let lock = acquire(
+        repo,
+        plan_id,
+        format!("restore of the pre-upgrade snapshot {id} (plan rollback)"),
+    )
+    .await?;
+    let result = async {
+        let (ds, _) = open_datastore(plan, OpenMode::ReadWrite).await?;
+        let options = RestoreOptions {
+            replace: true,
+            ..RestoreOptions::default()
+        };
+        let report =
+            restore::restore(repo, &manifest, ds.as_ref(), &options, &restore::Quiet).await;
+        ds.close().await;
+        let report = report?;
+        if report.ok {
+            Ok(())
+        } else {
+            Err(Error::Integrity(format!(
+                "the restore of snapshot {id} committed but does not match the snapshot: {}",
+                report.problems.join("; ")
+            )))
+        }
+    }
+    .await;
+    let _ = lock.release().await;
+    result.map(|()| manifest)
+}

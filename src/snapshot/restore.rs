@@ -1,0 +1,1401 @@
+//! `restore`: a snapshot back into a datastore (the same engine or another),
+//! all or nothing, and checked afterwards.
+//!
+//! Plan, show, then execute:
+//!
+//! 1. [`plan`] touches nothing. It checks every object's hashes first (a full
+//!    read when the rows are needed anyway, otherwise the stored bytes' size
+//!    and SHA-256), looks at the target (empty, or what it holds), runs the
+//!    preflight when the target engine may not hold every value unchanged
+//!    (across engines, and always into MySQL: [`super::adapt`]), and, when the
+//!    target is a live datastore, works out what replacing it changes
+//!    ([`super::impact`]: agents that must attest again, entries and bundles
+//!    created or deleted since). It lists why the restore would be refused:
+//!    a damaged snapshot, a non-empty target without `replace`, changes
+//!    without `accept_changes`, rows the target cannot hold at all.
+//! 2. [`execute`] runs a plan that has no refusals: one
+//!    [`Datastore::begin_restore`] session, the tables created with
+//!    [`ddl::create_statements`] (exact DDL on the same engine, SPIRE's GORM
+//!    types on another), rows streamed object by object in batches (never a
+//!    table in memory), adapted exactly as the preflight listed (checked by
+//!    count and digest before commit), then [`RestoreWrite::commit`]. A
+//!    failure or a kill before the commit leaves the target as it was.
+//! 3. After the commit, every table is read back from the target (one
+//!    consistent read) and its row count and content hash are compared with
+//!    what was loaded (the manifest's, or the adapted rows' where the
+//!    preflight changed values), and the auto-increment sequences are checked
+//!    to continue past the restored ids. A record of the restore (target,
+//!    changes applied) is written to the repository under `restores/`.
+//!
+//! [`restore`] does all three (stopping after the plan for a dry run).
+//!
+//! ```no_run
+//! # async fn demo(repo: &spirekeep::store::Repository, manifest: &spirekeep::snapshot::Manifest,
+//! #               target: &dyn spirekeep::datastore::Datastore) -> spirekeep::Result<()> {
+//! use spirekeep::snapshot::restore::{Quiet, RestoreOptions, restore};
+//! let options = RestoreOptions { replace: true, ..RestoreOptions::default() };
+//! let report = restore(repo, manifest, target, &options, &Quiet).await?;
+//! println!("{} rows restored", report.rows);
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use super::adapt::{Adapter, Change, ChangeKind};
+use super::codec::{ContentHash, ContentHasher, TableReader, to_hex};
+use super::impact::{AgentFacts, AgentImpact, KeyDiff, agent_impact, key_diff};
+use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, SPIREKEEP_VERSION};
+use super::verify::{check_every_stored_object, read_every_object};
+use crate::datastore::{
+    Column, ColumnKind, Datastore, Engine, RestoreWrite, RowBatch, SnapshotRead, Table, Value, ddl,
+    quote_ident,
+};
+use crate::error::{Error, Result};
+use crate::store::Repository;
+use crate::store::keys::{self, SnapshotId};
+
+/// At most this many changes are listed one by one (in the plan, the output
+/// and the record); beyond it they are counted per table, column and kind,
+/// and covered by the digest.
+pub const MAX_LISTED_CHANGES: usize = 10_000;
+
+/// Tables with these prefixes are a MySQL restore's shadow tables (see
+/// `datastore::mysql`): never part of the datastore, removed by the next restore.
+const SHADOW_PREFIXES: [&str; 2] = ["_spirekeep_new_", "_spirekeep_old_"];
+
+/// How a restore may proceed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Replace a target that already holds tables (otherwise it is refused).
+    /// Every table the target holds is dropped, also ones not in the snapshot.
+    pub replace: bool,
+    /// Apply the preflight's changes (values the target engine cannot hold
+    /// unchanged) instead of refusing. Rows the target cannot hold at all
+    /// (unique collisions, integers out of range) are refused regardless.
+    pub accept_changes: bool,
+    /// Stop after the plan: nothing is written anywhere.
+    pub dry_run: bool,
+}
+
+/// Progress callbacks (a terminal display, logs). Every method has a
+/// do-nothing default.
+pub trait RestoreObserver: Send + Sync {
+    /// A new stage begins (`checking the snapshot`, `loading`, ...).
+    fn stage(&self, _stage: &str) {}
+    /// Loading `table` (`rows` in the snapshot) begins.
+    fn table_started(&self, _table: &str, _rows: u64) {}
+    /// Rows of `table` loaded so far (called once per batch).
+    fn rows(&self, _table: &str, _loaded: u64) {}
+    /// `table` is loaded (not yet committed).
+    fn table_done(&self, _table: &str, _rows: u64) {}
+}
+
+/// An observer that does nothing.
+#[derive(Debug, Default)]
+pub struct Quiet;
+impl RestoreObserver for Quiet {}
+
+/// Why a restore would not go ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    /// An object failed its hash check (damaged, truncated, missing).
+    Damaged,
+    /// The target holds tables and `replace` was not given.
+    NotEmpty,
+    /// Values need changing for the target engine and `accept_changes` was not given.
+    NeedsConsent,
+    /// Rows the target engine cannot hold at all.
+    CannotHold,
+}
+
+/// One reason the restore would not go ahead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    pub message: String,
+}
+
+/// Changes counted per table, column and kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChangeCount {
+    pub table: String,
+    pub column: String,
+    pub kind: ChangeKind,
+    pub count: u64,
+}
+
+/// What the target engine cannot hold unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Preflight {
+    /// Whether the rows were checked against the target engine (across
+    /// engines, and always into MySQL; SQLite holds every value as given).
+    pub ran: bool,
+    /// Every change (and every row that cannot go in).
+    pub total: u64,
+    /// Changes that need `accept_changes`.
+    pub needs_consent: u64,
+    /// Rows that cannot go in at all.
+    pub blocking: u64,
+    /// Changes per table, column and kind.
+    pub counts: Vec<ChangeCount>,
+    /// The changes one by one, in snapshot order (at most [`MAX_LISTED_CHANGES`]).
+    pub changes: Vec<Change>,
+    /// More changes than [`MAX_LISTED_CHANGES`] were found.
+    pub truncated: bool,
+    /// SHA-256 over every change in order: the restore applies exactly these.
+    pub digest: String,
+}
+
+/// What replacing the live datastore changes for the SPIRE deployment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Impact {
+    /// Agents that will have to attest again (join-token agents cannot on their own).
+    pub agents: AgentImpact,
+    /// Registration entries (by entry id) created or deleted since the snapshot.
+    pub entries: KeyDiff,
+    /// Trust bundles (by trust domain) created or deleted since the snapshot.
+    pub bundles: KeyDiff,
+}
+
+/// One table to restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedTable {
+    pub name: String,
+    pub rows: u64,
+    pub objects: usize,
+    /// Stored (compressed) bytes.
+    pub size: u64,
+}
+
+/// How the snapshot was checked before anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HashCheck {
+    /// `full` (every object decompressed and every hash checked) or
+    /// `stored-bytes` (each object's size and SHA-256; the load checks the
+    /// rest before it commits), or `verified` (the caller had just verified).
+    pub mode: &'static str,
+    pub objects: u64,
+    pub stored_bytes: u64,
+}
+
+/// Everything a restore would do, worked out without touching anything.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestorePlan {
+    pub snapshot_id: SnapshotId,
+    /// The instant the snapshot's data is from.
+    #[serde(with = "time::serde::rfc3339")]
+    pub snapshot_time: OffsetDateTime,
+    pub source_engine: Engine,
+    pub target_engine: Engine,
+    /// The target, without any password.
+    pub target: String,
+    /// The tables the target holds now (all dropped by the restore).
+    pub existing_tables: Vec<String>,
+    /// The tables restored, in order.
+    pub tables: Vec<PlannedTable>,
+    pub rows: u64,
+    pub hash_check: HashCheck,
+    /// Integrity problems the hash check found, each naming table and object.
+    pub problems: Vec<String>,
+    pub preflight: Preflight,
+    /// Present when the target is not empty.
+    pub impact: Option<Impact>,
+    /// Why the restore would not go ahead; empty when it would.
+    pub refusals: Vec<Refusal>,
+}
+
+impl RestorePlan {
+    /// Whether [`execute`] would go ahead.
+    #[must_use]
+    pub fn can_proceed(&self) -> bool {
+        self.refusals.is_empty()
+    }
+
+    /// The error [`execute`] returns for this plan's refusals, if any: a
+    /// non-empty target is a usage error; the rest are failed checks
+    /// ([`crate::ErrorKind::Integrity`]).
+    #[must_use]
+    pub fn refusal_error(&self) -> Option<Error> {
+        let first = self.refusals.first()?;
+        let all: Vec<&str> = self.refusals.iter().map(|r| r.message.as_str()).collect();
+        let message = format!(
+            "restore of snapshot {} into {} refused: {}",
+            self.snapshot_id,
+            self.target,
+            all.join("; ")
+        );
+        Some(match first.reason {
+            RefusalReason::NotEmpty => Error::Unsupported(message),
+            RefusalReason::Damaged | RefusalReason::NeedsConsent | RefusalReason::CannotHold => {
+                Error::Integrity(message)
+            }
+        })
+    }
+}
+
+/// One restored table, as read back from the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestoredTable {
+    pub name: String,
+    /// Rows read back.
+    pub rows: u64,
+    /// Content hash recomputed from the rows read back.
+    pub content_hash: String,
+    /// Rows and hash of what was loaded: the manifest's, or the adapted rows'.
+    pub expected_rows: u64,
+    pub expected_hash: String,
+    /// Whether what was loaded is the snapshot unchanged (no value adapted).
+    pub matches_manifest: bool,
+    /// Values the preflight changed in this table.
+    pub adapted_values: u64,
+    /// Rows and content hash read back equal what was loaded.
+    pub ok: bool,
+}
+
+/// Whether an auto-increment column continues past the restored ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SequenceCheck {
+    pub table: String,
+    pub column: String,
+    /// The largest restored id (none for an empty table).
+    pub max_id: Option<i64>,
+    /// The id the engine will hand out next, where it could be read.
+    pub next_id: Option<i64>,
+    /// `None` when it could not be checked (see `note`).
+    pub ok: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The outcome of a restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub plan: RestorePlan,
+    /// False for a dry run: nothing was written.
+    pub restored: bool,
+    pub rows: u64,
+    pub tables: Vec<RestoredTable>,
+    pub sequences: Vec<SequenceCheck>,
+    /// Values changed on the way in (exactly the plan's preflight changes).
+    pub changes_applied: u64,
+    /// Mismatches found after the commit; empty when the restore is proven.
+    pub problems: Vec<String>,
+    pub ok: bool,
+    pub seconds: f64,
+    /// The record of this restore in the repository.
+    pub record_key: Option<String>,
+    /// Why the record could not be written (the restore itself stands).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record_error: Option<String>,
+}
+
+/// `restores/<snapshot-id>/<time>.json`: who got what from which snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreRecord {
+    pub format_version: u32,
+    pub snapshot_id: SnapshotId,
+    #[serde(with = "time::serde::rfc3339")]
+    pub restored_at: OffsetDateTime,
+    pub spirekeep_version: String,
+    pub source_engine: Engine,
+    pub target_engine: Engine,
+    pub target: String,
+    pub replaced_tables: Vec<String>,
+    pub rows: u64,
+    pub ok: bool,
+    pub problems: Vec<String>,
+    pub changes_total: u64,
+    pub change_counts: Vec<ChangeCount>,
+    pub changes: Vec<Change>,
+    pub changes_truncated: bool,
+    pub changes_digest: String,
+}
+
+/// Plans, then (unless `options.dry_run`) executes, the restore of
+/// `manifest`'s snapshot into `target`. See the module docs.
+///
+/// # Errors
+/// A refusal ([`RestorePlan::refusal_error`]: a damaged snapshot, a
+/// non-empty target without `replace`, changes without `accept_changes`);
+/// database or storage failures (the target is then as it was); or, after the
+/// commit, restored data that does not match ([`Error::Integrity`], naming the
+/// tables).
+pub async fn restore(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &dyn Datastore,
+    options: &RestoreOptions,
+    observer: &dyn RestoreObserver,
+) -> Result<RestoreReport> {
+    let plan = plan(repo, manifest, target, options, observer).await?;
+    if let Some(e) = plan.refusal_error() {
+        return Err(e);
+    }
+    if options.dry_run {
+        return Ok(RestoreReport {
+            plan,
+            restored: false,
+            rows: 0,
+            tables: Vec::new(),
+            sequences: Vec::new(),
+            changes_applied: 0,
+            problems: Vec::new(),
+            ok: true,
+            seconds: 0.0,
+            record_key: None,
+            record_error: None,
+        });
+    }
+    execute(repo, manifest, target, &plan, observer).await
+}
+
+/// Works out what restoring `manifest`'s snapshot into `target` would do,
+/// writing nothing. Check [`RestorePlan::refusals`] before [`execute`].
+///
+/// # Errors
+/// Storage or database failures (not problems in the snapshot: those are in
+/// the plan).
+pub async fn plan(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &dyn Datastore,
+    options: &RestoreOptions,
+    observer: &dyn RestoreObserver,
+) -> Result<RestorePlan> {
+    plan_inner(repo, manifest, target, options, observer, true).await
+}
+
+/// [`plan`] for a caller that has just read and checked every object (verify).
+pub(crate) async fn plan_after_verify(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &dyn Datastore,
+    options: &RestoreOptions,
+) -> Result<RestorePlan> {
+    plan_inner(repo, manifest, target, options, &Quiet, false).await
+}
+
+async fn plan_inner(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &dyn Datastore,
+    options: &RestoreOptions,
+    observer: &dyn RestoreObserver,
+    check_hashes: bool,
+) -> Result<RestorePlan> {
+    let source_engine = manifest.engine;
+    let target_engine = target.engine();
+    let existing = user_tables(target).await?;
+    let adapting = needs_preflight(source_engine, target_engine);
+    let want_impact = !existing.is_empty();
+
+    let mut tally = ChangeTally::default();
+    let mut snapshot_side = ImpactSide::default();
+    let (problems, hash_check) = if adapting || want_impact {
+        observer.stage("reading every object: hashes, preflight, impact");
+        let shapes: HashMap<&str, Table> = if adapting {
+            manifest
+                .catalogue
+                .tables
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.as_str(),
+                        target_shape(source_engine, target_engine, t),
+                    )
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        // Tables are read one after another: one adapter (and its unique-key
+        // memory) at a time.
+        let mut current: Option<(String, Adapter)> = None;
+        let read = read_every_object(repo, manifest, |table, batch| {
+            if want_impact {
+                snapshot_side.collect(table, batch);
+            }
+            if let Some(shape) = shapes.get(table.name.as_str()) {
+                if current.as_ref().is_none_or(|(name, _)| *name != table.name) {
+                    current = Some((
+                        table.name.clone(),
+                        Adapter::new(target_engine, table, shape),
+                    ));
+                }
+                let (_, adapter) = current.as_mut().expect("set above");
+                for row in batch.iter_mut() {
+                    for change in adapter.adapt(row, true) {
+                        tally.add(change);
+                    }
+                }
+            }
+        })
+        .await?;
+        (
+            read.problems,
+            HashCheck {
+                mode: "full",
+                objects: read.objects,
+                stored_bytes: read.stored_bytes,
+            },
+        )
+    } else if check_hashes {
+        observer.stage("checking every object's hash");
+        let read = check_every_stored_object(repo, manifest).await?;
+        (
+            read.problems,
+            HashCheck {
+                mode: "stored-bytes",
+                objects: read.objects,
+                stored_bytes: read.stored_bytes,
+            },
+        )
+    } else {
+        (
+            Vec::new(),
+            HashCheck {
+                mode: "verified",
+                objects: 0,
+                stored_bytes: 0,
+            },
+        )
+    };
+
+    let impact = if want_impact && problems.is_empty() {
+        observer.stage("reading the live datastore");
+        let live = ImpactSide::read_live(target).await?;
+        Some(Impact {
+            agents: agent_impact(snapshot_side.agents, live.agents),
+            entries: key_diff(snapshot_side.entries, live.entries),
+            bundles: key_diff(snapshot_side.bundles, live.bundles),
+        })
+    } else {
+        None
+    };
+
+    let preflight = tally.finish(adapting);
+    let mut refusals = Vec::new();
+    if !problems.is_empty() {
+        refusals.push(Refusal {
+            reason: RefusalReason::Damaged,
+            message: format!(
+                "the snapshot failed its hash check ({} problem(s): {}); the target was not touched: \
+                 restore from another snapshot (`spirekeep list`)",
+                problems.len(),
+                problems.join("; ")
+            ),
+        });
+    }
+    if !existing.is_empty() && !options.replace {
+        refusals.push(Refusal {
+            reason: RefusalReason::NotEmpty,
+            message: format!(
+                "the target is not empty ({} table(s): {}); pass --replace to replace it \
+                 (--dry-run shows what that changes)",
+                existing.len(),
+                name_list(&existing)
+            ),
+        });
+    }
+    if preflight.blocking > 0 {
+        refusals.push(Refusal {
+            reason: RefusalReason::CannotHold,
+            message: format!(
+                "{} row(s) cannot go into {target_engine} at all (values that collide in a unique index \
+                 under MySQL's case-, accent- and trailing-space-insensitive collation, or integers out \
+                 of the column's range; listed above); no flag changes that: restore into another engine \
+                 or fix the rows at the source",
+                preflight.blocking
+            ),
+        });
+    }
+    let consent = preflight.needs_consent.saturating_sub(preflight.blocking);
+    if consent > 0 && !options.accept_changes {
+        refusals.push(Refusal {
+            reason: RefusalReason::NeedsConsent,
+            message: format!(
+                "{consent} value(s) cannot go into {target_engine} unchanged (listed above); pass \
+                 --accept-changes to apply exactly those changes (they are recorded in the repository), \
+                 or restore into another engine"
+            ),
+        });
+    }
+
+    let tables: Vec<PlannedTable> = manifest
+        .tables
+        .iter()
+        .map(|t| PlannedTable {
+            name: t.name.clone(),
+            rows: t.rows,
+            objects: t.objects.len(),
+            size: t.objects.iter().map(|o| o.size).sum(),
+        })
+        .collect();
+    Ok(RestorePlan {
+        snapshot_id: manifest.snapshot_id.clone(),
+        snapshot_time: manifest.started_at,
+        source_engine,
+        target_engine,
+        target: target.location().to_string(),
+        existing_tables: existing,
+        rows: manifest.total_rows(),
+        tables,
+        hash_check,
+        problems,
+        preflight,
+        impact,
+        refusals,
+    })
+}
+
+/// Executes `plan` (made by [`plan`] for the same snapshot and target):
+/// loads everything in one all-or-nothing session, commits, checks what the
+/// target gives back, and records the restore in the repository.
+///
+/// # Errors
+/// The plan's refusals; a plan for another snapshot or target, or a target
+/// whose tables changed since the plan; database or storage failures before
+/// the commit (the target is then as it was); restored data that does not
+/// match after the commit ([`Error::Integrity`], naming the tables).
+pub async fn execute(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &dyn Datastore,
+    plan: &RestorePlan,
+    observer: &dyn RestoreObserver,
+) -> Result<RestoreReport> {
+    let report = execute_inner(repo, manifest, target, plan, observer, true).await?;
+    if report.ok {
+        Ok(report)
+    } else {
+        Err(Error::Integrity(format!(
+            "snapshot {} was restored into {} but the restored data does not match: {}{}",
+            plan.snapshot_id,
+            plan.target,
+            report.problems.join("; "),
+            report
+                .record_key
+                .as_ref()
+                .map(|k| format!(" (recorded in {k})"))
+                .unwrap_or_default()
+        )))
+    }
+}
+
+/// [`execute`] without a restore record, returning mismatches in the report
+/// instead of as an error (the restore drill of `verify`).
+pub(crate) async fn execute_unrecorded(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &dyn Datastore,
+    plan: &RestorePlan,
+    observer: &dyn RestoreObserver,
+) -> Result<RestoreReport> {
+    execute_inner(repo, manifest, target, plan, observer, false).await
+}
+
+async fn execute_inner(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &dyn Datastore,
+    plan: &RestorePlan,
+    observer: &dyn RestoreObserver,
+    write_record: bool,
+) -> Result<RestoreReport> {
+    if let Some(e) = plan.refusal_error() {
+        return Err(e);
+    }
+    if plan.snapshot_id != manifest.snapshot_id || plan.target != target.location() {
+        return Err(Error::Unsupported(format!(
+            "the restore plan is for snapshot {} into {}, not {} into {}",
+            plan.snapshot_id,
+            plan.target,
+            manifest.snapshot_id,
+            target.location()
+        )));
+    }
+    let clock = Instant::now();
+    // The target may have changed since the plan was shown.
+    let existing = user_tables(target).await?;
+    let same: HashSet<&String> = existing.iter().collect();
+    if same != plan.existing_tables.iter().collect::<HashSet<_>>() {
+        return Err(Error::Unsupported(format!(
+            "the tables of {} changed since the restore was planned (now {} table(s): {}); plan it \
+             again (--dry-run) before restoring",
+            plan.target,
+            existing.len(),
+            name_list(&existing)
+        )));
+    }
+    tracing::info!(snapshot = %plan.snapshot_id, target = %plan.target, replace = !existing.is_empty(), "restore starts");
+    observer.stage("loading");
+    let loaded = load(repo, manifest, target, plan, &existing, observer)
+        .await
+        .inspect_err(|e| {
+            tracing::error!(error = %e, "restore failed before its commit; the target is as it was");
+        })?;
+    tracing::info!(snapshot = %plan.snapshot_id, "restore committed; reading it back");
+    if target.engine() == Engine::Sqlite {
+        // SPIRE opens its SQLite datastore in WAL mode (spire-reference §8);
+        // a restored file starts out in it too.
+        if let Err(e) = target.execute_script("PRAGMA journal_mode=WAL").await {
+            tracing::debug!(error = %e, "could not switch the restored SQLite file to WAL mode");
+        }
+    }
+    observer.stage("checking the restored datastore");
+    let (tables, max_ids, mut problems) = read_back(target, manifest, &loaded).await?;
+    let sequences = check_sequences(target, manifest, &max_ids).await;
+    problems.extend(sequences.iter().filter(|s| s.ok == Some(false)).map(|s| {
+        format!(
+            "table {}: the next {} ({}) does not continue past the largest restored id ({})",
+            s.table,
+            s.column,
+            s.next_id.map_or_else(|| "?".into(), |n| n.to_string()),
+            s.max_id.map_or_else(|| "?".into(), |n| n.to_string()),
+        )
+    }));
+    let mut report = RestoreReport {
+        plan: plan.clone(),
+        restored: true,
+        rows: tables.iter().map(|t| t.rows).sum(),
+        tables,
+        sequences,
+        changes_applied: loaded.changes,
+        ok: problems.is_empty(),
+        problems,
+        seconds: clock.elapsed().as_secs_f64(),
+        record_key: None,
+        record_error: None,
+    };
+    if write_record {
+        let record = RestoreRecord {
+            format_version: MANIFEST_FORMAT_VERSION,
+            snapshot_id: plan.snapshot_id.clone(),
+            restored_at: OffsetDateTime::now_utc(),
+            spirekeep_version: SPIREKEEP_VERSION.into(),
+            source_engine: plan.source_engine,
+            target_engine: plan.target_engine,
+            target: plan.target.clone(),
+            replaced_tables: plan.existing_tables.clone(),
+            rows: report.rows,
+            ok: report.ok,
+            problems: report.problems.clone(),
+            changes_total: plan.preflight.total,
+            change_counts: plan.preflight.counts.clone(),
+            changes: plan.preflight.changes.clone(),
+            changes_truncated: plan.preflight.truncated,
+            changes_digest: plan.preflight.digest.clone(),
+        };
+        let key = keys::restore_record(&record.snapshot_id, record.restored_at);
+        let mut json =
+            serde_json::to_string_pretty(&record).expect("a restore record always serializes");
+        json.push('\n');
+        match repo.put_create(&key, json.into()).await {
+            Ok(_) => report.record_key = Some(key),
+            Err(e) => {
+                tracing::warn!(error = %e, "the restore is done, but its record could not be written");
+                report.record_error = Some(e.to_string());
+            }
+        }
+    }
+    tracing::info!(snapshot = %plan.snapshot_id, rows = report.rows, ok = report.ok, seconds = report.seconds, "restore finished");
+    Ok(report)
+}
+
+/// What one table's load put in.
+struct LoadedTable {
+    name: String,
+    expected: ContentHash,
+    manifest: Option<ContentHash>,
+    adapted: u64,
+}
+
+struct Loaded {
+    tables: Vec<LoadedTable>,
+    changes: u64,
+}
+
+async fn load(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &dyn Datastore,
+    plan: &RestorePlan,
+    existing: &[String],
+    observer: &dyn RestoreObserver,
+) -> Result<Loaded> {
+    let source_engine = manifest.engine;
+    let target_engine = target.engine();
+    let adapting = needs_preflight(source_engine, target_engine);
+    let mut session = target.begin_restore(existing).await?;
+    let mut applied = ChangeTally::default();
+    let mut tables = Vec::with_capacity(manifest.catalogue.tables.len());
+    for table in &manifest.catalogue.tables {
+        let data = manifest.table(&table.name).ok_or_else(|| {
+            Error::Integrity(format!(
+                "manifest {}: table {} has no data",
+                manifest.key(),
+                table.name
+            ))
+        })?;
+        tracing::info!(table = %table.name, rows = data.rows, "loading table");
+        observer.table_started(&table.name, data.rows);
+        let staging = session.staging_name(&table.name);
+        for sql in ddl::create_statements(source_engine, target_engine, table, &staging) {
+            session.execute(&sql).await?;
+        }
+        let columns: Vec<(String, ColumnKind)> = table
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.kind))
+            .collect();
+        let shape = adapting.then(|| target_shape(source_engine, target_engine, table));
+        let mut adapter = shape
+            .as_ref()
+            .map(|s| Adapter::new(target_engine, table, s));
+        let mut hasher = ContentHasher::new();
+        let mut adapted = 0u64;
+        let mut rows = 0u64;
+        for object in &data.objects {
+            let mut reader = TableReader::open(repo, table, object).await?;
+            // The end of each object (None) proves its hashes; nothing is
+            // committed before every object has ended cleanly.
+            while let Some(mut batch) = reader.next_batch().await? {
+                if let Some(adapter) = adapter.as_mut() {
+                    for row in &mut batch {
+                        for change in adapter.adapt(row, false) {
+                            adapted += 1;
+                            applied.add(change);
+                        }
+                    }
+                }
+                for row in &batch {
+                    hasher.add_row(row);
+                }
+                session.insert_rows(&staging, &columns, &batch).await?;
+                rows += batch.len() as u64;
+                observer.rows(&table.name, rows);
+            }
+        }
+        observer.table_done(&table.name, rows);
+        tables.push(LoadedTable {
+            name: table.name.clone(),
+            expected: hasher.current(),
+            manifest: data.content(),
+            adapted,
+        });
+    }
+    let applied = applied.finish(adapting);
+    if applied.total != plan.preflight.total || applied.digest != plan.preflight.digest {
+        return Err(Error::Integrity(format!(
+            "the restore would change {} value(s), not the {} the preflight listed; nothing was \
+             committed and the target is as it was",
+            applied.total, plan.preflight.total
+        )));
+    }
+    observer.stage("committing");
+    commit(session, &manifest.catalogue.tables).await?;
+    Ok(Loaded {
+        tables,
+        changes: applied.total,
+    })
+}
+
+async fn commit(session: Box<dyn RestoreWrite>, tables: &[Table]) -> Result<()> {
+    session.commit(tables).await
+}
+
+/// Streams every row of `table` from an open snapshot into `f`, batch by batch.
+async fn for_each_batch<F>(read: &mut dyn SnapshotRead, table: &Table, mut f: F) -> Result<u64>
+where
+    F: FnMut(RowBatch) + Send,
+{
+    let (tx, mut rx) = mpsc::channel::<RowBatch>(4);
+    let producer = async move {
+        let result = read.stream_rows(table, &tx).await;
+        drop(tx);
+        result
+    };
+    let consumer = async move {
+        while let Some(batch) = rx.recv().await {
+            f(batch);
+        }
+    };
+    let (rows, ()) = tokio::join!(producer, consumer);
+    rows
+}
+
+type ReadBack = (Vec<RestoredTable>, HashMap<String, i64>, Vec<String>);
+
+/// Reads every restored table back from the target in one consistent read,
+/// in the manifest's column order, and compares it with what was loaded.
+async fn read_back(
+    target: &dyn Datastore,
+    manifest: &Manifest,
+    loaded: &Loaded,
+) -> Result<ReadBack> {
+    let mut read = target.begin_snapshot().await?;
+    let result = read_back_in(read.as_mut(), manifest, loaded).await;
+    let finished = read.finish().await;
+    let out = result?;
+    finished?;
+    Ok(out)
+}
+
+async fn read_back_in(
+    read: &mut dyn SnapshotRead,
+    manifest: &Manifest,
+    loaded: &Loaded,
+) -> Result<ReadBack> {
+    let catalogue = read.catalogue().await?;
+    let mut out = Vec::with_capacity(loaded.tables.len());
+    let mut max_ids = HashMap::new();
+    let mut problems = Vec::new();
+    for lt in &loaded.tables {
+        let Some(source) = manifest.catalogue.table(&lt.name) else {
+            continue;
+        };
+        let Some(live) = catalogue.table(&lt.name) else {
+            problems.push(format!("table {}: missing after the restore", lt.name));
+            continue;
+        };
+        // The live columns, in the manifest's order (the content hash is over it).
+        let mut columns: Vec<Column> = Vec::with_capacity(source.columns.len());
+        for c in &source.columns {
+            match live.column(&c.name) {
+                Some(col) => columns.push(col.clone()),
+                None => problems.push(format!(
+                    "table {}: column {} missing after the restore",
+                    lt.name, c.name
+                )),
+            }
+        }
+        if columns.len() != source.columns.len() {
+            continue;
+        }
+        let shaped = Table {
+            columns,
+            ..live.clone()
+        };
+        let id_at = source.columns.iter().position(|c| c.auto_increment);
+        let mut hasher = ContentHasher::new();
+        let mut max_id: Option<i64> = None;
+        for_each_batch(read, &shaped, |batch| {
+            for row in &batch {
+                hasher.add_row(row);
+                if let Some(Value::Int(id)) = id_at.and_then(|p| row.get(p)) {
+                    max_id = Some(max_id.map_or(*id, |m| m.max(*id)));
+                }
+            }
+        })
+        .await?;
+        if let (Some(p), Some(m)) = (id_at, max_id) {
+            max_ids.insert(format!("{}\0{}", lt.name, source.columns[p].name), m);
+        }
+        let got = hasher.current();
+        let ok = got == lt.expected;
+        if !ok {
+            problems.push(format!(
+                "table {}: read back {} rows with content hash {}, but {} rows with content hash {} \
+                 were restored",
+                lt.name,
+                got.rows(),
+                got.hex(),
+                lt.expected.rows(),
+                lt.expected.hex()
+            ));
+        }
+        out.push(RestoredTable {
+            name: lt.name.clone(),
+            rows: got.rows(),
+            content_hash: got.hex(),
+            expected_rows: lt.expected.rows(),
+            expected_hash: lt.expected.hex(),
+            matches_manifest: lt.manifest == Some(lt.expected),
+            adapted_values: lt.adapted,
+            ok,
+        });
+    }
+    Ok((out, max_ids, problems))
+}
+
+/// Checks that each auto-increment column's next id lies past the largest
+/// restored one: SQLite's `sqlite_sequence`, PostgreSQL's serial sequences
+/// (moved by the commit); InnoDB keeps AUTO_INCREMENT past the largest id
+/// inserted on its own, and has no portable way to read it here.
+async fn check_sequences(
+    target: &dyn Datastore,
+    manifest: &Manifest,
+    max_ids: &HashMap<String, i64>,
+) -> Vec<SequenceCheck> {
+    let sqlite_seq = if target.engine() == Engine::Sqlite {
+        let t = helper_table(
+            "sqlite_sequence",
+            &[("name", ColumnKind::Text), ("seq", ColumnKind::Integer)],
+        );
+        target.read_table(&t).await.ok().map(|rows| {
+            rows.into_iter()
+                .filter_map(|r| match (r.first(), r.get(1)) {
+                    (Some(Value::Text(n)), Some(Value::Int(s))) => Some((n.clone(), *s)),
+                    _ => None,
+                })
+                .collect::<HashMap<String, i64>>()
+        })
+    } else {
+        None
+    };
+    let mut out = Vec::new();
+    for table in &manifest.catalogue.tables {
+        for c in table.columns.iter().filter(|c| c.auto_increment) {
+            let max_id = max_ids.get(&format!("{}\0{}", table.name, c.name)).copied();
+            let mut check = SequenceCheck {
+                table: table.name.clone(),
+                column: c.name.clone(),
+                max_id,
+                next_id: None,
+                ok: None,
+                note: None,
+            };
+            match target.engine() {
+                Engine::Sqlite => {
+                    // No row for a table that never had one: the next id is 1.
+                    let next = sqlite_seq
+                        .as_ref()
+                        .map(|seqs| seqs.get(&table.name).map_or(1, |s| s + 1));
+                    check.next_id = next;
+                    check.ok = next.map(|n| max_id.is_none_or(|m| n > m));
+                    if next.is_none() {
+                        check.note = Some("sqlite_sequence could not be read".into());
+                    }
+                }
+                Engine::Postgres => {
+                    let name = format!("{}_{}_seq", table.name, c.name);
+                    let t = helper_table(
+                        &name,
+                        &[
+                            ("last_value", ColumnKind::Integer),
+                            ("is_called", ColumnKind::Boolean),
+                        ],
+                    );
+                    match target
+                        .read_table(&t)
+                        .await
+                        .ok()
+                        .and_then(|r| r.into_iter().next())
+                    {
+                        Some(row) => {
+                            let next = match (row.first(), row.get(1)) {
+                                (Some(Value::Int(v)), Some(Value::Bool(true))) => Some(v + 1),
+                                (Some(Value::Int(v)), _) => Some(*v),
+                                _ => None,
+                            };
+                            check.next_id = next;
+                            check.ok = next.map(|n| max_id.is_none_or(|m| n > m));
+                        }
+                        None => {
+                            check.note = Some(format!(
+                                "sequence {name} not found (a renamed sequence); the restore moved \
+                                 the column's own sequence with setval"
+                            ));
+                        }
+                    }
+                }
+                Engine::Mysql => {
+                    check.note =
+                        Some("InnoDB keeps AUTO_INCREMENT past the largest id inserted".into());
+                }
+            }
+            out.push(check);
+        }
+    }
+    out
+}
+
+fn helper_table(name: &str, columns: &[(&str, ColumnKind)]) -> Table {
+    Table {
+        name: name.to_string(),
+        columns: columns
+            .iter()
+            .map(|(n, k)| Column {
+                name: (*n).to_string(),
+                declared_type: String::new(),
+                kind: *k,
+                nullable: true,
+                auto_increment: false,
+            })
+            .collect(),
+        primary_key: Vec::new(),
+        indexes: Vec::new(),
+        create_sql: None,
+    }
+}
+
+/// Whether rows must pass the preflight for `target`: across engines (except
+/// into SQLite, which stores every value as given), and always into MySQL.
+#[must_use]
+pub fn needs_preflight(source: Engine, target: Engine) -> bool {
+    target == Engine::Mysql || (source != target && target != Engine::Sqlite)
+}
+
+/// The datastore's tables, without a MySQL restore's leftover shadow tables.
+pub(crate) async fn user_tables(ds: &dyn Datastore) -> Result<Vec<String>> {
+    Ok(ds
+        .catalogue()
+        .await?
+        .tables
+        .into_iter()
+        .map(|t| t.name)
+        .filter(|n| !SHADOW_PREFIXES.iter().any(|p| n.starts_with(p)))
+        .collect())
+}
+
+/// `a, b, c, … (12 in all)` for messages.
+pub(crate) fn name_list(names: &[String]) -> String {
+    const SHOWN: usize = 6;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(", … ({} in all)", names.len()));
+    }
+    s
+}
+
+/// `table` as the target will declare it: the column types come from the
+/// very `CREATE TABLE` the restore runs ([`ddl::create_statements`]), so the
+/// preflight checks against exactly what the target will hold.
+fn target_shape(source: Engine, target: Engine, table: &Table) -> Table {
+    let mut shape = table.clone();
+    if source == target {
+        return shape;
+    }
+    let statements = ddl::create_statements(source, target, table, &table.name);
+    if let Some(create) = statements.first() {
+        for c in &mut shape.columns {
+            if let Some(t) = declared_type_in(create, target, &c.name) {
+                c.declared_type = t;
+            }
+        }
+    }
+    shape.create_sql = None;
+    shape
+}
+
+/// The type `create` (a statement rendered by [`ddl`]: column definitions
+/// joined by `", "`) declares for `column`, without NULL, NOT NULL or
+/// AUTO_INCREMENT.
+fn declared_type_in(create: &str, engine: Engine, column: &str) -> Option<String> {
+    let q = quote_ident(engine, column);
+    let start = [format!("({q} "), format!(", {q} ")]
+        .iter()
+        .find_map(|p| create.find(p.as_str()).map(|i| i + p.len()))?;
+    let rest = &create[start..];
+    let end = rest.find(", ").or_else(|| rest.rfind(')'))?;
+    let mut ty = rest[..end].trim();
+    loop {
+        let before = ty;
+        for suffix in [" NOT NULL", " NULL", " AUTO_INCREMENT"] {
+            ty = ty.strip_suffix(suffix).unwrap_or(ty);
+        }
+        if ty == before {
+            break;
+        }
+    }
+    (!ty.is_empty()).then(|| ty.to_string())
+}
+
+/// Counts, lists and digests changes as they are found.
+#[derive(Default)]
+struct ChangeTally {
+    counts: HashMap<(String, String, ChangeKind), u64>,
+    listed: Vec<Change>,
+    truncated: bool,
+    total: u64,
+    needs_consent: u64,
+    blocking: u64,
+    sha: Sha256,
+}
+
+impl ChangeTally {
+    fn add(&mut self, c: Change) {
+        self.total += 1;
+        if c.kind.needs_consent() {
+            self.needs_consent += 1;
+        }
+        if c.kind.is_blocking() {
+            self.blocking += 1;
+        }
+        for part in [&c.table, &c.row, &c.column, &c.detail] {
+            self.sha.update(part.as_bytes());
+            self.sha.update([0u8]);
+        }
+        self.sha.update(format!("{:?}\n", c.kind).as_bytes());
+        *self
+            .counts
+            .entry((c.table.clone(), c.column.clone(), c.kind))
+            .or_default() += 1;
+        if self.listed.len() < MAX_LISTED_CHANGES {
+            self.listed.push(c);
+        } else {
+            self.truncated = true;
+        }
+    }
+
+    fn finish(self, ran: bool) -> Preflight {
+        let mut counts: Vec<ChangeCount> = self
+            .counts
+            .into_iter()
+            .map(|((table, column, kind), count)| ChangeCount {
+                table,
+                column,
+                kind,
+                count,
+            })
+            .collect();
+        counts.sort_by(|a, b| {
+            (&a.table, &a.column, format!("{:?}", a.kind)).cmp(&(
+                &b.table,
+                &b.column,
+                format!("{:?}", b.kind),
+            ))
+        });
+        let digest: [u8; 32] = self.sha.finalize().into();
+        Preflight {
+            ran,
+            total: self.total,
+            needs_consent: self.needs_consent,
+            blocking: self.blocking,
+            counts,
+            changes: self.listed,
+            truncated: self.truncated,
+            digest: to_hex(&digest),
+        }
+    }
+}
+
+/// The keys the impact preview compares, from one side.
+#[derive(Default)]
+struct ImpactSide {
+    agents: Vec<AgentFacts>,
+    entries: Vec<String>,
+    bundles: Vec<String>,
+}
+
+impl ImpactSide {
+    fn collect(&mut self, table: &Table, batch: &[Vec<Value>]) {
+        let pos = |name: &str| table.columns.iter().position(|c| c.name == name);
+        let get = |row: &[Value], at: Option<usize>| {
+            at.and_then(|p| row.get(p)).map(text).unwrap_or_default()
+        };
+        match table.name.as_str() {
+            "attested_node_entries" => {
+                let (id, attestor, serial, new_serial) = (
+                    pos("spiffe_id"),
+                    pos("data_type"),
+                    pos("serial_number"),
+                    pos("new_serial_number"),
+                );
+                for row in batch {
+                    self.agents.push(AgentFacts {
+                        spiffe_id: get(row, id),
+                        attestor: get(row, attestor),
+                        serial_number: get(row, serial),
+                        new_serial_number: get(row, new_serial),
+                    });
+                }
+            }
+            "registered_entries" => {
+                let at = pos("entry_id");
+                self.entries.extend(batch.iter().map(|r| get(r, at)));
+            }
+            "bundles" => {
+                let at = pos("trust_domain");
+                self.bundles.extend(batch.iter().map(|r| get(r, at)));
+            }
+            _ => {}
+        }
+    }
+
+    /// The same keys from the live datastore, in one consistent read.
+    async fn read_live(target: &dyn Datastore) -> Result<Self> {
+        let mut read = target.begin_snapshot().await?;
+        let mut side = Self::default();
+        let result = async {
+            let catalogue = read.catalogue().await?;
+            for name in ["attested_node_entries", "registered_entries", "bundles"] {
+                if let Some(table) = catalogue.table(name) {
+                    for_each_batch(read.as_mut(), table, |batch| side.collect(table, &batch))
+                        .await?;
+                }
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        let finished = read.finish().await;
+        result?;
+        finished?;
+        Ok(side)
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        Value::Null => String::new(),
+        Value::Int(i) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::Index;
+
+    fn table() -> Table {
+        let col = |name: &str, ty: &str, kind, nullable, ai| Column {
+            name: name.into(),
+            declared_type: ty.into(),
+            kind,
+            nullable,
+            auto_increment: ai,
+        };
+        Table {
+            name: "selectors".into(),
+            columns: vec![
+                col("id", "integer", ColumnKind::Integer, false, true),
+                col("created_at", "datetime", ColumnKind::Timestamp, true, false),
+                col(
+                    "registered_entry_id",
+                    "integer",
+                    ColumnKind::Integer,
+                    true,
+                    false,
+                ),
+                col("type", "varchar(255)", ColumnKind::Text, false, false),
+                col("expiry", "bigint", ColumnKind::Integer, true, false),
+            ],
+            primary_key: vec!["id".into()],
+            indexes: vec![Index {
+                name: "idx_selector_entry".into(),
+                columns: vec!["registered_entry_id".into(), "type".into()],
+                unique: true,
+            }],
+            create_sql: Some("CREATE TABLE \"selectors\" (...)".into()),
+        }
+    }
+
+    fn types(t: &Table) -> Vec<&str> {
+        t.columns.iter().map(|c| c.declared_type.as_str()).collect()
+    }
+
+    #[test]
+    fn target_shape_reads_the_ddl_that_will_run() {
+        let t = table();
+        assert_eq!(
+            types(&target_shape(Engine::Sqlite, Engine::Mysql, &t)),
+            vec![
+                "int unsigned",
+                "datetime",
+                "int unsigned",
+                "varchar(255)",
+                "bigint"
+            ]
+        );
+        assert_eq!(
+            types(&target_shape(Engine::Sqlite, Engine::Postgres, &t)),
+            vec![
+                "serial",
+                "timestamp with time zone",
+                "integer",
+                "text",
+                "bigint"
+            ]
+        );
+        // The same engine keeps the catalogue's own types.
+        assert_eq!(
+            types(&target_shape(Engine::Sqlite, Engine::Sqlite, &t)),
+            types(&t)
+        );
+    }
+
+    #[test]
+    fn preflight_runs_across_engines_and_into_mysql() {
+        use Engine::{Mysql, Postgres, Sqlite};
+        assert!(needs_preflight(Mysql, Mysql));
+        assert!(needs_preflight(Sqlite, Mysql));
+        assert!(needs_preflight(Sqlite, Postgres));
+        assert!(needs_preflight(Mysql, Postgres));
+        assert!(!needs_preflight(Postgres, Postgres));
+        assert!(!needs_preflight(Sqlite, Sqlite));
+        assert!(!needs_preflight(Postgres, Sqlite));
+        assert!(!needs_preflight(Mysql, Sqlite));
+    }
+
+    #[test]
+    fn tally_counts_lists_and_digests() {
+        let change = |row: &str, kind| Change {
+            table: "t".into(),
+            row: row.into(),
+            column: "c".into(),
+            kind,
+            detail: "d".into(),
+        };
+        let mut a = ChangeTally::default();
+        a.add(change("id=1", ChangeKind::FourByteUtf8));
+        a.add(change("id=2", ChangeKind::SubMicrosecondTimestamp));
+        a.add(change("id=3", ChangeKind::UniqueCollision));
+        let p = a.finish(true);
+        assert_eq!((p.total, p.needs_consent, p.blocking), (3, 2, 1));
+        assert_eq!(p.counts.len(), 3);
+        let mut b = ChangeTally::default();
+        b.add(change("id=1", ChangeKind::FourByteUtf8));
+        b.add(change("id=2", ChangeKind::SubMicrosecondTimestamp));
+        b.add(change("id=4", ChangeKind::UniqueCollision));
+        assert_ne!(
+            b.finish(true).digest,
+            p.digest,
+            "a different row is a different change"
+        );
+        assert_eq!(ChangeTally::default().finish(false).total, 0);
+    }
+
+    /// The staged-upgrade executor and the agent run these inside spawned tasks.
+    #[allow(dead_code)]
+    fn futures_are_send(repo: &Repository, manifest: &Manifest, target: &dyn Datastore) {
+        fn send<T: Send>(_: T) {}
+        send(restore(
+            repo,
+            manifest,
+            target,
+            &RestoreOptions::default(),
+            &Quiet,
+        ));
+        send(crate::snapshot::verify::verify(
+            repo,
+            manifest,
+            crate::snapshot::verify::VerifyMode::DeepInto(target),
+        ));
+        send(crate::snapshot::verify::verify_snapshot(
+            repo,
+            &manifest.snapshot_id,
+            crate::snapshot::verify::VerifyMode::Deep,
+        ));
+    }
+
+    #[test]
+    fn names_are_listed_briefly() {
+        let names: Vec<String> = (0..8).map(|i| format!("t{i}")).collect();
+        assert_eq!(name_list(&names[..2]), "t0, t1");
+        assert_eq!(name_list(&names), "t0, t1, t2, t3, t4, t5, … (8 in all)");
+    }
+}

@@ -1,0 +1,959 @@
+//! The repository lock: one lease object, `locks/repository.lock`, taken
+//! with conditional writes and renewed while its holder works.
+//!
+//! Backup, prune and restore hold it, so two of them never write (or delete)
+//! in one repository at once. The design follows Litestream's S3 leaser:
+//!
+//! - **acquire**: a create-only put of a JSON [`LeaseRecord`] (holder id,
+//!   host, pid, purpose, acquired / renewed / expiry times). If the object is
+//!   there and still live, the caller either refuses at once or polls until
+//!   its wait runs out ([`LockOptions::wait`]);
+//! - **renew**: a background task rewrites the record every TTL/3 with an
+//!   if-match put against the version it wrote last. A conflict means someone
+//!   broke or took the lease: the holder learns it has *lost* the lock
+//!   ([`RepositoryLock::lost`], [`RepositoryLock::check`]) and stops;
+//! - **expire**: a holder that is killed stops renewing, and its lease is
+//!   free once `expires_at` has passed. The next process takes it over with an
+//!   if-match put against the version it read, so of two processes that find
+//!   the same expired lease only one wins;
+//! - **release**: an if-match put of the record marked `released`. The object
+//!   stays (deleting it could remove a lease someone took over a moment
+//!   later: object stores have no conditional delete); a released lease is as
+//!   free as a missing one.
+//!
+//! Time: the record's times come from the holder's clock and are compared with
+//! the reader's. The holder treats its lease as lost TTL/6 *before* the expiry
+//! it wrote (measured on its monotonic clock from the start of its last
+//! successful write), so clocks that agree within TTL/6 (20 s with the default
+//! two-minute TTL) never let two processes hold it. A waiter that watches the
+//! same, unchanged record for a whole TTL also treats it as expired, which
+//! covers a dead holder whose clock ran far ahead.
+//!
+//! Stores without conditional updates (the local filesystem: `file://`
+//! repositories) get the same protocol with two fallbacks: renewal reads the
+//! record and overwrites it only if it is still ours, and taking over an
+//! expired lease first wins a create-only *claim* object named after the
+//! expired record, so two processes never both replace the same lease. These
+//! fallbacks have a read-then-write gap of a few microseconds on one machine;
+//! conditional puts on S3, GCS and Azure have none.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::keys::REPOSITORY_LOCK;
+use super::{ObjectMeta, ObjectVersion, Repository, StoreError};
+
+/// Format version of [`LeaseRecord`].
+pub const LEASE_FORMAT_VERSION: u32 = 1;
+
+/// How long a lease lasts without renewal.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(120);
+
+/// The shortest TTL accepted (tests use a few seconds).
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// Prefix of the claim objects used to take over an expired lease on stores
+/// without conditional updates.
+const TAKEOVER_PREFIX: &str = "locks/takeover-";
+
+/// The lease object, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub format_version: u32,
+    /// Random id of this acquisition (a new one every time).
+    pub holder: String,
+    /// Host name of the holder.
+    pub host: String,
+    /// Process id of the holder on `host`.
+    pub pid: u32,
+    /// What the holder is doing: `backup`, `prune`, `restore`, `agent backup`, ...
+    pub purpose: String,
+    pub spirekeep_version: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub acquired_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub renewed_at: OffsetDateTime,
+    /// The lease is free from this time on (holder's clock), unless renewed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub ttl_seconds: u64,
+    /// The holder released it (or it was broken by hand): free now.
+    #[serde(default)]
+    pub released: bool,
+    /// Who broke the lease, when `spirekeep lock break` did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_by: Option<String>,
+}
+
+impl LeaseRecord {
+    fn new(purpose: &str, ttl: Duration, now: OffsetDateTime) -> Self {
+        let id: [u8; 8] = rand::random();
+        Self {
+            format_version: LEASE_FORMAT_VERSION,
+            holder: id.iter().map(|b| format!("{b:02x}")).collect(),
+            host: host_name(),
+            pid: std::process::id(),
+            purpose: purpose.to_owned(),
+            spirekeep_version: env!("CARGO_PKG_VERSION").to_owned(),
+            acquired_at: now,
+            renewed_at: now,
+            expires_at: now + ttl,
+            ttl_seconds: ttl.as_secs().max(1),
+            released: false,
+            broken_by: None,
+        }
+    }
+
+    fn to_bytes(&self) -> Bytes {
+        let mut s = serde_json::to_string_pretty(self).expect("a lease always serializes");
+        s.push('\n');
+        Bytes::from(s)
+    }
+
+    fn parse(bytes: &[u8]) -> Option<Self> {
+        let record: Self = serde_json::from_slice(bytes).ok()?;
+        (record.format_version <= LEASE_FORMAT_VERSION).then_some(record)
+    }
+
+    /// `backup by host/pid 1234 (holder 0a1b…)`: who holds it, for messages.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        format!(
+            "{} by {} pid {} (holder {}, spirekeep {})",
+            self.purpose, self.host, self.pid, self.holder, self.spirekeep_version
+        )
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_seconds.max(1))
+    }
+}
+
+/// Whether a lease found in the repository is in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Held and not expired.
+    Held,
+    /// Its holder stopped renewing it and it expired.
+    Expired,
+    /// Released by its holder (or broken by hand).
+    Released,
+}
+
+/// What `spirekeep lock show` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseStatus {
+    pub state: LeaseState,
+    /// The record, if it could be parsed.
+    pub record: Option<LeaseRecord>,
+    /// When the object was last written (the store's clock).
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_modified: OffsetDateTime,
+    /// Whether the holder runs on this host and its process is gone (only
+    /// knowable for a holder on this machine; `None` elsewhere).
+    pub holder_process_gone: Option<bool>,
+}
+
+/// How to take the lock.
+#[derive(Debug, Clone)]
+pub struct LockOptions {
+    /// Recorded in the lease: what the holder does.
+    pub purpose: String,
+    /// Lease lifetime without renewal; renewed every TTL/3.
+    pub ttl: Duration,
+    /// How long to wait for a lease someone else holds. Zero refuses at once.
+    pub wait: Duration,
+}
+
+impl LockOptions {
+    /// Default TTL, no waiting.
+    #[must_use]
+    pub fn new(purpose: impl Into<String>) -> Self {
+        Self {
+            purpose: purpose.into(),
+            ttl: DEFAULT_TTL,
+            wait: Duration::ZERO,
+        }
+    }
+}
+
+/// Everything that can go wrong with the lock.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// Another process holds the lease.
+    #[error("{message}")]
+    Held {
+        message: String,
+        record: Box<LeaseRecord>,
+    },
+
+    #[error(
+        "{repo}: the repository lock was lost ({why}); the operation stopped; a partly written snapshot has no \
+         manifest and is removed by a later prune"
+    )]
+    Lost { repo: String, why: String },
+
+    #[error(
+        "{repo}: the lock object {key} is unreadable ({why}); inspect it with `spirekeep lock show` and remove it with `spirekeep lock break --force`"
+    )]
+    Unreadable {
+        repo: String,
+        key: String,
+        why: String,
+    },
+
+    #[error("invalid lock settings: {0}")]
+    Invalid(String),
+
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl LockError {
+    fn held(repo: &Repository, record: LeaseRecord, note: &str) -> Self {
+        Self::Held {
+            message: format!(
+                "{} is locked: {}, renewed {}, expires {}{note}; wait for that run to finish, or if that \
+                 process is gone, let the lease expire (the next run then proceeds) or run \
+                 `spirekeep lock break --repo ...`",
+                repo.location(),
+                record.describe(),
+                crate_rfc3339(record.renewed_at),
+                crate_rfc3339(record.expires_at),
+            ),
+            record: Box::new(record),
+        }
+    }
+
+    /// Whether another process holds the lock (as opposed to a storage failure).
+    #[must_use]
+    pub fn is_held_by_another(&self) -> bool {
+        matches!(self, Self::Held { .. })
+    }
+}
+
+/// The state the renewal task and the handle share.
+struct Shared {
+    /// The version we last wrote and the record in it.
+    current: Mutex<(ObjectVersion, LeaseRecord)>,
+    /// Until when (monotonic) the lease is surely ours.
+    held_until: Mutex<Instant>,
+    /// `Some(why)` once the lease is lost.
+    lost: watch::Sender<Option<String>>,
+    /// Whether the store has conditional updates (false: local filesystem).
+    conditional: Mutex<bool>,
+}
+
+impl Shared {
+    fn mark_lost(&self, why: String) {
+        self.lost.send_if_modified(|v| {
+            if v.is_none() {
+                *v = Some(why);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// A held repository lock. Renewed in the background until
+/// [`Self::release`]; dropping it stops the renewal and leaves the lease to
+/// expire (use `release`).
+pub struct RepositoryLock {
+    repo: Repository,
+    shared: Arc<Shared>,
+    lost_rx: watch::Receiver<Option<String>>,
+    renewer: JoinHandle<()>,
+    ttl: Duration,
+}
+
+impl fmt::Debug for RepositoryLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RepositoryLock")
+            .field("repo", &self.repo.location())
+            .field("record", &self.record())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RepositoryLock {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
+
+impl RepositoryLock {
+    /// Takes the repository lock, waiting up to `options.wait` for a lease
+    /// someone else holds.
+    ///
+    /// # Errors
+    /// [`LockError::Held`] when another process still holds it after the
+    /// wait, [`LockError::Invalid`] for a TTL under [`MIN_TTL`], or a storage
+    /// failure.
+    pub async fn acquire(repo: &Repository, options: &LockOptions) -> Result<Self, LockError> {
+        if options.ttl < MIN_TTL {
+            return Err(LockError::Invalid(format!(
+                "the lease TTL must be at least {} s",
+                MIN_TTL.as_secs()
+            )));
+        }
+        let started = Instant::now();
+        let deadline = started + options.wait;
+        let poll = (options.ttl / 6).clamp(Duration::from_millis(200), Duration::from_secs(5));
+        // The record we saw and since when, to notice a lease nobody renews.
+        let mut watched: Option<(Bytes, Instant)> = None;
+        // One holder id for every attempt, so a create-only put that
+        // succeeded but whose answer was lost is recognised as ours.
+        let mut ours = LeaseRecord::new(&options.purpose, options.ttl, OffsetDateTime::now_utc());
+        loop {
+            let now = OffsetDateTime::now_utc();
+            ours.acquired_at = now;
+            ours.renewed_at = now;
+            ours.expires_at = now + options.ttl;
+            let write_started = Instant::now();
+            let existing = match repo.get_with_meta(REPOSITORY_LOCK).await {
+                Ok(found) => Some(found),
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let Some((bytes, meta)) = existing else {
+                match repo.put_create(REPOSITORY_LOCK, ours.to_bytes()).await {
+                    Ok(version) => {
+                        return Ok(Self::start(repo, version, ours, write_started, true));
+                    }
+                    // Someone else created it first (or our own retried
+                    // request did: the next read tells).
+                    Err(StoreError::AlreadyExists { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let record = LeaseRecord::parse(&bytes);
+            if let Some(r) = &record
+                && r.holder == ours.holder
+            {
+                // Our own create-only put, retried after a lost response.
+                return Ok(Self::start(
+                    repo,
+                    meta.object_version(),
+                    ours,
+                    write_started,
+                    true,
+                ));
+            }
+            let unchanged_for = match &watched {
+                Some((seen, since)) if *seen == bytes => since.elapsed(),
+                _ => {
+                    watched = Some((bytes.clone(), Instant::now()));
+                    Duration::ZERO
+                }
+            };
+            let free = match &record {
+                Some(r) => {
+                    r.released
+                        || now >= r.expires_at
+                        // Nobody renewed it for a whole TTL: dead, whatever its clock said.
+                        || unchanged_for > r.ttl() + poll
+                }
+                // An unreadable lease counts as free once it is a TTL old.
+                None => now >= meta.last_modified + DEFAULT_TTL || unchanged_for > DEFAULT_TTL,
+            };
+            if free {
+                if let Some(r) = &record
+                    && !r.released
+                {
+                    tracing::warn!(
+                        holder = %r.describe(),
+                        expired = %crate_rfc3339(r.expires_at),
+                        "taking over an expired repository lease"
+                    );
+                }
+                ours.acquired_at = OffsetDateTime::now_utc();
+                ours.renewed_at = ours.acquired_at;
+                ours.expires_at = ours.acquired_at + options.ttl;
+                let write_started = Instant::now();
+                match repo
+                    .put_if_match(REPOSITORY_LOCK, ours.to_bytes(), &meta.object_version())
+                    .await
+                {
+                    Ok(version) => {
+                        return Ok(Self::start(repo, version, ours, write_started, true));
+                    }
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(StoreError::NotSupported { .. }) => {
+                        match takeover_without_conditional_put(repo, &bytes, &ours).await? {
+                            Some(version) => {
+                                return Ok(Self::start(repo, version, ours, write_started, false));
+                            }
+                            None => {
+                                tokio::time::sleep(poll.min(Duration::from_millis(200))).await;
+                                continue;
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let Some(r) = record else {
+                return Err(LockError::Unreadable {
+                    repo: repo.location().to_owned(),
+                    key: REPOSITORY_LOCK.to_owned(),
+                    why: "not a spirekeep lease record".into(),
+                });
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let waited = if options.wait.is_zero() {
+                    String::new()
+                } else {
+                    format!(" (waited {} s)", started.elapsed().as_secs())
+                };
+                return Err(LockError::held(repo, r, &waited));
+            }
+            tracing::info!(holder = %r.describe(), "repository locked; waiting");
+            tokio::time::sleep(poll.min(left)).await;
+        }
+    }
+
+    fn start(
+        repo: &Repository,
+        version: ObjectVersion,
+        record: LeaseRecord,
+        write_started: Instant,
+        conditional: bool,
+    ) -> Self {
+        let ttl = record.ttl();
+        let (lost, lost_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            current: Mutex::new((version, record)),
+            held_until: Mutex::new(write_started + ttl - ttl / 6),
+            lost,
+            conditional: Mutex::new(conditional),
+        });
+        let renewer = tokio::spawn(renew_loop(repo.clone(), Arc::clone(&shared), ttl));
+        Self {
+            repo: repo.clone(),
+            shared,
+            lost_rx,
+            renewer,
+            ttl,
+        }
+    }
+
+    /// The record as last written.
+    #[must_use]
+    pub fn record(&self) -> LeaseRecord {
+        lock_unpoisoned(&self.shared.current).1.clone()
+    }
+
+    /// The lease's TTL.
+    #[must_use]
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Whether the lease is still surely ours. Call it before every
+    /// destructive step.
+    ///
+    /// # Errors
+    /// [`LockError::Lost`] once renewal failed, the lease was taken or broken,
+    /// or the last successful renewal is too old.
+    pub fn check(&self) -> Result<(), LockError> {
+        if let Some(why) = self.lost_rx.borrow().clone() {
+            return Err(self.lost_error(why));
+        }
+        if Instant::now() >= *lock_unpoisoned(&self.shared.held_until) {
+            let why = "it could not be renewed in time".to_owned();
+            self.shared.mark_lost(why.clone());
+            return Err(self.lost_error(why));
+        }
+        Ok(())
+    }
+
+    /// Resolves when the lease is lost (never, while it is held).
+    pub async fn lost(&self) -> LockError {
+        let mut rx = self.lost_rx.clone();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return self.lost_error(why);
+            }
+            if rx.changed().await.is_err() {
+                // The renewal task is gone and the sender with it: keep waiting forever.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn lost_error(&self, why: String) -> LockError {
+        LockError::Lost {
+            repo: self.repo.location().to_owned(),
+            why,
+        }
+    }
+
+    /// Stops renewing and releases the lease (if it is still ours), so the
+    /// next run need not wait for it to expire.
+    ///
+    /// # Errors
+    /// A storage failure (the lease then expires on its own).
+    pub async fn release(self) -> Result<(), LockError> {
+        self.renewer.abort();
+        if self.lost_rx.borrow().is_some() {
+            return Ok(());
+        }
+        let (version, mut record) = lock_unpoisoned(&self.shared.current).clone();
+        record.released = true;
+        record.renewed_at = OffsetDateTime::now_utc();
+        record.expires_at = record.renewed_at;
+        let conditional = *lock_unpoisoned(&self.shared.conditional);
+        if conditional {
+            match self
+                .repo
+                .put_if_match(REPOSITORY_LOCK, record.to_bytes(), &version)
+                .await
+            {
+                Ok(_) | Err(StoreError::Conflict { .. }) => return Ok(()),
+                Err(StoreError::NotSupported { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // No conditional writes: delete it if the record is still ours.
+        match self.repo.get(REPOSITORY_LOCK).await {
+            Ok(bytes) => {
+                if LeaseRecord::parse(&bytes).is_some_and(|r| r.holder == record.holder) {
+                    self.repo.delete(REPOSITORY_LOCK).await?;
+                }
+                Ok(())
+            }
+            Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+async fn renew_loop(repo: Repository, shared: Arc<Shared>, ttl: Duration) {
+    let every = ttl / 3;
+    let retry = (ttl / 12).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let mut wait = every;
+    loop {
+        tokio::time::sleep(wait).await;
+        let held_until = *lock_unpoisoned(&shared.held_until);
+        if Instant::now() >= held_until {
+            shared.mark_lost("it could not be renewed in time".into());
+            return;
+        }
+        match renew_once(&repo, &shared, ttl).await {
+            Ok(()) => wait = every,
+            Err(Renewal::Lost(why)) => {
+                tracing::error!(repo = %repo.location(), why, "lost the repository lock");
+                shared.mark_lost(why);
+                return;
+            }
+            Err(Renewal::Retry(why)) => {
+                tracing::warn!(repo = %repo.location(), why, "could not renew the repository lease; retrying");
+                wait = retry.min(held_until.saturating_duration_since(Instant::now()));
+            }
+        }
+    }
+}
+
+enum Renewal {
+    Lost(String),
+    Retry(String),
+}
+
+async fn renew_once(repo: &Repository, shared: &Shared, ttl: Duration) -> Result<(), Renewal> {
+    let (version, mut record) = lock_unpoisoned(&shared.current).clone();
+    record.renewed_at = OffsetDateTime::now_utc();
+    record.expires_at = record.renewed_at + ttl;
+    let write_started = Instant::now();
+    let conditional = *lock_unpoisoned(&shared.conditional);
+    let written = if conditional {
+        match repo
+            .put_if_match(REPOSITORY_LOCK, record.to_bytes(), &version)
+            .await
+        {
+            Ok(v) => Ok(v),
+            Err(StoreError::Conflict { .. }) => {
+                // Either someone else wrote it, or our own retried request
+                // already succeeded: read it to know which.
+                match repo.get_with_meta(REPOSITORY_LOCK).await {
+                    Ok((bytes, meta)) => match LeaseRecord::parse(&bytes) {
+                        Some(r) if r == record => Ok(meta.object_version()),
+                        Some(r) if r.holder == record.holder && r.released => {
+                            return Err(Renewal::Lost(format!(
+                                "the lease was broken by {}",
+                                r.broken_by.as_deref().unwrap_or("someone")
+                            )));
+                        }
+                        Some(r) => {
+                            return Err(Renewal::Lost(format!(
+                                "it is now held by {}",
+                                r.describe()
+                            )));
+                        }
+                        None => return Err(Renewal::Lost("the lock object was replaced".into())),
+                    },
+                    Err(StoreError::NotFound { .. }) => {
+                        return Err(Renewal::Lost("the lock object was deleted".into()));
+                    }
+                    Err(e) => return Err(Renewal::Retry(e.to_string())),
+                }
+            }
+            Err(StoreError::NotSupported { .. }) => {
+                *lock_unpoisoned(&shared.conditional) = false;
+                renew_by_overwrite(repo, &record).await
+            }
+            Err(e) => Err(Renewal::Retry(e.to_string())),
+        }
+    } else {
+        renew_by_overwrite(repo, &record).await
+    }?;
+    *lock_unpoisoned(&shared.current) = (written, record);
+    *lock_unpoisoned(&shared.held_until) = write_started + ttl - ttl / 6;
+    Ok(())
+}
+
+/// Renewal on a store without conditional updates: overwrite only a record
+/// that is still ours.
+async fn renew_by_overwrite(
+    repo: &Repository,
+    record: &LeaseRecord,
+) -> Result<ObjectVersion, Renewal> {
+    match repo.get(REPOSITORY_LOCK).await {
+        Ok(bytes) => match LeaseRecord::parse(&bytes) {
+            Some(r) if r.holder == record.holder && !r.released => {}
+            Some(r) if r.holder == record.holder => {
+                return Err(Renewal::Lost("the lease was broken".into()));
+            }
+            Some(r) => return Err(Renewal::Lost(format!("it is now held by {}", r.describe()))),
+            None => return Err(Renewal::Lost("the lock object was replaced".into())),
+        },
+        Err(StoreError::NotFound { .. }) => {
+            return Err(Renewal::Lost("the lock object was deleted".into()));
+        }
+        Err(e) => return Err(Renewal::Retry(e.to_string())),
+    }
+    repo.put_overwrite(REPOSITORY_LOCK, record.to_bytes())
+        .await
+        .map_err(|e| Renewal::Retry(e.to_string()))
+}
+
+/// Takes over the expired lease `expired` on a store without conditional
+/// updates. Returns `None` when another process got there first (or is
+/// taking it over right now).
+async fn takeover_without_conditional_put(
+    repo: &Repository,
+    expired: &Bytes,
+    ours: &LeaseRecord,
+) -> Result<Option<ObjectVersion>, LockError> {
+    let digest = Sha256::digest(expired);
+    let claim: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let claim_key = format!("{TAKEOVER_PREFIX}{claim}");
+    match repo.put_create(&claim_key, ours.to_bytes()).await {
+        Ok(_) => {}
+        Err(StoreError::AlreadyExists { .. }) => {
+            // Someone is taking it over now; a claim whose taker died is
+            // cleared once it is a TTL old.
+            if let Some(claim_meta) = repo.head(&claim_key).await?
+                && OffsetDateTime::now_utc() >= claim_meta.last_modified + DEFAULT_TTL
+            {
+                repo.delete(&claim_key).await?;
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let result = async {
+        // Still the lease we judged expired?
+        match repo.get(REPOSITORY_LOCK).await {
+            Ok(now) if now == *expired => {}
+            Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(LockError::from(e)),
+        }
+        repo.delete(REPOSITORY_LOCK).await?;
+        match repo.put_create(REPOSITORY_LOCK, ours.to_bytes()).await {
+            Ok(v) => Ok(Some(v)),
+            Err(StoreError::AlreadyExists { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+    .await;
+    repo.delete(&claim_key).await?;
+    result
+}
+
+/// The lease as it is in the repository, or `None` when there is none.
+///
+/// # Errors
+/// A storage failure.
+pub async fn inspect(repo: &Repository) -> Result<Option<LeaseStatus>, LockError> {
+    let (bytes, meta) = match repo.get_with_meta(REPOSITORY_LOCK).await {
+        Ok(found) => found,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Some(status_of(&bytes, &meta)))
+}
+
+fn status_of(bytes: &[u8], meta: &ObjectMeta) -> LeaseStatus {
+    let record = LeaseRecord::parse(bytes);
+    let now = OffsetDateTime::now_utc();
+    let state = match &record {
+        Some(r) if r.released => LeaseState::Released,
+        Some(r) if now >= r.expires_at => LeaseState::Expired,
+        Some(_) => LeaseState::Held,
+        None if now >= meta.last_modified + DEFAULT_TTL => LeaseState::Expired,
+        None => LeaseState::Held,
+    };
+    let holder_process_gone = record.as_ref().and_then(holder_process_gone);
+    LeaseStatus {
+        state,
+        record,
+        last_modified: meta.last_modified,
+        holder_process_gone,
+    }
+}
+
+/// For a holder on this host: whether its process no longer exists.
+fn holder_process_gone(record: &LeaseRecord) -> Option<bool> {
+    if record.host != host_name() {
+        return None;
+    }
+    let proc = std::path::Path::new("/proc");
+    if !proc.join("self").exists() {
+        return None;
+    }
+    Some(!proc.join(record.pid.to_string()).exists())
+}
+
+/// What `lock break` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BreakOutcome {
+    /// The lease before it was broken (`None`: there was none).
+    pub before: Option<LeaseStatus>,
+    /// Whether a live lease was broken (needs `force`).
+    pub broke_live_lease: bool,
+}
+
+/// Breaks the lease: marks it released so the next run proceeds. A lease that
+/// is still held (not expired, holder not known to be gone) is broken only
+/// with `force`; its holder notices at its next renewal and stops.
+///
+/// # Errors
+/// [`LockError::Held`] for a live lease without `force`; storage failures.
+pub async fn break_lease(repo: &Repository, force: bool) -> Result<BreakOutcome, LockError> {
+    for _ in 0..5 {
+        let (bytes, meta) = match repo.get_with_meta(REPOSITORY_LOCK).await {
+            Ok(found) => found,
+            Err(StoreError::NotFound { .. }) => {
+                return Ok(BreakOutcome {
+                    before: None,
+                    broke_live_lease: false,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let status = status_of(&bytes, &meta);
+        let live = status.state == LeaseState::Held && status.holder_process_gone != Some(true);
+        if live && !force {
+            let r = status.record.clone().unwrap_or_else(|| {
+                let mut r = LeaseRecord::new(
+                    "unknown (unreadable lease)",
+                    DEFAULT_TTL,
+                    meta.last_modified,
+                );
+                r.holder = "unknown".into();
+                r
+            });
+            return Err(LockError::Held {
+                message: format!(
+                    "{} is locked: {}, renewed {}, expires {}, and it is still being renewed; make sure \
+                     that process is gone (or stopped), then run `spirekeep lock break --force`",
+                    repo.location(),
+                    r.describe(),
+                    crate_rfc3339(r.renewed_at),
+                    crate_rfc3339(r.expires_at)
+                ),
+                record: Box::new(r),
+            });
+        }
+        let breaker = format!(
+            "{} pid {} at {}",
+            host_name(),
+            std::process::id(),
+            crate_rfc3339(OffsetDateTime::now_utc())
+        );
+        let mut record = status.record.clone().unwrap_or_else(|| {
+            let mut r = LeaseRecord::new("unknown", DEFAULT_TTL, meta.last_modified);
+            r.holder = "unknown".into();
+            r
+        });
+        record.released = true;
+        record.expires_at = OffsetDateTime::now_utc();
+        record.broken_by = Some(breaker);
+        match repo
+            .put_if_match(REPOSITORY_LOCK, record.to_bytes(), &meta.object_version())
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(StoreError::NotSupported { .. }) => repo.delete(REPOSITORY_LOCK).await?,
+            Err(e) => return Err(e.into()),
+        }
+        // Stale takeover claims go too.
+        for claim in repo.list("locks/").await? {
+            if claim.key.starts_with(TAKEOVER_PREFIX) {
+                repo.delete(&claim.key).await?;
+            }
+        }
+        return Ok(BreakOutcome {
+            before: Some(status),
+            broke_live_lease: live,
+        });
+    }
+    Err(LockError::Store(StoreError::Conflict {
+        repo: repo.location().to_owned(),
+        key: REPOSITORY_LOCK.to_owned(),
+    }))
+}
+
+/// This machine's host name (best effort, no libc call).
+#[must_use]
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "unknown-host".to_owned())
+}
+
+fn crate_rfc3339(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn lock_unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(wait_ms: u64) -> LockOptions {
+        LockOptions {
+            purpose: "test".into(),
+            ttl: Duration::from_secs(3),
+            wait: Duration::from_millis(wait_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_holder_at_a_time_and_release_frees_it() {
+        let repo = Repository::in_memory();
+        let a = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        let err = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap_err();
+        assert!(err.is_held_by_another(), "{err}");
+        assert!(err.to_string().contains("lock break"), "{err}");
+        a.check().unwrap();
+        a.release().await.unwrap();
+        let status = inspect(&repo).await.unwrap().unwrap();
+        assert_eq!(status.state, LeaseState::Released);
+        let b = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        b.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_the_lock_when_it_is_released() {
+        let repo = Repository::in_memory();
+        let a = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        let repo2 = repo.clone();
+        let waiter =
+            tokio::spawn(async move { RepositoryLock::acquire(&repo2, &opts(5_000)).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.release().await.unwrap();
+        let b = waiter.await.unwrap().unwrap();
+        b.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn renewal_keeps_it_and_an_abandoned_lease_expires() {
+        let repo = Repository::in_memory();
+        let a = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        let first = a.record();
+        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        a.check().unwrap();
+        assert!(a.record().expires_at > first.expires_at, "renewed");
+        assert!(RepositoryLock::acquire(&repo, &opts(0)).await.is_err());
+        drop(a); // killed: no release, no renewal
+        let b = RepositoryLock::acquire(&repo, &opts(6_000)).await.unwrap();
+        assert_ne!(b.record().holder, first.holder);
+        b.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_broken_lease_is_noticed_by_its_holder() {
+        let repo = Repository::in_memory();
+        let a = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        let err = break_lease(&repo, false).await.unwrap_err();
+        assert!(err.to_string().contains("--force"), "{err}");
+        let out = break_lease(&repo, true).await.unwrap();
+        assert!(out.broke_live_lease);
+        let lost = tokio::time::timeout(Duration::from_secs(3), a.lost())
+            .await
+            .expect("the holder notices within a renewal period");
+        assert!(lost.to_string().contains("broken"), "{lost}");
+        assert!(a.check().is_err());
+        let b = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        b.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn local_filesystem_fallbacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(
+            dir.path().to_str().unwrap(),
+            &super::super::RepoOptions::default(),
+        )
+        .unwrap();
+        let a = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        a.check().unwrap();
+        assert!(
+            a.record().renewed_at > a.record().acquired_at,
+            "renewed by overwrite"
+        );
+        assert!(RepositoryLock::acquire(&repo, &opts(0)).await.is_err());
+        drop(a);
+        // Two processes find the same expired lease: exactly one takes it.
+        tokio::time::sleep(Duration::from_millis(3_200)).await;
+        let now = opts(0);
+        let (x, y) = tokio::join!(
+            RepositoryLock::acquire(&repo, &now),
+            RepositoryLock::acquire(&repo, &now)
+        );
+        assert!(x.is_ok() != y.is_ok(), "exactly one wins: {x:?} / {y:?}");
+        let winner = x.or(y).unwrap();
+        winner.release().await.unwrap();
+        assert!(
+            inspect(&repo).await.unwrap().is_none(),
+            "released by deletion"
+        );
+    }
+}

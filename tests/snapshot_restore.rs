@@ -1,0 +1,865 @@
+//! `spirekeep restore` with the real binary against real servers: round trips
+//! on every engine pair through file:// and S3 repositories, the MySQL
+//! preflight (spire-reference §10), non-empty targets, the impact preview,
+//! sequences, damaged snapshots, and restores killed part way.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{SpireFixture, assert_one_line_error, spirekeep, stderr, stdout};
+use serde_json::Value as Json;
+use spirekeep::datastore::testkit::Population;
+use spirekeep::datastore::{self, ColumnKind, Datastore, Engine, Value};
+use spirekeep::snapshot::codec::content_hash;
+use time::OffsetDateTime;
+
+// ------------------------------------------------------------ helpers
+
+/// `--repo` plus S3 flags: a local directory and, when configured, the S3 test server.
+fn repositories(dir: &tempfile::TempDir, test: &str) -> Vec<Vec<String>> {
+    let mut out = vec![vec![
+        "--repo".to_string(),
+        format!("file://{}", dir.path().join("repo").display()),
+    ]];
+    if let Ok(endpoint) = std::env::var("SPIREKEEP_TEST_S3_ENDPOINT") {
+        let bucket =
+            std::env::var("SPIREKEEP_TEST_S3_BUCKET").unwrap_or_else(|_| "spirekeep-test".into());
+        let n: u32 = rand::random();
+        out.push(vec![
+            "--repo".into(),
+            format!("s3://{bucket}/spirekeep-tests/{test}-{n:08x}"),
+            "--s3-endpoint".into(),
+            endpoint,
+        ]);
+    } else {
+        assert!(
+            !datastore::testkit::services_required(),
+            "SPIREKEEP_TEST_S3_ENDPOINT is not set"
+        );
+    }
+    out
+}
+
+fn file_repo(dir: &tempfile::TempDir) -> Vec<String> {
+    vec![
+        "--repo".to_string(),
+        format!("file://{}", dir.path().join("repo").display()),
+    ]
+}
+
+/// Runs `spirekeep --json <args> <extra>`; returns the exit code and the parsed stdout.
+fn run_json(args: &[&str], extra: &[String]) -> (i32, Json, String) {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    all.extend(extra.iter().map(String::as_str));
+    let out = spirekeep(&all, &[]);
+    let json = serde_json::from_str(&stdout(&out)).unwrap_or(Json::Null);
+    (out.status.code().unwrap_or(-1), json, stderr(&out))
+}
+
+fn ok_json(args: &[&str], extra: &[String]) -> Json {
+    let (code, json, err) = run_json(args, extra);
+    assert_eq!(code, 0, "{args:?} failed: {err}");
+    json
+}
+
+/// Takes a snapshot and returns its id.
+fn backup(url: &str, repo: &[String]) -> String {
+    let s = ok_json(&["backup", "--datastore", url], repo);
+    s["id"].as_str().unwrap().to_string()
+}
+
+/// Per table (sorted by name): row count and content hash of every row,
+/// read in `order`'s column order when given (another engine's table), with
+/// timestamps cut to `precision_ns` (1000 for PostgreSQL, 1e9 for MySQL).
+async fn contents(
+    ds: &dyn Datastore,
+    order: Option<&BTreeMap<String, Vec<String>>>,
+    precision_ns: u32,
+) -> BTreeMap<String, (u64, String)> {
+    let mut out = BTreeMap::new();
+    for mut table in ds.catalogue().await.unwrap().tables {
+        if table.name.starts_with("_spirekeep_") {
+            continue;
+        }
+        if let Some(cols) = order.and_then(|o| o.get(&table.name)) {
+            table.columns = cols
+                .iter()
+                .map(|c| table.column(c).expect("same columns").clone())
+                .collect();
+        }
+        let mut rows = ds.read_table(&table).await.unwrap();
+        for row in &mut rows {
+            for v in row.iter_mut() {
+                if let Value::Timestamp(t) = v {
+                    let n = t.nanosecond() / precision_ns * precision_ns;
+                    *t = t.replace_nanosecond(n).unwrap();
+                }
+            }
+        }
+        let h = content_hash(&rows);
+        out.insert(table.name.clone(), (h.rows(), h.hex()));
+    }
+    out
+}
+
+async fn column_order(ds: &dyn Datastore) -> BTreeMap<String, Vec<String>> {
+    ds.catalogue()
+        .await
+        .unwrap()
+        .tables
+        .into_iter()
+        .map(|t| (t.name, t.columns.into_iter().map(|c| c.name).collect()))
+        .collect()
+}
+
+fn precision(engine: Engine) -> u32 {
+    match engine {
+        Engine::Sqlite => 1,
+        Engine::Postgres => 1_000,
+        Engine::Mysql => 1_000_000_000,
+    }
+}
+
+/// A population every engine holds exactly, hostile otherwise: into MySQL
+/// no four-byte UTF-8 and whole seconds (what MySQL cannot hold is the
+/// preflight's business, tested separately).
+fn population(target: Engine, entries: usize) -> Population {
+    Population {
+        seed: 11,
+        hostile: true,
+        four_byte_utf8: (target == Engine::Mysql).then_some(false),
+        subsecond: target != Engine::Mysql,
+        ..Population::new(entries)
+    }
+}
+
+/// Inserts a registered entry without an id and returns (its id, the largest id before).
+async fn insert_entry_and_get_ids(ds: &dyn Datastore) -> (i64, i64) {
+    let ids = |rows: Vec<Vec<Value>>| -> Vec<i64> {
+        rows.into_iter()
+            .map(|r| match r[0] {
+                Value::Int(i) => i,
+                ref v => panic!("id {v:?}"),
+            })
+            .collect()
+    };
+    let cat = ds.catalogue().await.unwrap();
+    let mut t = cat.table("registered_entries").unwrap().clone();
+    t.columns.retain(|c| c.name == "id" || c.name == "entry_id");
+    let before = ids(ds.read_table(&t).await.unwrap());
+    ds.insert_rows(
+        "registered_entries",
+        &[("entry_id".into(), ColumnKind::Text)],
+        &[vec![Value::Text("inserted-after-restore".into())]],
+    )
+    .await
+    .unwrap();
+    let rows = ds.read_table(&t).await.unwrap();
+    let new = rows
+        .iter()
+        .find(|r| r[1] == Value::Text("inserted-after-restore".into()))
+        .map(|r| match r[0] {
+            Value::Int(i) => i,
+            ref v => panic!("id {v:?}"),
+        })
+        .unwrap();
+    (new, before.into_iter().max().unwrap_or(0))
+}
+
+// ------------------------------------------------------------ round trips
+
+/// Backs `source` up into every repository, restores each snapshot into a
+/// fresh `target`, and compares every table row for row (through content
+/// hashes, timestamps cut to the target's precision); then checks that ids
+/// continue past the restored ones.
+async fn round_trip(source: Engine, target: Engine) {
+    let name = format!("rt-{source}-{target}");
+    let pop = population(target, 25);
+    let Some(src) = SpireFixture::create(source, &name, &pop).await else {
+        return;
+    };
+    let src_ds = src.open().await;
+    let order = column_order(src_ds.as_ref()).await;
+    let expected = contents(src_ds.as_ref(), None, precision(target)).await;
+    src_ds.close().await;
+    let exact = !spirekeep::snapshot::restore::needs_preflight(source, target) || source == target;
+    let dir = tempfile::tempdir().unwrap();
+    for repo in repositories(&dir, &name) {
+        let id = backup(&src.url(), &repo);
+        let Some(dst) = SpireFixture::create_empty(target, &name).await else {
+            return;
+        };
+        let report = ok_json(
+            &[
+                "restore",
+                &id,
+                "--datastore",
+                &dst.url(),
+                "--accept-changes",
+            ],
+            &repo,
+        );
+        assert_eq!(report["restored"], true);
+        assert_eq!(report["ok"], true, "{report}");
+        assert_eq!(report["rows"], src.counts.total(), "{source}->{target}");
+        for t in report["tables"].as_array().unwrap() {
+            assert_eq!(t["ok"], true, "{source}->{target}: {t}");
+            if exact {
+                assert_eq!(t["matches_manifest"], true, "{source}->{target}: {t}");
+            }
+        }
+        assert!(
+            report["record_key"]
+                .as_str()
+                .unwrap()
+                .starts_with("restores/")
+        );
+        let dst_ds = dst.open().await;
+        let got = contents(dst_ds.as_ref(), Some(&order), precision(target)).await;
+        assert_eq!(got, expected, "{source}->{target} via {}", repo[1]);
+        // Auto-increment ids continue past the restored ones.
+        let (new, max_before) = insert_entry_and_get_ids(dst_ds.as_ref()).await;
+        assert!(
+            new > max_before,
+            "{source}->{target}: new id {new} after restored max {max_before}"
+        );
+        for s in report["sequences"].as_array().unwrap() {
+            assert_ne!(s["ok"], false, "{source}->{target}: {s}");
+        }
+        dst_ds.close().await;
+        dst.cleanup().await;
+    }
+    src.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_sqlite_to_sqlite() {
+    round_trip(Engine::Sqlite, Engine::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_sqlite_to_postgres() {
+    round_trip(Engine::Sqlite, Engine::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_sqlite_to_mysql() {
+    round_trip(Engine::Sqlite, Engine::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_postgres_to_postgres() {
+    round_trip(Engine::Postgres, Engine::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_postgres_to_sqlite() {
+    round_trip(Engine::Postgres, Engine::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_postgres_to_mysql() {
+    round_trip(Engine::Postgres, Engine::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_mysql_to_mysql() {
+    round_trip(Engine::Mysql, Engine::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_mysql_to_postgres() {
+    round_trip(Engine::Mysql, Engine::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_mysql_to_sqlite() {
+    round_trip(Engine::Mysql, Engine::Sqlite).await;
+}
+
+// ------------------------------------------------------------ preflight into MySQL
+
+fn at(seconds: i64, nanos: u32) -> Value {
+    Value::Timestamp(
+        OffsetDateTime::from_unix_timestamp(seconds)
+            .unwrap()
+            .replace_nanosecond(nanos)
+            .unwrap(),
+    )
+}
+
+/// A SQLite datastore MySQL holds exactly, plus `extra` entries.
+async fn sqlite_with_entries(hint: &str, extra: &[Vec<Value>]) -> SpireFixture {
+    let pop = Population {
+        seed: 3,
+        four_byte_utf8: Some(false),
+        subsecond: false,
+        ..Population::new(10)
+    };
+    let fx = SpireFixture::create(Engine::Sqlite, hint, &pop)
+        .await
+        .unwrap();
+    let ds = fx.open().await;
+    let cols = [
+        ("id".to_string(), ColumnKind::Integer),
+        ("created_at".to_string(), ColumnKind::Timestamp),
+        ("entry_id".to_string(), ColumnKind::Text),
+        ("spiffe_id".to_string(), ColumnKind::Text),
+    ];
+    ds.insert_rows("registered_entries", &cols, extra)
+        .await
+        .unwrap();
+    ds.close().await;
+    fx
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn preflight_into_mysql_lists_every_change_and_applies_exactly_those_when_accepted() {
+    let fx = sqlite_with_entries(
+        "preflight",
+        &[
+            vec![
+                Value::Int(9001),
+                at(1_780_000_000, 500_000_000),
+                Value::Text("entry-9001".into()),
+                Value::Text("spiffe://example.org/emoji/😀".into()),
+            ],
+            vec![
+                Value::Int(9002),
+                at(1_780_000_001, 0),
+                Value::Text("entry-9002".into()),
+                Value::Text("spiffe://example.org/clef/𝄞/x".into()),
+            ],
+        ],
+    )
+    .await;
+    let Some(dst) = SpireFixture::create_empty(Engine::Mysql, "preflight").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&fx.url(), &repo);
+    let url = dst.url();
+
+    // Refused: every affected value is listed, nothing is written.
+    let (code, plan, err) = run_json(&["restore", &id, "--datastore", &url], &repo);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--accept-changes"), "{err}");
+    let changes: Vec<(String, String, String, String)> = plan["preflight"]["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["table"].as_str().unwrap().to_string(),
+                c["row"].as_str().unwrap().to_string(),
+                c["column"].as_str().unwrap().to_string(),
+                c["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String, String)> = [
+        ("id=9001", "created_at", "sub_second_timestamp"),
+        ("id=9001", "spiffe_id", "four_byte_utf8"),
+        ("id=9002", "spiffe_id", "four_byte_utf8"),
+    ]
+    .iter()
+    .map(|(r, c, k)| {
+        (
+            "registered_entries".to_string(),
+            (*r).to_string(),
+            (*c).to_string(),
+            (*k).to_string(),
+        )
+    })
+    .collect();
+    assert_eq!(changes, expected);
+    assert_eq!(plan["refusals"][0]["reason"], "needs_consent");
+    let target = dst.open().await;
+    assert!(
+        target.catalogue().await.unwrap().tables.is_empty(),
+        "nothing written"
+    );
+    // Text output lists them too.
+    let out = spirekeep(
+        &["restore", &id, "--datastore", &url, &repo[0], &repo[1]],
+        &[],
+    );
+    assert_one_line_error(&out, 1, "--accept-changes");
+    let text = stdout(&out);
+    assert!(
+        text.contains("registered_entries  id=9001  spiffe_id  four_byte_utf8"),
+        "{text}"
+    );
+
+    // Accepted: exactly those changes, recorded.
+    let report = ok_json(
+        &["restore", &id, "--datastore", &url, "--accept-changes"],
+        &repo,
+    );
+    assert_eq!(report["changes_applied"], 3);
+    let entries = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "registered_entries")
+        .unwrap()
+        .clone();
+    assert_eq!(entries["adapted_values"], 3);
+    assert_eq!(entries["matches_manifest"], false);
+    assert_eq!(entries["ok"], true, "read back equals the adapted rows");
+    let record_key = report["record_key"].as_str().unwrap();
+    let record: Json =
+        serde_json::from_slice(&std::fs::read(dir.path().join("repo").join(record_key)).unwrap())
+            .unwrap();
+    assert_eq!(record["changes_total"], 3);
+    assert_eq!(record["changes"], plan["preflight"]["changes"]);
+    assert_eq!(record["target_engine"], "mysql");
+    // What MySQL now holds.
+    let cat = target.catalogue().await.unwrap();
+    let mut t = cat.table("registered_entries").unwrap().clone();
+    t.columns
+        .retain(|c| ["id", "created_at", "spiffe_id"].contains(&c.name.as_str()));
+    let rows = target.read_table(&t).await.unwrap();
+    let row = rows.iter().find(|r| r[0] == Value::Int(9001)).unwrap();
+    assert_eq!(row[1], at(1_780_000_000, 0));
+    assert_eq!(
+        row[2],
+        Value::Text("spiffe://example.org/emoji/\u{FFFD}".into())
+    );
+    target.close().await;
+    dst.cleanup().await;
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn values_that_collide_under_mysql_collation_are_refused_even_when_changes_are_accepted() {
+    let fx = sqlite_with_entries(
+        "collide",
+        &[
+            vec![
+                Value::Int(9001),
+                at(1_780_000_000, 0),
+                Value::Text("Entry-Collide".into()),
+                Value::Text("spiffe://example.org/a".into()),
+            ],
+            vec![
+                Value::Int(9002),
+                at(1_780_000_000, 0),
+                Value::Text("entry-collide  ".into()),
+                Value::Text("spiffe://example.org/b".into()),
+            ],
+        ],
+    )
+    .await;
+    let Some(dst) = SpireFixture::create_empty(Engine::Mysql, "collide").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&fx.url(), &repo);
+    for accept in [false, true] {
+        let mut args = vec!["restore", id.as_str(), "--datastore"];
+        let url = dst.url();
+        args.push(&url);
+        if accept {
+            args.push("--accept-changes");
+        }
+        let (code, plan, err) = run_json(&args, &repo);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("cannot go into mysql at all"), "{err}");
+        let collisions: Vec<&Json> = plan["preflight"]["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["kind"] == "unique_collision")
+            .collect();
+        assert_eq!(collisions.len(), 1, "{plan}");
+        assert_eq!(collisions[0]["row"], "id=9002");
+        assert_eq!(collisions[0]["column"], "uix_registered_entries_entry_id");
+        assert!(
+            collisions[0]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("id=9001")
+        );
+    }
+    let target = dst.open().await;
+    assert!(
+        target.catalogue().await.unwrap().tables.is_empty(),
+        "nothing written"
+    );
+    target.close().await;
+    dst.cleanup().await;
+    fx.cleanup().await;
+}
+
+// ------------------------------------------------------------ live targets
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_empty_target_is_refused_without_replace_and_replaced_with_it() {
+    let Some(src) = SpireFixture::create(Engine::Postgres, "nonempty", &Population::new(15)).await
+    else {
+        return;
+    };
+    let other = Population {
+        seed: 99,
+        ..Population::new(7)
+    };
+    let dst = SpireFixture::create(Engine::Postgres, "nonempty", &other)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&src.url(), &repo);
+    let dst_ds = dst.open().await;
+    let before = contents(dst_ds.as_ref(), None, 1).await;
+
+    let mut args = vec![
+        "restore".to_string(),
+        id.clone(),
+        "--datastore".into(),
+        dst.url(),
+    ];
+    args.extend(repo.iter().cloned());
+    let out = spirekeep(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_one_line_error(&out, 2, "--replace");
+    assert_eq!(
+        contents(dst_ds.as_ref(), None, 1).await,
+        before,
+        "untouched"
+    );
+
+    let report = ok_json(
+        &["restore", &id, "--datastore", &dst.url(), "--replace"],
+        &repo,
+    );
+    assert_eq!(report["ok"], true);
+    assert_eq!(
+        report["plan"]["existing_tables"].as_array().unwrap().len(),
+        13
+    );
+    let src_ds = src.open().await;
+    assert_eq!(
+        contents(dst_ds.as_ref(), None, 1).await,
+        contents(src_ds.as_ref(), None, 1).await
+    );
+    src_ds.close().await;
+    dst_ds.close().await;
+    dst.cleanup().await;
+    src.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_shows_the_impact_and_changes_nothing() {
+    let Some(fx) = SpireFixture::create(Engine::Postgres, "dryrun", &Population::new(20)).await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&fx.url(), &repo);
+    // Since the snapshot: one agent attested with a join token, one entry
+    // created, one bundle deleted.
+    let ds = fx.open().await;
+    let cols = [
+        ("spiffe_id".to_string(), ColumnKind::Text),
+        ("data_type".to_string(), ColumnKind::Text),
+        ("serial_number".to_string(), ColumnKind::Text),
+    ];
+    ds.insert_rows(
+        "attested_node_entries",
+        &cols,
+        &[vec![
+            Value::Text("spiffe://example.org/spire/agent/join_token/new-since".into()),
+            Value::Text("join_token".into()),
+            Value::Text("12345".into()),
+        ]],
+    )
+    .await
+    .unwrap();
+    ds.insert_rows(
+        "registered_entries",
+        &[("entry_id".into(), ColumnKind::Text)],
+        &[vec![Value::Text("created-since".into())]],
+    )
+    .await
+    .unwrap();
+    ds.execute_script("DELETE FROM bundles WHERE id = (SELECT max(id) FROM bundles)")
+        .await
+        .unwrap();
+    let before = contents(ds.as_ref(), None, 1).await;
+
+    let plan = ok_json(
+        &[
+            "restore",
+            &id,
+            "--datastore",
+            &fx.url(),
+            "--replace",
+            "--dry-run",
+        ],
+        &repo,
+    );
+    assert_eq!(plan["refusals"], serde_json::json!([]));
+    let impact = &plan["impact"];
+    assert_eq!(impact["agents"]["attested_since"], 1, "{impact}");
+    assert_eq!(impact["agents"]["join_token_agents"], 1);
+    assert_eq!(
+        impact["agents"]["examples"][0],
+        "spiffe://example.org/spire/agent/join_token/new-since"
+    );
+    assert_eq!(impact["entries"]["created_since"], 1);
+    assert_eq!(impact["entries"]["created_examples"][0], "created-since");
+    assert_eq!(impact["bundles"]["deleted_since"], 1);
+    assert_eq!(
+        contents(ds.as_ref(), None, 1).await,
+        before,
+        "nothing changed"
+    );
+
+    // Text form, without --replace: the impact is shown, and the restore would be refused.
+    let out = spirekeep(
+        &[
+            "restore",
+            &id,
+            "--datastore",
+            &fx.url(),
+            "--dry-run",
+            &repo[0],
+            &repo[1],
+        ],
+        &[],
+    );
+    assert_one_line_error(&out, 2, "--replace");
+    let text = stdout(&out);
+    assert!(
+        text.contains("agents attested since the snapshot: 1"),
+        "{text}"
+    );
+    assert!(text.contains("join-token agents: 1"), "{text}");
+    assert_eq!(
+        contents(ds.as_ref(), None, 1).await,
+        before,
+        "nothing changed"
+    );
+    // No restore record for a dry run.
+    assert!(!dir.path().join("repo").join("restores").exists());
+    ds.close().await;
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_into_a_new_sqlite_file_leaves_no_file() {
+    let fx = SpireFixture::create(Engine::Sqlite, "dry-new", &Population::new(5))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&fx.url(), &repo);
+    let target = dir.path().join("new.sqlite3");
+    let plan = ok_json(
+        &[
+            "restore",
+            &id,
+            "--datastore",
+            target.to_str().unwrap(),
+            "--dry-run",
+        ],
+        &repo,
+    );
+    assert_eq!(plan["existing_tables"], serde_json::json!([]));
+    assert!(plan["impact"].is_null());
+    assert!(!target.exists());
+}
+
+// ------------------------------------------------------------ damaged snapshots
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_snapshot_is_refused_before_the_target_is_touched() {
+    let fx = SpireFixture::create(Engine::Sqlite, "damaged", &Population::new(30))
+        .await
+        .unwrap();
+    let live = SpireFixture::create(
+        Engine::Sqlite,
+        "damaged-live",
+        &Population {
+            seed: 5,
+            ..Population::new(8)
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&fx.url(), &repo);
+    let object = dir
+        .path()
+        .join("repo/snapshots")
+        .join(&id)
+        .join("data/selectors.0.spkd.zst");
+    let mut bytes = std::fs::read(&object).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&object, &bytes).unwrap();
+    let live_ds = live.open().await;
+    let before = contents(live_ds.as_ref(), None, 1).await;
+    for extra in [vec![], vec!["--accept-changes"]] {
+        let mut args = vec!["restore", id.as_str(), "--datastore"];
+        let url = live.url();
+        args.push(&url);
+        args.push("--replace");
+        args.extend(extra);
+        args.extend(repo.iter().map(String::as_str));
+        let out = spirekeep(&args, &[]);
+        assert_one_line_error(&out, 1, "failed its hash check");
+        let err = stderr(&out);
+        assert!(err.contains("table selectors"), "{err}");
+        assert!(
+            err.contains(&format!("snapshots/{id}/data/selectors.0.spkd.zst")),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        contents(live_ds.as_ref(), None, 1).await,
+        before,
+        "untouched"
+    );
+    // A new SQLite target is not even created.
+    let fresh = dir.path().join("fresh.sqlite3");
+    let out = spirekeep(
+        &[
+            "restore",
+            &id,
+            "--datastore",
+            fresh.to_str().unwrap(),
+            &repo[0],
+            &repo[1],
+        ],
+        &[],
+    );
+    assert_one_line_error(&out, 1, "failed its hash check");
+    assert!(!fresh.exists());
+    live_ds.close().await;
+}
+
+// ------------------------------------------------------------ killed restores
+
+/// Starts `spirekeep -v restore`, waits until it logs that it is loading
+/// `table`, then kills it with SIGKILL. Returns whether it was killed (false
+/// if it finished first).
+fn kill_restore_while_loading(args: &[String], table: &str, after: Duration) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spirekeep"))
+        .arg("-v")
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let needle = format!("table={table} ");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = false;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap_or_default();
+        eprintln!("restore: {line}");
+        if line.contains("loading table") && line.contains(&needle) {
+            seen = true;
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress");
+    }
+    assert!(seen, "the restore never loaded {table}");
+    // Let it write some rows of the table first.
+    std::thread::sleep(after);
+    let _ = child.kill(); // SIGKILL
+    let status = child.wait().unwrap();
+    !status.success()
+}
+
+async fn killed_restore_leaves_the_target_as_it_was(engine: Engine) {
+    let big = Population {
+        seed: 21,
+        ..Population::new(8_000)
+    };
+    let src = SpireFixture::create(Engine::Sqlite, "killed-src", &big)
+        .await
+        .unwrap();
+    let live_pop = Population {
+        seed: 22,
+        ..Population::new(10)
+    };
+    let Some(dst) = SpireFixture::create(engine, "killed", &live_pop).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&src.url(), &repo);
+    let dst_ds = dst.open().await;
+    let before = contents(dst_ds.as_ref(), None, 1).await;
+    let mut args = vec![
+        "restore".to_string(),
+        id.clone(),
+        "--datastore".into(),
+        dst.url(),
+        "--replace".into(),
+        "--accept-changes".into(),
+        // A killed run's repository lock expires after this, for the next run.
+        "--lock-ttl".into(),
+        "3s".into(),
+    ];
+    args.extend(repo.iter().cloned());
+    // Early (a few tables in) and late (the largest table, last).
+    for (table, after_ms) in [("dns_names", 150), ("selectors", 50)] {
+        let killed = kill_restore_while_loading(&args, table, Duration::from_millis(after_ms));
+        assert!(
+            killed,
+            "{engine}: the restore finished before the kill at {table}"
+        );
+        assert_eq!(
+            contents(dst_ds.as_ref(), None, 1).await,
+            before,
+            "{engine}: killed while loading {table}, the target is as it was"
+        );
+    }
+    // The next restore goes through (MySQL removes the killed one's shadow tables).
+    let mut json_args: Vec<&str> = args.iter().map(String::as_str).collect();
+    json_args.insert(0, "--json");
+    let out = spirekeep(&json_args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Json = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["rows"], src.counts.total());
+    let tables: Vec<String> = dst_ds
+        .catalogue()
+        .await
+        .unwrap()
+        .tables
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(
+        tables.len(),
+        13,
+        "{engine}: no shadow tables left: {tables:?}"
+    );
+    dst_ds.close().await;
+    dst.cleanup().await;
+    src.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_restore_into_postgres_leaves_the_target_as_it_was() {
+    killed_restore_leaves_the_target_as_it_was(Engine::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_restore_into_mysql_leaves_the_target_as_it_was() {
+    killed_restore_leaves_the_target_as_it_was(Engine::Mysql).await;
+}

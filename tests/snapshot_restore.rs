@@ -10,62 +10,17 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SpireFixture, assert_one_line_error, spirekeep, stderr, stdout};
+use common::{
+    SpireFixture, assert_one_line_error, file_repo, ok_json, repositories, run_json, spirekeep,
+    stderr, stdout,
+};
 use serde_json::Value as Json;
 use spirekeep::datastore::testkit::Population;
-use spirekeep::datastore::{self, ColumnKind, Datastore, Engine, Value};
+use spirekeep::datastore::{ColumnKind, Datastore, Engine, Value};
 use spirekeep::snapshot::codec::content_hash;
 use time::OffsetDateTime;
 
 // ------------------------------------------------------------ helpers
-
-/// `--repo` plus S3 flags: a local directory and, when configured, the S3 test server.
-fn repositories(dir: &tempfile::TempDir, test: &str) -> Vec<Vec<String>> {
-    let mut out = vec![vec![
-        "--repo".to_string(),
-        format!("file://{}", dir.path().join("repo").display()),
-    ]];
-    if let Ok(endpoint) = std::env::var("SPIREKEEP_TEST_S3_ENDPOINT") {
-        let bucket =
-            std::env::var("SPIREKEEP_TEST_S3_BUCKET").unwrap_or_else(|_| "spirekeep-test".into());
-        let n: u32 = rand::random();
-        out.push(vec![
-            "--repo".into(),
-            format!("s3://{bucket}/spirekeep-tests/{test}-{n:08x}"),
-            "--s3-endpoint".into(),
-            endpoint,
-        ]);
-    } else {
-        assert!(
-            !datastore::testkit::services_required(),
-            "SPIREKEEP_TEST_S3_ENDPOINT is not set"
-        );
-    }
-    out
-}
-
-fn file_repo(dir: &tempfile::TempDir) -> Vec<String> {
-    vec![
-        "--repo".to_string(),
-        format!("file://{}", dir.path().join("repo").display()),
-    ]
-}
-
-/// Runs `spirekeep --json <args> <extra>`; returns the exit code and the parsed stdout.
-fn run_json(args: &[&str], extra: &[String]) -> (i32, Json, String) {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    all.extend(extra.iter().map(String::as_str));
-    let out = spirekeep(&all, &[]);
-    let json = serde_json::from_str(&stdout(&out)).unwrap_or(Json::Null);
-    (out.status.code().unwrap_or(-1), json, stderr(&out))
-}
-
-fn ok_json(args: &[&str], extra: &[String]) -> Json {
-    let (code, json, err) = run_json(args, extra);
-    assert_eq!(code, 0, "{args:?} failed: {err}");
-    json
-}
 
 /// Takes a snapshot and returns its id.
 fn backup(url: &str, repo: &[String]) -> String {

@@ -7,10 +7,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{SpireFixture, assert_one_line_error, spirekeep, stderr, stdout};
+use common::{
+    SpireFixture, assert_one_line_error, file_repo, ok_json, repositories, run_json, spirekeep,
+    stderr, stdout,
+};
 use serde_json::Value as Json;
+use spirekeep::datastore::Engine;
 use spirekeep::datastore::testkit::{Population, TestDatabase};
-use spirekeep::datastore::{self, Engine};
 
 fn population(entries: usize) -> Population {
     Population {
@@ -18,51 +21,6 @@ fn population(entries: usize) -> Population {
         hostile: true,
         ..Population::new(entries)
     }
-}
-
-/// `--repo` plus S3 flags: a local directory and, when configured, the S3 test server.
-fn repositories(dir: &tempfile::TempDir, test: &str) -> Vec<Vec<String>> {
-    let mut out = vec![file_repo(dir)];
-    if let Ok(endpoint) = std::env::var("SPIREKEEP_TEST_S3_ENDPOINT") {
-        let bucket =
-            std::env::var("SPIREKEEP_TEST_S3_BUCKET").unwrap_or_else(|_| "spirekeep-test".into());
-        let n: u32 = rand::random();
-        out.push(vec![
-            "--repo".into(),
-            format!("s3://{bucket}/spirekeep-tests/{test}-{n:08x}"),
-            "--s3-endpoint".into(),
-            endpoint,
-        ]);
-    } else {
-        assert!(
-            !datastore::testkit::services_required(),
-            "SPIREKEEP_TEST_S3_ENDPOINT is not set"
-        );
-    }
-    out
-}
-
-fn file_repo(dir: &tempfile::TempDir) -> Vec<String> {
-    vec![
-        "--repo".to_string(),
-        format!("file://{}", dir.path().join("repo").display()),
-    ]
-}
-
-/// Runs `spirekeep --json <args> <repo>`: exit code, parsed stdout, stderr.
-fn run_json(args: &[&str], repo: &[String]) -> (i32, Json, String) {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    all.extend(repo.iter().map(String::as_str));
-    let out = spirekeep(&all, &[]);
-    let json = serde_json::from_str(&stdout(&out)).unwrap_or(Json::Null);
-    (out.status.code().unwrap_or(-1), json, stderr(&out))
-}
-
-fn ok_json(args: &[&str], repo: &[String]) -> Json {
-    let (code, json, err) = run_json(args, repo);
-    assert_eq!(code, 0, "{args:?} failed: {err}");
-    json
 }
 
 fn backup(url: &str, repo: &[String]) -> String {

@@ -138,3 +138,50 @@ impl SpireFixture {
         }
     }
 }
+
+/// `--repo` plus S3 flags: a local directory and, when configured, the S3 test server.
+pub fn repositories(dir: &TempDir, test: &str) -> Vec<Vec<String>> {
+    let mut out = vec![file_repo(dir)];
+    if let Ok(endpoint) = std::env::var("SPIREKEEP_TEST_S3_ENDPOINT") {
+        let bucket =
+            std::env::var("SPIREKEEP_TEST_S3_BUCKET").unwrap_or_else(|_| "spirekeep-test".into());
+        let n: u32 = rand::random();
+        out.push(vec![
+            "--repo".into(),
+            format!("s3://{bucket}/spirekeep-tests/{test}-{n:08x}"),
+            "--s3-endpoint".into(),
+            endpoint,
+        ]);
+    } else {
+        assert!(
+            !spirekeep::datastore::testkit::services_required(),
+            "SPIREKEEP_TEST_S3_ENDPOINT is not set"
+        );
+    }
+    out
+}
+
+/// `--repo file://<dir>/repo`.
+pub fn file_repo(dir: &TempDir) -> Vec<String> {
+    vec![
+        "--repo".to_string(),
+        format!("file://{}", dir.path().join("repo").display()),
+    ]
+}
+
+/// Runs `spirekeep --json <args> <repo>`: exit code, parsed stdout, stderr.
+pub fn run_json(args: &[&str], repo: &[String]) -> (i32, serde_json::Value, String) {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    all.extend(repo.iter().map(String::as_str));
+    let out = spirekeep(&all, &[]);
+    let json = serde_json::from_str(&stdout(&out)).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), json, stderr(&out))
+}
+
+/// [`run_json`] that must succeed.
+pub fn ok_json(args: &[&str], repo: &[String]) -> serde_json::Value {
+    let (code, json, err) = run_json(args, repo);
+    assert_eq!(code, 0, "{args:?} failed: {err}");
+    json
+}

@@ -16,8 +16,11 @@ mkdir -p "$state_dir"
 log() { echo "test-services: $*" >&2; }
 
 need_apt=()
-command -v psql >/dev/null 2>&1 || need_apt+=(postgresql postgresql-client)
-command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server)
+# The servers, not the clients: a machine may have psql without any PostgreSQL server.
+pg_server_bin() { ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | sort -V | tail -n1; }
+[ -n "$(pg_server_bin)" ] || need_apt+=(postgresql)
+command -v pg_dump >/dev/null 2>&1 || need_apt+=(postgresql-client)
+[ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server)
 command -v mariadb >/dev/null 2>&1 || need_apt+=(mariadb-client)
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
@@ -25,17 +28,24 @@ command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v prometheus-pushgateway >/dev/null 2>&1 || need_apt+=(prometheus-pushgateway)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
+command -v make-ssl-cert >/dev/null 2>&1 || need_apt+=(ssl-cert)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# --- PostgreSQL
+# --- PostgreSQL: a cluster (created when the package made none), started
+pg_version="$(basename "$(dirname "$(dirname "$(pg_server_bin)")")")"
+if ! pg_lsclusters -h 2>/dev/null | awk '{print $1" "$2}' | grep -q "^$pg_version main$"; then
+  log "creating PostgreSQL $pg_version cluster main"
+  pg_createcluster "$pg_version" main -p 5432 >/dev/null
+fi
 if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
-  log "starting PostgreSQL"
-  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start
-  for _ in $(seq 60); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.5; done
+  log "starting PostgreSQL $pg_version"
+  pg_ctlcluster --skip-systemctl-redirect "$pg_version" main start
+  for _ in $(seq 120); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.5; done
+  pg_isready -h 127.0.0.1 -p 5432 -q || { log "PostgreSQL did not start: see /var/log/postgresql/"; exit 1; }
 fi
 # The test password is distinctive so the tests can prove it never reaches any output.
 SPIREKEEP_TEST_PASSWORD="${SPIREKEEP_TEST_PASSWORD:-sk-test-pw-7Hq2}"
@@ -56,9 +66,15 @@ fi
 # --- MariaDB (root has socket auth only on Debian: the tests use their own TCP user)
 if ! mysqladmin -uroot ping >/dev/null 2>&1; then
   log "starting MariaDB"
-  mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
-  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
-  for _ in $(seq 60); do mysqladmin -uroot ping >/dev/null 2>&1 && break; sleep 0.5; done
+  mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
+  # A package install on a machine without systemd leaves a data directory but may not have run
+  # mariadb-install-db; the system tables are what tells.
+  if [ ! -d /var/lib/mysql/mysql ]; then
+    mariadb-install-db --user=mysql --datadir=/var/lib/mysql --skip-test-db >/dev/null
+  fi
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+  for _ in $(seq 120); do mysqladmin -uroot ping >/dev/null 2>&1 && break; sleep 0.5; done
+  mysqladmin -uroot ping >/dev/null 2>&1 || { log "MariaDB did not start: run /usr/sbin/mariadbd --user=mysql to see why"; exit 1; }
 fi
 mariadb -uroot -e "CREATE USER IF NOT EXISTS 'spirekeep'@'localhost' IDENTIFIED BY '$SPIREKEEP_TEST_PASSWORD';
   CREATE USER IF NOT EXISTS 'spirekeep'@'%' IDENTIFIED BY '$SPIREKEEP_TEST_PASSWORD';
@@ -70,7 +86,8 @@ mariadb -uroot -e "CREATE USER IF NOT EXISTS 'spirekeep'@'localhost' IDENTIFIED 
 # --- S3 (moto server from PyPI, in a virtualenv of its own)
 moto_bin="$(command -v moto_server || true)"
 if [ -z "$moto_bin" ] || ! "$moto_bin" --help >/dev/null 2>&1; then
-  venv="$root_dir/target/moto-venv"
+  # Outside the work tree, so a fresh clone on the same machine reuses it.
+  venv="${XDG_CACHE_HOME:-$HOME/.cache}/spirekeep/moto-venv"
   if [ ! -x "$venv/bin/moto_server" ]; then
     log "installing moto[server] from PyPI (about 90 s)"
     python3 -m venv "$venv"

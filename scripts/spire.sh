@@ -10,6 +10,10 @@
 # The Go module proxy refuses `go install …@v1.13.3` for SPIRE (its go.mod has
 # replace directives), so the binaries are built inside a scratch module that
 # requires SPIRE as a tool. cgo stays on: SPIRE's SQLite driver needs it.
+# SPIRE's Makefile stamps release builds with the tag (version.gittag); without
+# it a source build calls itself "1.13.3-dev-unk" and writes that into the
+# datastore's migrations row. The same stamp makes these binaries behave, and
+# write, exactly as the released ones do.
 set -euo pipefail
 
 version="${SPIRE_VERSION:-v1.13.3}"
@@ -18,7 +22,7 @@ bin_dir="$cache_root/$version/bin"
 log() { echo "spire.sh: $*" >&2; }
 
 if [ -x "$bin_dir/spire-server" ] && [ -x "$bin_dir/spire-agent" ] &&
-  "$bin_dir/spire-server" --version >/dev/null 2>&1; then
+  [ "$("$bin_dir/spire-server" --version 2>&1 | head -n1)" = "${version#v}" ]; then
   echo "$bin_dir"
   exit 0
 fi
@@ -42,7 +46,9 @@ log "building spire-server and spire-agent $version (first time only; a few minu
   export CGO_ENABLED=1 GOFLAGS="${GOFLAGS:-} -mod=mod"
   go get -tool "github.com/spiffe/spire/cmd/spire-server@$version" >&2
   go get -tool "github.com/spiffe/spire/cmd/spire-agent@$version" >&2
-  GOBIN="$bin_dir" go install github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent >&2
+  GOBIN="$bin_dir" go install \
+    -ldflags "-X github.com/spiffe/spire/pkg/common/version.gittag=${version#v}" \
+    github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent >&2
 )
 log "built in $(($(date +%s) - started)) s: $("$bin_dir/spire-server" --version 2>&1 | head -n1)"
 echo "$bin_dir"

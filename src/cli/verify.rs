@@ -7,6 +7,7 @@ use super::output::print_json;
 use super::repo::RepoArgs;
 use crate::datastore::{self, OpenMode, dsn};
 use crate::error::Error;
+use crate::rehearse::{RehearsalOptions, RehearsalReport, Scratch};
 use crate::snapshot::listing::{human_bytes, resolve};
 use crate::snapshot::verify::{VerifyMode, VerifyReport, verify_snapshot};
 
@@ -21,16 +22,45 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub deep: bool,
 
-    /// Scratch datastore for --deep, which must be empty (the restored tables are dropped afterwards):
-    /// a connection string or SQLite path. Default: a temporary SQLite file in $TMPDIR (about the size of the datastore).
-    #[arg(long, value_name = "DATASTORE", requires = "deep")]
+    /// Scratch datastore for --deep or --rehearse, which must be empty (everything restored into it is
+    /// dropped afterwards): a connection string as SPIRE writes it, or a SQLite path. Default: a temporary
+    /// SQLite file in $TMPDIR (about the size of the datastore).
+    #[arg(long, value_name = "DATASTORE")]
     pub scratch: Option<String>,
+
+    /// Upgrade rehearsal: restore the snapshot into a scratch datastore, start the --spire-server binary
+    /// on it (own port, socket and data directory; in-memory keys), and report whether that release
+    /// accepts the data and which schema it leaves. Exit 0 when it does, 1 when it refuses.
+    #[arg(long, requires = "spire_server", conflicts_with = "deep")]
+    pub rehearse: bool,
+
+    /// The spire-server binary of the release to rehearse (e.g. the one you are about to deploy).
+    #[arg(long, value_name = "PATH")]
+    pub spire_server: Option<std::path::PathBuf>,
+
+    /// Trust domain of the rehearsal server (the data is accepted or refused the same way whatever it is).
+    #[arg(long, value_name = "NAME", default_value = crate::rehearse::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// How long the rehearsal server may take to become healthy.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub rehearse_timeout: std::time::Duration,
 
     #[command(flatten)]
     pub repo: RepoArgs,
 }
 
 pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
+    if args.scratch.is_some() && !args.deep && !args.rehearse {
+        return Err(Error::Unsupported(
+            "--scratch is the datastore of a restore drill: use it with --deep or --rehearse"
+                .into(),
+        )
+        .into());
+    }
+    if args.rehearse {
+        return rehearse(args, json).await;
+    }
     let scratch_spec = match &args.scratch {
         Some(s) => {
             let cwd = std::env::current_dir().map_err(|e| {
@@ -67,6 +97,74 @@ pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
             report.problems.first().map_or("", String::as_str)
         );
         Ok(exit::CHECK_FAILED)
+    }
+}
+
+async fn rehearse(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
+    let scratch = match &args.scratch {
+        Some(s) => {
+            let cwd = std::env::current_dir().map_err(|e| {
+                Error::Unsupported(format!("cannot read the current directory: {e}"))
+            })?;
+            let spec = dsn::parse(s, None, &cwd)?;
+            Scratch::Given {
+                connection_string: dsn::spire_connection_string(s, &spec)?,
+                spec,
+            }
+        }
+        None => Scratch::TemporarySqlite,
+    };
+    let options = RehearsalOptions {
+        spire_server: args.spire_server.clone().unwrap_or_default(),
+        scratch,
+        trust_domain: args.trust_domain.clone(),
+        timeout: args.rehearse_timeout,
+    };
+    let repo = args.repo.open()?;
+    let id = resolve(&repo, &args.snapshot).await?;
+    let report = crate::rehearse::rehearse(&repo, &id, &options).await?;
+    if json {
+        print_json(&report)?;
+    } else {
+        print_rehearsal(&report);
+    }
+    if report.accepted {
+        Ok(exit::OK)
+    } else {
+        eprintln!(
+            "error: {} refuses snapshot {}: {}",
+            report.spire_version,
+            report.snapshot_id,
+            report
+                .spire_error
+                .as_deref()
+                .unwrap_or("it did not become healthy")
+        );
+        Ok(exit::CHECK_FAILED)
+    }
+}
+
+fn print_rehearsal(r: &RehearsalReport) {
+    let row = |s: &Option<crate::rehearse::SchemaRow>| match s {
+        Some(s) => format!(
+            "schema {}, code_version \"{}\"",
+            s.schema_version, s.code_version
+        ),
+        None => "no migrations row".to_string(),
+    };
+    println!(
+        "rehearsal of snapshot {} with {} ({}): {} in {:.1} s",
+        r.snapshot_id,
+        r.spire_server,
+        r.spire_version,
+        if r.accepted { "ACCEPTED" } else { "REFUSED" },
+        r.seconds
+    );
+    println!("  scratch    {}", r.scratch);
+    println!("  before     {}", row(&r.schema_before));
+    println!("  after      {}", row(&r.schema_after));
+    if let Some(e) = &r.spire_error {
+        println!("  spire      {e}");
     }
 }
 

@@ -187,6 +187,38 @@ pub fn parse(input: &str, engine: Option<Engine>, workdir: &Path) -> Result<Conn
     }
 }
 
+/// The connection string a SPIRE server can take for `spec`, which was
+/// parsed from `input`: SQLite as an absolute path, PostgreSQL as given
+/// (lib/pq reads both its `key=value` form and URLs), MySQL only in
+/// go-sql-driver's DSN form with `parseTime=true` (SPIRE requires it).
+///
+/// # Errors
+/// A MySQL URL (`mysql://…`) or a DSN without `parseTime=true`; the message
+/// never repeats the string (it may hold a password).
+pub fn spire_connection_string(input: &str, spec: &ConnectionSpec) -> Result<String> {
+    match spec {
+        ConnectionSpec::Sqlite(s) => Ok(s.path.display().to_string()),
+        ConnectionSpec::Postgres(_) => Ok(input.trim().to_string()),
+        ConnectionSpec::Mysql(m) => {
+            let lower = input.trim().to_ascii_lowercase();
+            if lower.starts_with("mysql://") || lower.starts_with("mariadb://") {
+                Err(Error::ConnectionString(format!(
+                    "{}: SPIRE cannot read a mysql:// URL; write it as SPIRE does: \
+                     user:password@tcp(host:3306)/database?parseTime=true",
+                    m.display
+                )))
+            } else if !m.parse_time {
+                Err(Error::ConnectionString(format!(
+                    "{}: SPIRE requires parseTime=true in a MySQL connection string",
+                    m.display
+                )))
+            } else {
+                Ok(input.trim().to_string())
+            }
+        }
+    }
+}
+
 fn detect_engine(s: &str) -> Option<Engine> {
     let lower = s.to_ascii_lowercase();
     if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {

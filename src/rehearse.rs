@@ -16,16 +16,17 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::process::{Child, Command};
 
-use crate::datastore::{self, ConnectionSpec, Datastore, OpenMode, dsn, quote_ident};
+use crate::datastore::{self, ConnectionSpec, Datastore, OpenMode, Value, dsn, quote_ident};
 use crate::error::{Error, Result};
 use crate::inspect::read_migrations;
+use crate::snapshot::TableReader;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::restore::{self, RestoreOptions};
 use crate::store::Repository;
 use crate::store::keys::SnapshotId;
 
-/// The trust domain a rehearsal server runs with unless told otherwise. The
-/// datastore's rows are accepted or refused the same way whatever it is.
+/// The trust domain a rehearsal server runs with when the snapshot has no
+/// registration entry to take it from.
 pub const DEFAULT_TRUST_DOMAIN: &str = "rehearsal.spirekeep.invalid";
 
 /// Where a rehearsal restores to.
@@ -46,7 +47,10 @@ pub struct RehearsalOptions {
     /// The `spire-server` binary of the release to try.
     pub spire_server: PathBuf,
     pub scratch: Scratch,
-    pub trust_domain: String,
+    /// The server's trust domain; `None`: the one SPIRE checks at start-up,
+    /// that of the registration entry with the lowest id (SPIRE refuses to
+    /// start when it differs: `validateTrustDomain` in `pkg/server/server.go`).
+    pub trust_domain: Option<String>,
     /// How long the server may take to become healthy.
     pub timeout: Duration,
 }
@@ -67,6 +71,8 @@ pub struct RehearsalReport {
     pub spire_version: String,
     /// The scratch datastore, without any password.
     pub scratch: String,
+    /// The trust domain the server ran with.
+    pub trust_domain: String,
     /// The release started on the data and passed its health check.
     pub accepted: bool,
     /// The snapshot's `migrations` row, as restored.
@@ -105,6 +111,12 @@ pub async fn rehearse(
     let clock = Instant::now();
     let spire_version = spire_server_version(&options.spire_server).await?;
     let manifest = Manifest::load(repo, id).await?;
+    let trust_domain = match &options.trust_domain {
+        Some(td) => td.clone(),
+        None => first_entry_trust_domain(repo, &manifest)
+            .await?
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string()),
+    };
     let work = make_work_dir(id)?;
 
     let (spec, connection_string) = match &options.scratch {
@@ -143,6 +155,7 @@ pub async fn rehearse(
         ds.as_ref(),
         &work.0,
         &connection_string,
+        &trust_domain,
         options,
     )
     .await;
@@ -156,6 +169,7 @@ pub async fn rehearse(
         spire_server: options.spire_server.display().to_string(),
         spire_version,
         scratch: scratch_display,
+        trust_domain,
         accepted,
         schema_before,
         schema_after,
@@ -173,6 +187,7 @@ async fn rehearse_in(
     ds: &dyn Datastore,
     work: &Path,
     connection_string: &str,
+    trust_domain: &str,
     options: &RehearsalOptions,
 ) -> Result<Outcome> {
     // The scratch may take whatever changes its engine needs (as a deep verify does).
@@ -192,7 +207,7 @@ async fn rehearse_in(
     restore::execute_unrecorded(repo, manifest, ds, &plan, &restore::Quiet).await?;
     let before = schema_row(ds).await?;
 
-    let config = write_config(work, ds, connection_string, &options.trust_domain)?;
+    let config = write_config(work, ds, connection_string, trust_domain)?;
     let log_path = work.join("spire-server.log");
     tracing::info!(
         snapshot = %manifest.snapshot_id,
@@ -233,6 +248,45 @@ async fn rehearse_in(
     };
     let after = schema_row(ds).await?;
     Ok((accepted, before, after, spire_error))
+}
+
+/// The trust domain of the registration entry with the lowest id, the one
+/// SPIRE compares with its own at start-up; `None` without entries. Reads
+/// only the first batch of the table's first object (backups read tables in
+/// primary-key order).
+async fn first_entry_trust_domain(
+    repo: &Repository,
+    manifest: &Manifest,
+) -> Result<Option<String>> {
+    let (Some(data), Some(table)) = (
+        manifest
+            .tables
+            .iter()
+            .find(|t| t.name == "registered_entries"),
+        manifest.catalogue.table("registered_entries"),
+    ) else {
+        return Ok(None);
+    };
+    let position = |name: &str| table.columns.iter().position(|c| c.name == name);
+    let (Some(id_at), Some(spiffe_id_at)) = (position("id"), position("spiffe_id")) else {
+        return Ok(None);
+    };
+    for object in &data.objects {
+        let mut reader = TableReader::open(repo, table, object).await?;
+        let Some(batch) = reader.next_batch().await? else {
+            continue;
+        };
+        let first = batch.iter().min_by_key(|row| match row.get(id_at) {
+            Some(Value::Int(id)) => *id,
+            _ => i64::MAX,
+        });
+        if let Some(Value::Text(spiffe_id)) = first.and_then(|row| row.get(spiffe_id_at)) {
+            return Ok(url::Url::parse(spiffe_id)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string)));
+        }
+    }
+    Ok(None)
 }
 
 async fn schema_row(ds: &dyn Datastore) -> Result<Option<SchemaRow>> {

@@ -38,9 +38,10 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "PATH")]
     pub spire_server: Option<std::path::PathBuf>,
 
-    /// Trust domain of the rehearsal server (the data is accepted or refused the same way whatever it is).
-    #[arg(long, value_name = "NAME", default_value = crate::rehearse::DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
+    /// Trust domain of the rehearsal server. Default: that of the snapshot's first registration entry,
+    /// which SPIRE compares with its own at start-up.
+    #[arg(long, value_name = "NAME")]
+    pub trust_domain: Option<String>,
 
     /// How long the rehearsal server may take to become healthy.
     #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = humantime::parse_duration)]
@@ -161,6 +162,7 @@ fn print_rehearsal(r: &RehearsalReport) {
         r.seconds
     );
     println!("  scratch    {}", r.scratch);
+    println!("  trust      {}", r.trust_domain);
     println!("  before     {}", row(&r.schema_before));
     println!("  after      {}", row(&r.schema_after));
     if let Some(e) = &r.spire_error {

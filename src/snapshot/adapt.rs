@@ -7,7 +7,11 @@
 //! exactly (spire-reference §10):
 //!
 //! - MySQL `DATETIME` has no fractional seconds (MariaDB truncates, MySQL 8
-//!   rounds): sub-second timestamps are truncated to the second.
+//!   rounds): sub-second timestamps are rounded to the nearest second, half
+//!   away from zero. That is what SPIRE's API serves for them
+//!   (`roundedInSecondsUnix` = Go's `t.Round(time.Second)`), and agents re-fetch
+//!   an entry whose `created_at` changed, so rounding keeps every entry the same
+//!   to SPIRE and its agents where truncating would change about half of them.
 //! - SPIRE's MySQL tables are `utf8` (utf8mb3): four-byte characters are
 //!   rejected; they become U+FFFD.
 //! - `varchar(n)` holds n characters: longer text is cut to n.
@@ -30,7 +34,7 @@ use crate::datastore::{ColumnKind, Engine, Table, Value};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
-    /// Sub-second timestamp into MySQL `DATETIME`: truncated to the second.
+    /// Sub-second timestamp into MySQL `DATETIME`: rounded to the nearest second, as SPIRE's API rounds it.
     SubSecondTimestamp,
     /// Nanoseconds into PostgreSQL: truncated to the microsecond.
     SubMicrosecondTimestamp,
@@ -193,12 +197,24 @@ impl Adapter {
     }
 }
 
+/// Go's `t.Round(time.Second)`: to the nearest second, halves away from zero
+/// (up, for every time after 1970). At the end of the representable range it
+/// truncates instead of overflowing.
+fn round_to_second(t: OffsetDateTime) -> OffsetDateTime {
+    let whole = t.replace_nanosecond(0).unwrap_or(t);
+    if t.nanosecond() >= 500_000_000 {
+        whole.checked_add(time::Duration::SECOND).unwrap_or(whole)
+    } else {
+        whole
+    }
+}
+
 fn adapt_value(target: Engine, rule: &ColumnRule, v: &mut Value) -> Option<(ChangeKind, String)> {
     match v {
         Value::Timestamp(t) => match target {
             Engine::Mysql if t.nanosecond() != 0 => {
                 let before = *t;
-                *t = t.replace_nanosecond(0).unwrap_or(*t);
+                *t = round_to_second(*t);
                 Some((
                     ChangeKind::SubSecondTimestamp,
                     format!("{} becomes {}", canonical(before), canonical(*t)),
@@ -355,6 +371,25 @@ mod tests {
         )
     }
 
+    /// Regression (found against a real SPIRE 1.13.3): truncating into MySQL
+    /// changed the `created_at` SPIRE serves (it rounds) for about half the
+    /// entries of a SQLite datastore moved to MariaDB.
+    #[test]
+    fn mysql_rounds_sub_second_times_as_spire_serves_them() {
+        let at = |secs: i64, nanos: u32| {
+            OffsetDateTime::from_unix_timestamp(secs)
+                .unwrap()
+                .replace_nanosecond(nanos)
+                .unwrap()
+        };
+        assert_eq!(round_to_second(at(100, 499_999_999)), at(100, 0));
+        assert_eq!(round_to_second(at(100, 500_000_000)), at(101, 0));
+        assert_eq!(round_to_second(at(100, 987_277_464)), at(101, 0));
+        assert_eq!(round_to_second(at(100, 0)), at(100, 0));
+        let last = time::PrimitiveDateTime::MAX.assume_utc();
+        assert_eq!(round_to_second(last), last.replace_nanosecond(0).unwrap());
+    }
+
     #[test]
     fn mysql_changes_are_listed_and_applied() {
         let src = table(
@@ -382,7 +417,11 @@ mod tests {
             vec![ChangeKind::FourByteUtf8, ChangeKind::SubSecondTimestamp]
         );
         assert_eq!(row[1], Value::Text("a\u{FFFD}".into()));
-        assert_eq!(row[2], ts(0));
+        // Rounded as SPIRE's API rounds created_at: .5 goes up.
+        assert_eq!(
+            row[2],
+            Value::Timestamp(OffsetDateTime::from_unix_timestamp(1_700_000_001).unwrap())
+        );
         assert_eq!(changes[0].row, "id=1");
 
         let mut long = vec![Value::Int(2), Value::Text("abcdefg".into()), ts(0)];

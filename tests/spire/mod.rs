@@ -345,6 +345,7 @@ impl SpireServer {
             entries: sorted(&self.json(&["entry", "show"]), "entries", "id"),
             agents: sorted(&self.json(&["agent", "list"]), "agents", "id"),
             bundles: sorted(&self.json(&["bundle", "list"]), "bundles", "trust_domain"),
+            own_bundle: self.json(&["bundle", "show"]),
         }
     }
 
@@ -384,7 +385,10 @@ impl Drop for SpireServer {
 pub struct ServedState {
     pub entries: Vec<serde_json::Value>,
     pub agents: Vec<serde_json::Value>,
+    /// Federated bundles (`bundle list`).
     pub bundles: Vec<serde_json::Value>,
+    /// The server's own trust domain's bundle (`bundle show`).
+    pub own_bundle: serde_json::Value,
 }
 
 /// The array under `key` (SPIRE 1.13 wraps listings in an object), sorted by `by`.

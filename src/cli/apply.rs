@@ -1,11 +1,15 @@
 //! `spirekeep apply PLAN.json [--resume] [--dry-run]`: run a saved plan.
 //!
-//! Exit codes: 0 completed (or a dry run of a fresh plan), 1 refused (stale
-//! plan, unhealthy fleet) or stopped (an agent batch failed and was returned,
-//! or the post-checks failed), 2 bad input (no such plan, a journal that
-//! needs --resume), 3 rolled back (a server step or the datastore gate failed:
-//! the datastore was restored and every member returned), 5 the rollback did
-//! not complete (manual intervention; the report says what is where).
+//! Exit codes (the README's table): 0 completed (or a dry run of a fresh
+//! plan); 9 nothing to do (every member already runs the target); 8 refused
+//! before anything changed (stale plan, unhealthy fleet, clock skew, a
+//! snapshot that could not be taken); 3 failed and rolled back (the datastore
+//! was restored and every member returned); 7 failed and NOT back where it
+//! started: the rollback did not complete, or the plan stopped half-way (an
+//! agent batch failed and was returned, a post-check failed, agents left
+//! behind would break the skew): an operator must act, the journal says
+//! where; 2 bad input (no such plan, a journal that needs --resume);
+//! 5 anything else (e.g. the journal cannot be written).
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -50,9 +54,10 @@ pub struct ApplyArgs {
 pub fn exit_code(outcome: Outcome) -> u8 {
     match outcome {
         Outcome::Completed => exit::OK,
-        Outcome::Refused | Outcome::Stopped => exit::CHECK_FAILED,
+        Outcome::NothingToDo => exit::NOTHING_TO_DO,
+        Outcome::Refused => exit::REFUSED,
         Outcome::RolledBack => exit::ROLLED_BACK,
-        Outcome::RollbackFailed => exit::FAILED,
+        Outcome::Stopped | Outcome::RollbackFailed => exit::ROLLBACK_FAILED,
     }
 }
 
@@ -66,7 +71,7 @@ pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
             print!("{}", render_dry_run(&d));
         }
         return Ok(if d.fresh == Some(false) {
-            exit::CHECK_FAILED
+            exit::REFUSED
         } else {
             exit::OK
         });
@@ -79,6 +84,15 @@ pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
             .unwrap_or_else(|| journal::path_for(&args.plan)),
     };
     let progress = TermProgress::new(!json && std::io::stderr().is_terminal());
+    if !progress.is_terminal() {
+        // not a terminal: one plain line per step on stderr instead
+        eprintln!(
+            "apply {}: {} steps, journal {}",
+            saved.plan_id,
+            saved.steps.len(),
+            options.journal.display()
+        );
+    }
     let report = apply(&saved, &options, &progress).await?;
     progress.clear();
     if json {
@@ -86,7 +100,7 @@ pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
     } else {
         print!("{}", render_report(&report));
     }
-    if report.outcome != Outcome::Completed {
+    if !matches!(report.outcome, Outcome::Completed | Outcome::NothingToDo) {
         eprintln!(
             "error: plan {} {}: {}",
             report.plan_id,
@@ -225,6 +239,10 @@ impl TermProgress {
         }
     }
 
+    fn is_terminal(&self) -> bool {
+        self.bar.is_some()
+    }
+
     fn clear(&self) {
         if let Some(m) = &self.bar
             && let Ok(mut b) = m.lock()
@@ -256,15 +274,8 @@ impl Progress for TermProgress {
 
     fn end(&self, id: &str, status: StepStatus, detail: &str, millis: u64) {
         tracing::info!(step = id, status = mark(status), "{detail}");
-        let Some(m) = &self.bar else { return };
-        let Ok(mut slot) = m.lock() else { return };
-        let line = format!(
-            "{} {id}{}{}",
-            match status {
-                StepStatus::Failed => "✗",
-                StepStatus::NotRun => "-",
-                _ => "✓",
-            },
+        let rest = format!(
+            "{id}{}{}",
             if detail.is_empty() {
                 String::new()
             } else {
@@ -276,6 +287,20 @@ impl Progress for TermProgress {
                 String::new()
             }
         );
+        let Some(m) = &self.bar else {
+            // not a terminal (a log, CI): one plain line per step, when it ends
+            eprintln!("[{}] {rest}", mark(status));
+            return;
+        };
+        let line = format!(
+            "{} {rest}",
+            match status {
+                StepStatus::Failed => "✗",
+                StepStatus::NotRun => "-",
+                _ => "✓",
+            }
+        );
+        let Ok(mut slot) = m.lock() else { return };
         match slot.take() {
             Some(bar) => {
                 bar.finish_and_clear();
@@ -287,8 +312,6 @@ impl Progress for TermProgress {
 
     fn note(&self, message: &str) {
         tracing::warn!("{message}");
-        if self.bar.is_some() {
-            eprintln!("! {message}");
-        }
+        eprintln!("! {message}");
     }
 }

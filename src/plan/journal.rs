@@ -43,6 +43,9 @@ pub enum Outcome {
     RolledBack,
     /// The rollback itself did not complete: manual intervention needed.
     RollbackFailed,
+    /// Every member already ran the target and the facts still matched:
+    /// nothing was changed.
+    NothingToDo,
 }
 
 impl Outcome {
@@ -54,6 +57,7 @@ impl Outcome {
             Self::Stopped => "stopped",
             Self::RolledBack => "rolled_back",
             Self::RollbackFailed => "rollback_failed",
+            Self::NothingToDo => "nothing_to_do",
         }
     }
 }
@@ -78,9 +82,17 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
         data: serde_json::Value,
     },
-    /// A step failed.
-    StepFailed { step: String, error: String },
-    /// A failure turned the plan into a rollback.
+    /// A step failed. With `rollback`, the same record starts the rollback:
+    /// one write, so no kill can leave a failed server step without its
+    /// rollback (a resume would otherwise retry the step).
+    StepFailed {
+        step: String,
+        error: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rollback: bool,
+    },
+    /// A failure turned the plan into a rollback (journals written before
+    /// `StepFailed` carried `rollback`; still read).
     RollbackStarted { failed_step: String, reason: String },
     /// Something worth keeping that is not a step.
     Note { message: String },
@@ -348,10 +360,17 @@ impl State {
                         s.interrupted = None;
                     }
                 }
-                Event::StepFailed { step, error } => {
+                Event::StepFailed {
+                    step,
+                    error,
+                    rollback,
+                } => {
                     s.failed.insert(step.clone(), error.clone());
                     if s.interrupted.as_deref() == Some(step) {
                         s.interrupted = None;
+                    }
+                    if *rollback && s.rollback.is_none() {
+                        s.rollback = Some((step.clone(), error.clone()));
                     }
                 }
                 Event::RollbackStarted {

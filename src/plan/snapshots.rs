@@ -11,6 +11,7 @@ use crate::datastore::OpenMode;
 use crate::error::{Error, Result};
 use crate::snapshot::Manifest;
 use crate::snapshot::backup::{BackupOptions, Quiet, backup};
+use crate::snapshot::codec::sha256_hex;
 use crate::snapshot::manifest::list_snapshots;
 use crate::snapshot::pins;
 use crate::snapshot::restore::{self, RestoreOptions};
@@ -26,11 +27,27 @@ use super::model::PRE_UPGRADE_LABEL;
 /// How long `apply` waits for a repository lock held by a backup or prune.
 const LOCK_WAIT: Duration = Duration::from_secs(300);
 
-/// The label that ties a snapshot to its plan.
+/// The longest label a snapshot may carry (`backup::validate_label`).
+const MAX_LABEL: usize = 64;
+
+/// The label that ties a snapshot to its plan: `plan-<plan id>`. A plan id
+/// too long for a label (a long plan name) keeps its time stamp and gains a
+/// hash of the whole id, so two runs of one plan name never share a label
+/// (a resume must never pick up another run's snapshot).
 #[must_use]
 pub fn plan_label(plan_id: &str) -> String {
     let label = format!("plan-{plan_id}");
-    label.chars().take(64).collect()
+    if label.len() <= MAX_LABEL {
+        return label;
+    }
+    let (name, stamp) = plan_id.rsplit_once('-').unwrap_or((plan_id, ""));
+    let hash = sha256_hex(plan_id.as_bytes());
+    let hash = &hash[..12];
+    // plan-<name prefix>-<hash>-<stamp>
+    let room = MAX_LABEL.saturating_sub(5 + 1 + hash.len() + 1 + stamp.len());
+    let prefix: String = name.chars().take(room).collect();
+    let prefix = prefix.trim_end_matches(['-', '.', '_']);
+    format!("plan-{prefix}-{hash}-{stamp}")
 }
 
 /// Takes the repository lock, waiting for another holder. A lease left by
@@ -143,13 +160,16 @@ pub async fn take_pre_upgrade(
     result
 }
 
-/// Verifies every object of the snapshot (every object re-read, every size
-/// and hash checked; the outcome is recorded in the repository).
+/// Verifies the snapshot deeply before anything changes: every object
+/// re-read with every size and hash checked, and a restore drill into a
+/// scratch SQLite file whose tables are read back and compared (the outcome
+/// is recorded in the repository). A snapshot that cannot be restored must
+/// be found now, not in the middle of a rollback.
 async fn verify(repo: &Repository, manifest: &Manifest) -> Result<String> {
-    let report = verify::verify(repo, manifest, VerifyMode::Shallow).await?;
+    let report = verify::verify(repo, manifest, VerifyMode::Deep).await?;
     if report.ok {
         Ok(format!(
-            "verified ({} objects, {} rows re-read, every hash matches)",
+            "deep-verified ({} objects, {} rows re-read, every hash matches; restore drill into scratch: every table read back matches)",
             report.objects, report.rows
         ))
     } else {
@@ -212,4 +232,29 @@ pub async fn restore_pre_upgrade(
     .await;
     let _ = lock.release().await;
     result.map(|()| manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_labels_keep_the_time_and_stay_unique() {
+        assert_eq!(
+            plan_label("upgrade-20261204T101500Z"),
+            "plan-upgrade-20261204T101500Z"
+        );
+        let name = "a".repeat(64);
+        let one = plan_label(&format!("{name}-20261204T101500Z"));
+        let two = plan_label(&format!("{name}-20261204T101501Z"));
+        for l in [&one, &two] {
+            assert!(l.len() <= MAX_LABEL, "{l}");
+            crate::snapshot::backup::validate_label(l).unwrap();
+        }
+        assert!(one.ends_with("-20261204T101500Z"), "{one}");
+        assert_ne!(one, two);
+        // same name and time, different hash input: a different label
+        let other = plan_label(&format!("{}b-20261204T101500Z", "a".repeat(63)));
+        assert_ne!(one, other);
+    }
 }

@@ -70,7 +70,13 @@ async fn two_hop_upgrade(engine: Engine, s3: bool) {
     assert_eq!(report["outcome"], "completed");
     all_at(&fleet, "1.15.3");
     // not a terminal: one plain line per step on stderr
-    for step in ["preflight", "snapshot", "hop1.server.server-1", "hop2.agents.nodes.batch3", "finish"] {
+    for step in [
+        "preflight",
+        "snapshot",
+        "hop1.server.server-1",
+        "hop2.agents.nodes.batch3",
+        "finish",
+    ] {
         let line = format!("[done] {step}: ");
         assert_eq!(
             stderr.lines().filter(|l| l.starts_with(&line)).count(),
@@ -671,7 +677,6 @@ async fn failed_rollback_is_resumed_from_the_journal() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-
 /// `max_failure_ratio > 0` end to end over two hops. Hop 1: one agent of
 /// three fails, within the ratio: it goes back and the plan goes on; but
 /// before hop 2's server step the plan stops, because that agent would be
@@ -809,19 +814,39 @@ async fn commands_and_gates_never_see_spirekeeps_environment() {
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    for want in ["server-1.template.env", "agent-1.template.env", "server-1.gate.env"] {
+    for want in [
+        "server-1.template.env",
+        "agent-1.template.env",
+        "server-1.gate.env",
+    ] {
         assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
     }
     for f in &files {
         let env = std::fs::read_to_string(f).unwrap();
         for (k, v) in secrets {
-            assert!(!env.contains(v) && !env.contains(&format!("{k}=")), "{k} reached {}:\n{env}", f.display());
+            assert!(
+                !env.contains(v) && !env.contains(&format!("{k}=")),
+                "{k} reached {}:\n{env}",
+                f.display()
+            );
         }
         assert!(!env.contains("UNRELATED_VAR"), "{}:\n{env}", f.display());
-        assert!(env.contains("KUBECONFIG=/home/op/.kube/config"), "{}:\n{env}", f.display());
-        assert!(env.lines().any(|l| l.starts_with("PATH=")), "{}:\n{env}", f.display());
+        assert!(
+            env.contains("KUBECONFIG=/home/op/.kube/config"),
+            "{}:\n{env}",
+            f.display()
+        );
+        assert!(
+            env.lines().any(|l| l.starts_with("PATH=")),
+            "{}:\n{env}",
+            f.display()
+        );
         // executor.env still applies
-        assert!(env.contains("STANDIN_START_TIMEOUT=30"), "{}:\n{env}", f.display());
+        assert!(
+            env.contains("STANDIN_START_TIMEOUT=30"),
+            "{}:\n{env}",
+            f.display()
+        );
     }
     // a plan cannot pass spirekeep's own secrets on
     o.executor_extra = "pass_env = [\"PGPASSWORD\"]".into();
@@ -849,7 +874,8 @@ async fn a_skewed_clock_blocks_plan_and_apply() {
     assert_eq!(out.status.code(), Some(8), "refused");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("agent agent-2: its clock is ") && stdout.contains("s ahead of spirekeep's"),
+        stdout.contains("agent agent-2: its clock is ")
+            && stdout.contains("s ahead of spirekeep's"),
         "{stdout}"
     );
     assert!(!stdout.contains("agent agent-1: its clock"), "{stdout}");
@@ -859,7 +885,10 @@ async fn a_skewed_clock_blocks_plan_and_apply() {
     let out = fleet.spirekeep(&["plan", toml.to_str().unwrap(), "--out", "plan.json"]);
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("agent-2 (nodes) runs 1.14.7, healthy, clock "), "{stdout}");
+    assert!(
+        stdout.contains("agent-2 (nodes) runs 1.14.7, healthy, clock "),
+        "{stdout}"
+    );
 
     // the clock goes wrong after the plan was made: apply refuses
     fleet.set_fault("server-1", "clock-offset", "-120\n");
@@ -868,7 +897,8 @@ async fn a_skewed_clock_blocks_plan_and_apply() {
     assert_eq!(report["outcome"], "refused");
     let summary = report["summary"].as_str().unwrap();
     assert!(
-        summary.contains("server server-1: its clock is ") && summary.contains("s behind spirekeep's"),
+        summary.contains("server server-1: its clock is ")
+            && summary.contains("s behind spirekeep's"),
         "{summary}"
     );
     assert_eq!(fleet.starts("server-1", "1.15.3"), 0);

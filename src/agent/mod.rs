@@ -41,12 +41,13 @@ use crate::error::{Error, Result};
 use crate::metrics::{
     AgentFailures, FailureCounters, FailureKind, MetricsReport, RepoFacts, repo_facts,
 };
-use crate::store::lock::host_name;
 use crate::snapshot::CodecOptions;
 use crate::snapshot::backup::{BackupOptions, Quiet, backup};
 use crate::snapshot::prune::{self, PruneOptions};
 use crate::snapshot::retention::RetentionPolicy;
 use crate::store::Repository;
+use crate::store::lease_run::LeaseRun;
+use crate::store::lock::host_name;
 use crate::store::lock::{LockOptions, RepositoryLock};
 pub use schedule::Schedule;
 
@@ -347,15 +348,20 @@ impl Agent {
         let mut signals = signals.clone();
         match self.lock("agent backup", &mut signals).await {
             Err(Error::Aborted(why)) => tracing::warn!("scheduled backup {why}"),
-            Err(e) => self.failed("scheduled backup", |i| &mut i.backup_failures, &e).await,
+            Err(e) => {
+                self.failed("scheduled backup", |i| &mut i.backup_failures, &e)
+                    .await
+            }
             Ok(lock) => {
-                let result = tokio::select! {
-                    r = self.take_backup() => r,
-                    e = lock.lost() => Err(e.into()),
-                    () = shutdown::at_least(&mut signals, 2) => Err(Error::Aborted(
-                        "stopped by a second signal: no manifest was written, so no snapshot".into(),
-                    )),
-                };
+                // a first signal lets the running job finish; a second stops it
+                let result = LeaseRun::new(&lock)
+                    .with_signals(
+                        signals.clone(),
+                        2,
+                        "stopped by a second signal: no manifest was written, so no snapshot",
+                    )
+                    .run(self.take_backup())
+                    .await;
                 match result {
                     Ok(m) => {
                         tracing::info!(
@@ -374,7 +380,10 @@ impl Agent {
                         }
                     }
                     Err(Error::Aborted(why)) => tracing::warn!("scheduled backup {why}"),
-                    Err(e) => self.failed("scheduled backup", |i| &mut i.backup_failures, &e).await,
+                    Err(e) => {
+                        self.failed("scheduled backup", |i| &mut i.backup_failures, &e)
+                            .await
+                    }
                 }
                 if let Err(e) = lock.release().await {
                     tracing::warn!(error = %e, "could not release the repository lock; it expires on its own");
@@ -408,10 +417,7 @@ impl Agent {
             let plan = prune::plan(&self.config.repo, &options).await?;
             prune::execute(&self.config.repo, &plan, lock).await
         };
-        let outcome = tokio::select! {
-            r = work => r?,
-            e = lock.lost() => return Err(e.into()),
-        };
+        let outcome = LeaseRun::new(lock).run(work).await?;
         tracing::info!(
             snapshots = outcome.snapshots_deleted.len(),
             leftovers = outcome.leftovers_deleted.len(),
@@ -427,15 +433,15 @@ impl Agent {
         let mut signals = signals.clone();
         match self.lock("agent verify", &mut signals).await {
             Err(Error::Aborted(why)) => tracing::warn!("scheduled verification {why}"),
-            Err(e) => self.failed("scheduled verification", |i| &mut i.verify_failures, &e).await,
+            Err(e) => {
+                self.failed("scheduled verification", |i| &mut i.verify_failures, &e)
+                    .await
+            }
             Ok(lock) => {
-                let result = tokio::select! {
-                    r = self.verify_latest() => r,
-                    e = lock.lost() => Err(e.into()),
-                    () = shutdown::at_least(&mut signals, 2) => Err(Error::Aborted(
-                        "stopped by a second signal".into(),
-                    )),
-                };
+                let result = LeaseRun::new(&lock)
+                    .with_signals(signals.clone(), 2, "stopped by a second signal")
+                    .run(self.verify_latest())
+                    .await;
                 match result {
                     Ok(VerifyOutcome { snapshot: None, .. }) => {
                         tracing::info!("no snapshot to verify yet");
@@ -453,10 +459,14 @@ impl Agent {
                             outcome.snapshot.as_deref().unwrap_or_default(),
                             outcome.problems.join("; ")
                         ));
-                        self.failed("scheduled verification", |i| &mut i.verify_failures, &err).await;
+                        self.failed("scheduled verification", |i| &mut i.verify_failures, &err)
+                            .await;
                     }
                     Err(Error::Aborted(why)) => tracing::warn!("scheduled verification {why}"),
-                    Err(e) => self.failed("scheduled verification", |i| &mut i.verify_failures, &e).await,
+                    Err(e) => {
+                        self.failed("scheduled verification", |i| &mut i.verify_failures, &e)
+                            .await
+                    }
                 }
                 if let Err(e) = lock.release().await {
                     tracing::warn!(error = %e, "could not release the repository lock; it expires on its own");
@@ -547,9 +557,7 @@ mod tests {
         first
             .failed("scheduled backup", |i| &mut i.backup_failures, &err)
             .await;
-        first
-            .failed("prune", |i| &mut i.prune_failures, &err)
-            .await;
+        first.failed("prune", |i| &mut i.prune_failures, &err).await;
         drop(first);
 
         let second = agent(&repo);

@@ -62,7 +62,7 @@ pub fn exit_code(outcome: Outcome) -> u8 {
 }
 
 pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
-    let saved = SavedPlan::load(&args.plan).map_err(Error::Unsupported)?;
+    let saved = SavedPlan::load(&args.plan).map_err(Error::from)?;
     if args.dry_run {
         let d = dry_run(&saved, true).await?;
         if json {

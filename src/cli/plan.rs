@@ -63,7 +63,7 @@ struct PlanView<'a> {
 }
 
 pub(crate) async fn run(args: &PlanArgs, json: bool) -> anyhow::Result<u8> {
-    let (pf, plan) = file::load(&args.file).map_err(Error::Unsupported)?;
+    let (pf, plan) = file::load(&args.file).map_err(Error::from)?;
     let exec = executor::build(&plan);
     let facts = facts::read(&plan, exec.as_ref(), 1).await?;
     let options = StageOptions {
@@ -117,7 +117,7 @@ pub(crate) async fn run(args: &PlanArgs, json: bool) -> anyhow::Result<u8> {
     };
     saved.warnings.extend(clock_warnings);
     if let Some(out) = &args.out {
-        saved.store(out).map_err(Error::Aborted)?;
+        saved.store(out).map_err(Error::from)?;
     }
     let saved_to = args.out.as_ref().map(|p| p.display().to_string());
     if json {
@@ -154,10 +154,7 @@ pub(crate) async fn run(args: &PlanArgs, json: bool) -> anyhow::Result<u8> {
         )
     });
     if !moves {
-        eprintln!(
-            "nothing to do: every member already runs {}",
-            saved.target
-        );
+        eprintln!("nothing to do: every member already runs {}", saved.target);
         return Ok(exit::NOTHING_TO_DO);
     }
     Ok(exit::OK)
@@ -218,7 +215,9 @@ fn render_facts(f: &Facts) -> String {
             )
         };
         let clock = match (m.clock_offset_ms, &m.clock_error) {
-            (Some(off), _) => format!(", clock {}", facts::show_offset(off)).replace(" of", " of spirekeep's"),
+            (Some(off), _) => {
+                format!(", clock {}", facts::show_offset(off)).replace(" of", " of spirekeep's")
+            }
             (None, Some(_)) => ", clock unknown".into(),
             (None, None) => String::new(),
         };

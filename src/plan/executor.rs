@@ -68,7 +68,10 @@ pub fn forbidden_pass_env(name: &str) -> bool {
     name.starts_with("SPIREKEEP_")
         || matches!(
             name,
-            "PGPASSWORD" | "AWS_SECRET_ACCESS_KEY" | "AWS_SESSION_TOKEN" | "AZURE_STORAGE_ACCOUNT_KEY"
+            "PGPASSWORD"
+                | "AWS_SECRET_ACCESS_KEY"
+                | "AWS_SESSION_TOKEN"
+                | "AZURE_STORAGE_ACCOUNT_KEY"
         )
 }
 
@@ -241,7 +244,8 @@ pub trait Executor: Send + Sync {
                 tail(&r.stdout)
             )
         })?;
-        let local_ms = (before.unix_timestamp_nanos() + after.unix_timestamp_nanos()) / 2 / 1_000_000;
+        let local_ms =
+            (before.unix_timestamp_nanos() + after.unix_timestamp_nanos()) / 2 / 1_000_000;
         i64::try_from(remote - local_ms).map_err(|_| "clock out of range".to_owned())
     }
 }
@@ -815,14 +819,25 @@ const SELECTOR_PATH: &str = "jsonpath={.spec.selector.matchLabels}";
 impl KubernetesExecutor {
     /// Polls until no pod of `workload` is left, terminating ones included
     /// (scaling to zero returns at once; the pods stop later).
-    async fn wait_gone(&self, workload: &str, runs: &mut Vec<CommandRun>) -> Result<String, String> {
+    async fn wait_gone(
+        &self,
+        workload: &str,
+        runs: &mut Vec<CommandRun>,
+    ) -> Result<String, String> {
         let labels = self
             .call(self.args(&["get", workload, "-o", SELECTOR_PATH]), runs)
             .await?;
-        let labels: BTreeMap<String, String> = serde_json::from_str(labels.trim())
-            .map_err(|e| format!("{workload}: cannot read its pod selector ({e}): {:?}", tail(&labels)))?;
+        let labels: BTreeMap<String, String> =
+            serde_json::from_str(labels.trim()).map_err(|e| {
+                format!(
+                    "{workload}: cannot read its pod selector ({e}): {:?}",
+                    tail(&labels)
+                )
+            })?;
         if labels.is_empty() {
-            return Err(format!("{workload} has no matchLabels selector: cannot tell when its pods are gone"));
+            return Err(format!(
+                "{workload} has no matchLabels selector: cannot tell when its pods are gone"
+            ));
         }
         let selector = labels
             .iter()
@@ -834,7 +849,10 @@ impl KubernetesExecutor {
         loop {
             let mut scratch = Vec::new();
             let left = self
-                .call(self.args(&["get", "pods", "-l", &selector, "-o", "name"]), &mut scratch)
+                .call(
+                    self.args(&["get", "pods", "-l", &selector, "-o", "name"]),
+                    &mut scratch,
+                )
                 .await;
             polls += 1;
             let last = scratch.pop();
@@ -1003,7 +1021,8 @@ exit 0
         let dir = tempfile::tempdir().unwrap();
         let mut k = k8s();
         k.spec.kubectl = fake_kubectl(dir.path()).display().to_string();
-        k.spec.env
+        k.spec
+            .env
             .insert("FAKE_DIR".into(), dir.path().display().to_string());
         let s = member(Role::Server, "spire-server");
         let r = k.run(Action::Stop, &s, None, true).await;
@@ -1075,7 +1094,10 @@ exit 0
         for n in &names {
             assert!(allowed(n), "{n} reached the command: {env}");
         }
-        assert!(names.contains("FROM_PLAN") && names.contains("PATH"), "{env}");
+        assert!(
+            names.contains("FROM_PLAN") && names.contains("PATH"),
+            "{env}"
+        );
         assert!(forbidden_pass_env("SPIREKEEP_DATASTORE") && forbidden_pass_env("PGPASSWORD"));
         // a named variable of spirekeep's environment is passed on
         let env = child_env(&["PATH".to_owned()], &BTreeMap::new());

@@ -15,6 +15,7 @@ use std::time::Duration;
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
+use super::error::PlanError;
 use super::executor::{CommandSpec, Commands, ExecutorSpec, KubernetesSpec};
 use super::health::{Gate, GateConfig};
 use super::template::{BUILTIN_PLACEHOLDERS, Template, Vars};
@@ -464,10 +465,12 @@ impl Plan {
 /// # Errors
 /// An unreadable file, TOML errors (with line and column), and every
 /// validation error of [`PlanFile::validate`].
-pub fn load(path: &Path) -> Result<(PlanFile, Plan), String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read plan file {}: {e}", path.display()))?;
-    let mut file = parse(&text).map_err(|e| format!("plan file {}: {e}", path.display()))?;
+pub fn load(path: &Path) -> Result<(PlanFile, Plan), PlanError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        PlanError::PlanFile(format!("cannot read plan file {}: {e}", path.display()))
+    })?;
+    let mut file = parse(&text)
+        .map_err(|e| PlanError::PlanFile(format!("plan file {}: {e}", path.display())))?;
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -476,7 +479,7 @@ pub fn load(path: &Path) -> Result<(PlanFile, Plan), String> {
     file.absolutize(&base);
     let plan = file
         .validate()
-        .map_err(|e| format!("plan file {}: {e}", path.display()))?;
+        .map_err(|e| PlanError::PlanFile(format!("plan file {}: {e}", path.display())))?;
     Ok((file, plan))
 }
 
@@ -484,8 +487,9 @@ pub fn load(path: &Path) -> Result<(PlanFile, Plan), String> {
 ///
 /// # Errors
 /// TOML syntax errors, unknown keys and wrong types, with their position.
-pub fn parse(text: &str) -> Result<PlanFile, String> {
-    toml::from_str::<PlanFile>(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+pub fn parse(text: &str) -> Result<PlanFile, PlanError> {
+    toml::from_str::<PlanFile>(text)
+        .map_err(|e| PlanError::PlanFile(e.to_string().trim_end().replace('\n', " ")))
 }
 
 impl PlanFile {
@@ -513,7 +517,11 @@ impl PlanFile {
     ///
     /// # Errors
     /// A message naming the key at fault and what would be accepted.
-    pub fn validate(&self) -> Result<Plan, String> {
+    pub fn validate(&self) -> Result<Plan, PlanError> {
+        self.validated().map_err(PlanError::PlanFile)
+    }
+
+    fn validated(&self) -> Result<Plan, String> {
         if self.format != PLAN_FILE_FORMAT {
             return Err(format!(
                 "format = {} is not supported; this spirekeep reads plan files of format {PLAN_FILE_FORMAT}",
@@ -1021,8 +1029,8 @@ members = [{ name = "a1" }, { name = "a2" }, { name = "a3" }]
     fn invalid(patch: impl Fn(&str) -> String) -> String {
         let text = patch(MINIMAL);
         match parse(&text) {
-            Err(e) => e,
-            Ok(f) => f.validate().expect_err("should be invalid"),
+            Err(e) => e.to_string(),
+            Ok(f) => f.validate().expect_err("should be invalid").to_string(),
         }
     }
 

@@ -18,6 +18,7 @@ use crate::snapshot::restore::{self, RestoreOptions};
 use crate::snapshot::verify::{self, VerifyMode};
 use crate::store::Repository;
 use crate::store::keys::SnapshotId;
+use crate::store::lease_run::LeaseRun;
 use crate::store::lock::{self, LockOptions, RepositoryLock};
 
 use super::facts::open_datastore;
@@ -116,7 +117,7 @@ pub async fn take_pre_upgrade(
         format!("pre-upgrade snapshot of plan {plan_id}"),
     )
     .await?;
-    let result = async {
+    let result = LeaseRun::new(&lock).run(async {
         let existing = match reuse_since {
             Some(since) => find_existing(repo, plan_id, since).await?,
             None => None,
@@ -154,7 +155,7 @@ pub async fn take_pre_upgrade(
             if reused { ", taken by the interrupted run" } else { "" },
         );
         Ok::<_, Error>((manifest, detail))
-    }
+    })
     .await;
     let _ = lock.release().await;
     result
@@ -210,26 +211,30 @@ pub async fn restore_pre_upgrade(
         format!("restore of the pre-upgrade snapshot {id} (plan rollback)"),
     )
     .await?;
-    let result = async {
-        let (ds, _) = open_datastore(plan, OpenMode::ReadWrite).await?;
-        let options = RestoreOptions {
-            replace: true,
-            ..RestoreOptions::default()
-        };
-        let report =
-            restore::restore(repo, &manifest, ds.as_ref(), &options, &restore::Quiet).await;
-        ds.close().await;
-        let report = report?;
-        if report.ok {
-            Ok(())
-        } else {
-            Err(Error::Integrity(format!(
-                "the restore of snapshot {id} committed but does not match the snapshot: {}",
-                report.problems.join("; ")
-            )))
-        }
-    }
-    .await;
+    // The rollback's restore is watched like every other operation under
+    // the lease: a lost lease stops it before it commits (the restore is one
+    // all-or-nothing session, so the datastore is then left as it was).
+    let result = LeaseRun::new(&lock)
+        .run(async {
+            let (ds, _) = open_datastore(plan, OpenMode::ReadWrite).await?;
+            let options = RestoreOptions {
+                replace: true,
+                ..RestoreOptions::default()
+            };
+            let report =
+                restore::restore(repo, &manifest, ds.as_ref(), &options, &restore::Quiet).await;
+            ds.close().await;
+            let report = report?;
+            if report.ok {
+                Ok(())
+            } else {
+                Err(Error::Integrity(format!(
+                    "the restore of snapshot {id} committed but does not match the snapshot: {}",
+                    report.problems.join("; ")
+                )))
+            }
+        })
+        .await;
     let _ = lock.release().await;
     result.map(|()| manifest)
 }

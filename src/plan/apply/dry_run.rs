@@ -7,7 +7,7 @@ use semver::Version;
 use serde::Serialize;
 
 use crate::compat::version::precedence;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::plan::executor::{Action, build};
 use crate::plan::facts::{self, show_row};
 use crate::plan::file::{Member, Role};
@@ -45,7 +45,7 @@ pub struct DryRun {
 /// # Errors
 /// A plan file that no longer validates.
 pub async fn dry_run(saved: &SavedPlan, check_facts: bool) -> Result<DryRun> {
-    let plan = saved.plan().map_err(Error::Unsupported)?;
+    let plan = saved.plan()?;
     let executor = build(&plan);
     let (fresh, stale) = if check_facts {
         match facts::read(&plan, executor.as_ref(), 0).await {
@@ -76,8 +76,13 @@ pub async fn dry_run(saved: &SavedPlan, check_facts: bool) -> Result<DryRun> {
             StepKind::Preflight => {
                 for m in plan.members() {
                     commands.extend(executor.render(Action::Version, m, None, true));
+                    commands.extend(executor.render(Action::Clock, m, None, true));
                 }
                 checks.push(format!("facts match {}", saved.fingerprint));
+                checks.push(format!(
+                    "every member's clock within {} of this host's",
+                    human_duration(plan.max_clock_skew)
+                ));
                 for m in plan.members() {
                     let v = saved
                         .original_version(&m.name)

@@ -8,8 +8,8 @@ use semver::Version;
 
 use super::{Failure, MemberReport, Runner, StepResult, ver};
 use crate::compat::MigrationRow;
-use crate::compat::version::precedence;
 use crate::compat::agent_supported;
+use crate::compat::version::precedence;
 use crate::plan::executor::{Action, ActionResult};
 use crate::plan::facts::{self, show_row};
 use crate::plan::file::Member;
@@ -110,10 +110,7 @@ impl Runner<'_> {
             self.warnings.push(w);
         }
         if !blocking.is_empty() {
-            return Err(format!(
-                "clock skew: {}",
-                blocking.join("; ")
-            ));
+            return Err(format!("clock skew: {}", blocking.join("; ")));
         }
         let worst = now
             .members
@@ -186,7 +183,11 @@ impl Runner<'_> {
     /// Before a server moves to `to`: the agents a tolerated batch failure
     /// left behind must still be inside SPIRE's skew with the servers as
     /// they will be, read live (an operator may have moved them since).
-    pub(super) async fn check_left_behind(&self, server: &Member, to: &Version) -> Result<(), String> {
+    pub(super) async fn check_left_behind(
+        &self,
+        server: &Member,
+        to: &Version,
+    ) -> Result<(), String> {
         if self.left_behind.is_empty() {
             return Ok(());
         }
@@ -205,7 +206,9 @@ impl Runner<'_> {
         }
         let mut outside = Vec::new();
         for name in &self.left_behind {
-            let Some(m) = self.plan.member(name) else { continue };
+            let Some(m) = self.plan.member(name) else {
+                continue;
+            };
             match self.executor.version(m).await {
                 Ok(v) if agent_supported(&v, &servers) => {}
                 Ok(v) => outside.push(format!("{name} runs {v}")),
@@ -408,7 +411,11 @@ impl Runner<'_> {
         ))
     }
 
-    pub(super) async fn post_check(&mut self, target: &str, expect: Option<&MigrationRow>) -> StepResult {
+    pub(super) async fn post_check(
+        &mut self,
+        target: &str,
+        expect: Option<&MigrationRow>,
+    ) -> StepResult {
         let mut problems = Vec::new();
         let mut reports = Vec::new();
         let expected = self.expected_versions();
@@ -589,5 +596,4 @@ impl Runner<'_> {
         report.ok = true;
         report.detail = format!("{} gate(s) passed", report.gates.len());
     }
-
 }

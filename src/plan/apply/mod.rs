@@ -37,6 +37,7 @@ use std::time::Instant;
 use semver::Version;
 use serde::Serialize;
 
+use super::error::PlanError;
 use super::executor::{Executor, build};
 use super::facts::{self, show_row};
 use super::file::{Member, Plan, PostCheckFailure, Role};
@@ -180,7 +181,7 @@ pub async fn apply(
     options: &ApplyOptions,
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
-    let plan = saved.plan().map_err(Error::Unsupported)?;
+    let plan = saved.plan()?;
     let executor = build(&plan);
     apply_with_executor(saved, executor, options, progress).await
 }
@@ -195,34 +196,34 @@ pub async fn apply_with_executor(
     options: &ApplyOptions,
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
-    let plan = saved.plan().map_err(Error::Unsupported)?;
+    let plan = saved.plan()?;
     let repo = Repository::open(&plan.repository, &plan.repo_options)?;
-    let mut journal = Journal::open(&options.journal, &saved.plan_id, Some(repo.clone()))
-        .map_err(Error::Unsupported)?;
+    let mut journal = Journal::open(&options.journal, &saved.plan_id, Some(repo.clone()))?;
     let state = journal.state();
     if let Some(fp) = &state.fingerprint
         && fp != &saved.fingerprint
     {
-        return Err(Error::Unsupported(format!(
+        return Err(PlanError::State(format!(
             "journal {} belongs to another plan (fingerprint {fp}); give the saved plan it was written for",
             options.journal.display()
-        )));
+        )).into());
     }
     if let Some((outcome @ (Outcome::Completed | Outcome::RolledBack), summary)) = &state.finished {
-        return Err(Error::Unsupported(format!(
+        return Err(PlanError::State(format!(
             "plan {} already finished ({}: {summary}); make a new plan with `spirekeep plan`",
             saved.plan_id,
             outcome.as_str()
-        )));
+        ))
+        .into());
     }
     let progressed = state.done.keys().any(|k| k != "preflight") || state.rollback.is_some();
     if progressed && !options.resume {
-        return Err(Error::Unsupported(format!(
+        return Err(PlanError::State(format!(
             "plan {} was applied before ({} steps done; journal {}): continue it with `spirekeep apply --resume`, or see `spirekeep status`",
             saved.plan_id,
             state.done.len(),
             options.journal.display()
-        )));
+        )).into());
     }
     let gate_env = executor.gate_env();
     journal
@@ -232,8 +233,7 @@ pub async fn apply_with_executor(
             resume: options.resume,
             pid: std::process::id(),
         })
-        .await
-        .map_err(Error::Aborted)?;
+        .await?;
     let mut runner = Runner {
         saved,
         plan,
@@ -283,13 +283,14 @@ fn millis(t: Instant) -> u64 {
 }
 
 fn ver(s: &str) -> Result<Version> {
-    Version::parse(s)
-        .map_err(|e| Error::Unsupported(format!("saved plan: {s:?} is not a version: {e}")))
+    Version::parse(s).map_err(|e| {
+        PlanError::SavedPlan(format!("saved plan: {s:?} is not a version: {e}")).into()
+    })
 }
 
 impl Runner<'_> {
     async fn record(&mut self, event: Event) -> Result<()> {
-        self.journal.append(event).await.map_err(Error::Aborted)
+        Ok(self.journal.append(event).await?)
     }
 
     async fn run(&mut self) -> Result<ApplyReport> {
@@ -532,9 +533,9 @@ impl Runner<'_> {
 
     fn resolve(&self, member: &str, from: &str, to: &str) -> Result<(Member, Version, Version)> {
         let m = self.plan.member(member).cloned().ok_or_else(|| {
-            Error::Unsupported(format!(
+            Error::from(PlanError::SavedPlan(format!(
                 "saved plan names {member}, which its plan file does not"
-            ))
+            )))
         })?;
         Ok((m, ver(from)?, ver(to)?))
     }
@@ -621,8 +622,14 @@ fn left_behind(saved: &SavedPlan, state: &State) -> BTreeSet<String> {
         for m in members {
             out.remove(&m.name);
         }
-        let left = data.get("left_behind").and_then(serde_json::Value::as_array);
-        for name in left.into_iter().flatten().filter_map(serde_json::Value::as_str) {
+        let left = data
+            .get("left_behind")
+            .and_then(serde_json::Value::as_array);
+        for name in left
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_str)
+        {
             out.insert(name.to_owned());
         }
     }

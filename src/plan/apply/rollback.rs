@@ -19,7 +19,6 @@ use crate::plan::model::StepKind;
 use crate::plan::snapshots;
 
 impl Runner<'_> {
-
     /// Runs (or continues) one rollback step.
     pub(super) async fn rollback_step<F>(&mut self, id: String, title: String, f: F) -> Result<bool>
     where
@@ -80,7 +79,11 @@ impl Runner<'_> {
         Ok(status == StepStatus::Done)
     }
 
-    pub(super) async fn roll_back(&mut self, failed_step: &str, reason: &str) -> Result<ApplyReport> {
+    pub(super) async fn roll_back(
+        &mut self,
+        failed_step: &str,
+        reason: &str,
+    ) -> Result<ApplyReport> {
         self.progress.note(&format!(
             "{failed_step} failed: {reason}; restoring the pre-upgrade snapshot and returning every member to its previous version"
         ));
@@ -335,5 +338,4 @@ impl Runner<'_> {
     pub(super) fn original(&self, member: &str) -> Result<Version> {
         ver(self.saved.original_version(member).unwrap_or(""))
     }
-
 }

@@ -14,12 +14,12 @@ use super::{ApplyOptions, ApplyReport, NoProgress, StepStatus, apply_with_execut
 use crate::datastore::testkit::{Population, create_spire_datastore};
 use crate::datastore::{self, Engine, OpenMode, dsn};
 use crate::plan::executor::{Action, ActionResult, Executor};
+use crate::plan::facts;
 use crate::plan::file::{self, Member, Role};
 use crate::plan::health::GateEnv;
 use crate::plan::journal::{self, Outcome, State};
 use crate::plan::model::SavedPlan;
 use crate::plan::stages::{self, StageOptions};
-use crate::plan::facts;
 
 /// One fake member.
 #[derive(Debug, Clone)]
@@ -353,7 +353,10 @@ async fn no_restore_while_a_server_cannot_be_stopped() {
     });
     let r = s.apply(false).await;
     assert_eq!(r.outcome, Outcome::RollbackFailed, "{}", r.summary);
-    assert_eq!(step_status(&r, "rollback.stop.s1"), Some(StepStatus::Failed));
+    assert_eq!(
+        step_status(&r, "rollback.stop.s1"),
+        Some(StepStatus::Failed)
+    );
     assert_eq!(step_status(&r, "rollback.restore"), None, "not attempted");
     assert!(r.summary.contains("NOT restored"), "{}", r.summary);
 
@@ -378,7 +381,10 @@ async fn a_resumed_rollback_does_not_restore_twice() {
     let r = s.apply(false).await;
     assert_eq!(r.outcome, Outcome::RollbackFailed, "{}", r.summary);
     assert_eq!(step_status(&r, "rollback.restore"), Some(StepStatus::Done));
-    assert_eq!(step_status(&r, "rollback.server.s1"), Some(StepStatus::Failed));
+    assert_eq!(
+        step_status(&r, "rollback.server.s1"),
+        Some(StepStatus::Failed)
+    );
 
     s.fleet.set("s1", |m| {
         m.failing.clear();
@@ -405,7 +411,13 @@ async fn a_resumed_rollback_does_not_restore_twice() {
 #[tokio::test]
 async fn a_failed_post_check_rolls_back_only_when_asked() {
     let post = "[[post_checks]]\nkind = \"command\"\ncommand = \"exit 1\"\nretries = 0\n";
-    let s = Setup::new(25, "1.15.3", "1.14.7", &format!("on_post_check_failure = \"roll_back\"\n{post}")).await;
+    let s = Setup::new(
+        25,
+        "1.15.3",
+        "1.14.7",
+        &format!("on_post_check_failure = \"roll_back\"\n{post}"),
+    )
+    .await;
     let r = s.apply(false).await;
     assert_eq!(r.outcome, Outcome::RolledBack, "{}", r.summary);
     assert_eq!(step_status(&r, "postcheck"), Some(StepStatus::Failed));
@@ -434,8 +446,7 @@ async fn the_preflight_runs_on_every_run() {
     assert_eq!(step_status(&r, "snapshot"), Some(StepStatus::Failed));
 
     std::fs::remove_file(repo.join("locks")).unwrap();
-    s.fleet
-        .set("a1", |m| m.installed = Version::new(1, 14, 6));
+    s.fleet.set("a1", |m| m.installed = Version::new(1, 14, 6));
     let r = s.apply(false).await;
     assert_eq!(r.outcome, Outcome::Refused, "{}", r.summary);
     assert!(r.summary.contains("stale"), "{}", r.summary);

@@ -22,6 +22,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::exit;
 use super::output::print_json;
+use crate::agent::shutdown;
 use crate::error::Error;
 use crate::plan::apply::{ApplyOptions, ApplyReport, DryRun, Progress, StepStatus, apply, dry_run};
 use crate::plan::facts::show_row;
@@ -76,12 +77,26 @@ pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
             exit::OK
         });
     }
+    // A first SIGTERM/SIGINT stops `apply` before its next step (and a
+    // snapshot or restore under the lease before it commits); a second one
+    // stops it at once. Either way the journal says where `--resume` goes on.
+    let signals = shutdown::listen()
+        .map_err(|e| Error::Aborted(format!("cannot install the signal handlers: {e}")))?;
+    let mut second = signals.clone();
+    tokio::spawn(async move {
+        shutdown::at_least(&mut second, 2).await;
+        eprintln!(
+            "error: stopped by a second signal; `spirekeep apply --resume` continues from the journal"
+        );
+        std::process::exit(i32::from(exit::FAILED));
+    });
     let options = ApplyOptions {
         resume: args.resume,
         journal: args
             .journal
             .clone()
             .unwrap_or_else(|| journal::path_for(&args.plan)),
+        signals: Some(signals),
     };
     let progress = TermProgress::new(!json && std::io::stderr().is_terminal());
     if !progress.is_terminal() {

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
 use crate::datastore::OpenMode;
 use crate::error::{Error, Result};
@@ -49,6 +50,20 @@ pub fn plan_label(plan_id: &str) -> String {
     let prefix: String = name.chars().take(room).collect();
     let prefix = prefix.trim_end_matches(['-', '.', '_']);
     format!("plan-{prefix}-{hash}-{stamp}")
+}
+
+/// The work under `lock`, stopped before it commits when the lease is lost
+/// or a stop signal arrives.
+fn lease_run(lock: &RepositoryLock, signals: Option<watch::Receiver<u32>>) -> LeaseRun<'_> {
+    let run = LeaseRun::new(lock);
+    match signals {
+        Some(s) => run.with_signals(
+            s,
+            1,
+            "interrupted by a signal before it committed; nothing was changed: `spirekeep apply --resume` continues",
+        ),
+        None => run,
+    }
 }
 
 /// Takes the repository lock, waiting for another holder. A lease left by
@@ -110,6 +125,7 @@ pub async fn take_pre_upgrade(
     repo: &Repository,
     plan_id: &str,
     reuse_since: Option<OffsetDateTime>,
+    signals: Option<watch::Receiver<u32>>,
 ) -> Result<(Manifest, String)> {
     let lock = acquire(
         repo,
@@ -117,7 +133,7 @@ pub async fn take_pre_upgrade(
         format!("pre-upgrade snapshot of plan {plan_id}"),
     )
     .await?;
-    let result = LeaseRun::new(&lock).run(async {
+    let result = lease_run(&lock, signals).run(async {
         let existing = match reuse_since {
             Some(since) => find_existing(repo, plan_id, since).await?,
             None => None,
@@ -202,6 +218,7 @@ pub async fn restore_pre_upgrade(
     repo: &Repository,
     plan_id: &str,
     snapshot_id: &str,
+    signals: Option<watch::Receiver<u32>>,
 ) -> Result<Manifest> {
     let id = SnapshotId::parse(snapshot_id).map_err(|e| Error::Unsupported(e.to_string()))?;
     let manifest = Manifest::load(repo, &id).await?;
@@ -214,7 +231,7 @@ pub async fn restore_pre_upgrade(
     // The rollback's restore is watched like every other operation under
     // the lease: a lost lease stops it before it commits (the restore is one
     // all-or-nothing session, so the datastore is then left as it was).
-    let result = LeaseRun::new(&lock)
+    let result = lease_run(&lock, signals)
         .run(async {
             let (ds, _) = open_datastore(plan, OpenMode::ReadWrite).await?;
             let options = RestoreOptions {

@@ -231,6 +231,7 @@ impl Runner<'_> {
             &self.repo,
             &self.saved.plan_id,
             reconcile.then_some(self.saved.created_at),
+            self.signals.clone(),
         )
         .await
         .map_err(|e| {

@@ -56,6 +56,11 @@ pub struct ApplyOptions {
     pub resume: bool,
     /// The local journal file.
     pub journal: PathBuf,
+    /// Counts stop signals (SIGTERM, SIGINT). With one, `apply` stops
+    /// before its next step, and the snapshot or restore running under the
+    /// repository lease is stopped before it commits; the journal says where
+    /// `--resume` continues.
+    pub signals: Option<tokio::sync::watch::Receiver<u32>>,
 }
 
 /// Progress callbacks (a terminal display, logs).
@@ -250,6 +255,7 @@ pub async fn apply_with_executor(
         snapshot_id: None,
         started: BTreeSet::new(),
         left_behind: BTreeSet::new(),
+        signals: options.signals.clone(),
     };
     runner.started = runner.state.attempts.keys().cloned().collect();
     runner.left_behind = left_behind(saved, &runner.state);
@@ -276,6 +282,7 @@ struct Runner<'a> {
     /// Agents a tolerated batch failure left on their previous version and
     /// no later batch moved yet.
     left_behind: BTreeSet<String>,
+    signals: Option<tokio::sync::watch::Receiver<u32>>,
 }
 
 fn millis(t: Instant) -> u64 {
@@ -289,6 +296,22 @@ fn ver(s: &str) -> Result<Version> {
 }
 
 impl Runner<'_> {
+    /// Stops between steps once a signal arrived: nothing is half done, and
+    /// `--resume` continues from the journal.
+    async fn stop_if_signalled(&mut self, next: &str) -> Result<()> {
+        if self.signals.as_ref().is_none_or(|s| *s.borrow() == 0) {
+            return Ok(());
+        }
+        let message = format!(
+            "interrupted by a signal before {next}; no step was left half done: `spirekeep apply --resume` continues from the journal"
+        );
+        self.record(Event::Note {
+            message: message.clone(),
+        })
+        .await?;
+        Err(Error::Aborted(message))
+    }
+
     async fn record(&mut self, event: Event) -> Result<()> {
         Ok(self.journal.append(event).await?)
     }
@@ -315,6 +338,7 @@ impl Runner<'_> {
                 self.steps.push(r);
                 continue;
             }
+            self.stop_if_signalled(&step.id).await?;
             let reconcile = self.state.interrupted.as_deref() == Some(step.id.as_str())
                 || self.state.failed.contains_key(&step.id);
             let attempt = self.state.attempts.get(&step.id).copied().unwrap_or(0) + 1;

@@ -37,6 +37,7 @@ impl Runner<'_> {
             });
             return Ok(true);
         }
+        self.stop_if_signalled(&id).await?;
         let attempt = self.state.attempts.get(&id).copied().unwrap_or(0) + 1;
         self.progress.begin(&id, &title, 0, 0);
         self.record(Event::StepStarted {
@@ -134,7 +135,7 @@ impl Runner<'_> {
         let id = snapshot_id.clone();
         let restored = self
             .rollback_step("rollback.restore".into(), format!("rollback: restore snapshot {snapshot_id} into the datastore (replace)"), async move |r: &mut Self| {
-                snapshots::restore_pre_upgrade(&r.plan, &r.repo, &r.saved.plan_id, &id)
+                snapshots::restore_pre_upgrade(&r.plan, &r.repo, &r.saved.plan_id, &id, r.signals.clone())
                     .await
                     .map(|m| {
                         (

@@ -41,6 +41,8 @@ struct FakeFleet {
     members: Mutex<BTreeMap<String, FakeMember>>,
     log: Mutex<Vec<String>>,
     datastore: String,
+    /// Sends a stop signal when a server is upgraded.
+    signal_on_upgrade: Mutex<Option<tokio::sync::watch::Sender<u32>>>,
 }
 
 impl FakeFleet {
@@ -120,6 +122,9 @@ impl Executor for FakeExecutor {
                 }
             }
         };
+        if migrate && let Some(tx) = self.0.signal_on_upgrade.lock().unwrap().take() {
+            let _ = tx.send(1);
+        }
         if migrate {
             // what SPIRE 1.15.3 leaves in the datastore when it starts
             let spec = dsn::parse(&self.0.datastore, Some(Engine::Sqlite), Path::new("/")).unwrap();
@@ -148,6 +153,7 @@ struct Setup {
     dir: tempfile::TempDir,
     fleet: Arc<FakeFleet>,
     saved: SavedPlan,
+    signals: Option<tokio::sync::watch::Receiver<u32>>,
 }
 
 impl Setup {
@@ -183,6 +189,7 @@ impl Setup {
             ])),
             log: Mutex::new(Vec::new()),
             datastore: conn.clone(),
+            signal_on_upgrade: Mutex::new(None),
         });
         let toml = format!(
             r#"
@@ -230,7 +237,12 @@ members = [{{ name = "a1" }}, {{ name = "a2" }}]
             time::OffsetDateTime::now_utc(),
         )
         .unwrap();
-        Self { dir, fleet, saved }
+        Self {
+            dir,
+            fleet,
+            saved,
+            signals: None,
+        }
     }
 
     fn journal(&self) -> PathBuf {
@@ -245,6 +257,7 @@ members = [{{ name = "a1" }}, {{ name = "a2" }}]
         let options = ApplyOptions {
             resume,
             journal: journal.to_path_buf(),
+            signals: self.signals.clone(),
         };
         apply_with_executor(
             &self.saved,
@@ -487,4 +500,46 @@ async fn nothing_to_do() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// A stop signal during a step: the step finishes, the run stops before the
+/// next one (nothing half done), and `--resume` continues from there.
+#[tokio::test]
+async fn a_signal_stops_between_steps_and_resume_continues() {
+    let mut s = Setup::new(24, "1.14.7", "1.14.7", "").await;
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    *s.fleet.signal_on_upgrade.lock().unwrap() = Some(tx);
+    s.signals = Some(rx);
+    let options = ApplyOptions {
+        resume: false,
+        journal: s.journal(),
+        signals: s.signals.clone(),
+    };
+    let err = apply_with_executor(
+        &s.saved,
+        Box::new(FakeExecutor(s.fleet.clone())),
+        &options,
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("interrupted by a signal before hop1.datastore"),
+        "{err}"
+    );
+    assert_eq!(s.fleet.get("s1").installed, Version::new(1, 15, 3));
+    assert_eq!(s.fleet.get("a1").installed, Version::new(1, 14, 7));
+    let state = State::of(&s.records());
+    assert!(state.is_done("hop1.server.s1") && state.interrupted.is_none());
+    assert!(state.finished.is_none());
+
+    s.signals = None;
+    let r = s.apply(true).await;
+    assert_eq!(r.outcome, Outcome::Completed, "{}", r.summary);
+    assert_eq!(
+        step_status(&r, "hop1.server.s1"),
+        Some(StepStatus::DoneEarlier)
+    );
+    assert_eq!(s.fleet.get("a1").installed, Version::new(1, 15, 3));
 }

@@ -1,27 +1,34 @@
 //! `apply`: run a saved plan's steps, journaled, with restore-on-failure.
 //!
-//! - **Refusal.** The live facts must match the plan's fingerprint and every
-//!   member must pass its gates before anything changes.
-//! - **Forward.** Pre-upgrade snapshot (backup, verify, pin), then per hop the
-//!   servers one at a time (each: act, read the version back, gates), the
-//!   datastore gate, the agent batches, then post-checks.
+//! - **Refusal.** On every run (a journal saying it passed once is not
+//!   enough), the live facts must match the plan's fingerprint, every member
+//!   must pass its gates and have its clock within the skew before anything
+//!   changes. A plan with nothing to move ends there: nothing to do.
+//! - **Forward.** Pre-upgrade snapshot (backup, deep verify, pin), then per
+//!   hop the servers one at a time (each: act, read the version back,
+//!   gates), the datastore gate, the agent batches, then post-checks.
 //! - **An agent batch fails** (more failures than its `max_failure_ratio`):
 //!   every member of that batch goes back to the version it ran before the
 //!   batch; the plan stops (`apply --resume` retries the batch later).
-//! - **A server step or datastore gate fails:** stop every server, restore
-//!   the pre-upgrade snapshot (replacing the datastore), return the agents
-//!   (first) and then the servers to the versions they ran when the plan was
-//!   made, start everything, check health and the `migrations` row.
+//!   Failures within the ratio go back alone and are remembered: a later
+//!   server step that would leave them outside SPIRE's skew stops the plan
+//!   before it acts.
+//! - **A server step or datastore gate fails** (or a post-check, when the
+//!   plan asks for it): stop every server, restore the pre-upgrade snapshot
+//!   (replacing the datastore), return the agents (first) and then the
+//!   servers to the versions they ran when the plan was made, start
+//!   everything, check health and the `migrations` row. The failure and the
+//!   start of the rollback are one journal record.
 //! - **Journal.** Every step is recorded before and after it runs. A resumed
 //!   apply skips completed steps; a step that was interrupted is reconciled:
 //!   a member already at the step's version that passes its gates is
-//!   recorded as done without acting on it again.
-
+//!   recorded as done without acting on it again. A stop signal ends the run
+//!   between two steps.
 //!
 //! The code is split by phase: this file holds the report types, the entry
 //! point and the step loop; `forward.rs` the forward steps and member moves;
 //! `rollback.rs` the restore-and-return path; `dry_run.rs` what `--dry-run`
-//! prints.
+//! prints; `tests.rs` drives them as a state machine on a fake fleet.
 
 mod dry_run;
 mod forward;

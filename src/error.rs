@@ -78,6 +78,10 @@ pub enum Error {
     /// The repository lock is held by another process, or was lost.
     #[error(transparent)]
     Lock(#[from] crate::store::lock::LockError),
+
+    /// A plan file, saved plan or journal (`plan/`).
+    #[error(transparent)]
+    Plan(#[from] crate::plan::error::PlanError),
 }
 
 impl Error {
@@ -100,6 +104,7 @@ impl Error {
             Self::Lock(crate::store::lock::LockError::Store(e)) => e.kind(),
             Self::Lock(crate::store::lock::LockError::Invalid(_)) => ErrorKind::Usage,
             Self::Lock(_) => ErrorKind::Backend,
+            Self::Plan(e) => e.kind(),
         }
     }
 

@@ -5,10 +5,11 @@
 //! the newest snapshot's manifest and the verification records. So they are
 //! the same whoever computes them (`spirekeep agent` on `/metrics`, a
 //! one-shot `spirekeep backup --metrics-textfile/--pushgateway`), and a
-//! restart resets nothing. Only the failure counters are process-local: the
-//! agent counts failures since it started (Prometheus' `increase()` handles
-//! the reset at a restart), and a one-shot run reports its own run (1 for the
-//! kind that failed, 0 for the others).
+//! restart resets nothing. The agent's failure counters are kept in the
+//! repository too ([`AgentFailures`], one object per agent host under
+//! `agent/failures/`): read when the agent starts and written after every
+//! failure, so a restart does not reset them. A one-shot run reports its own
+//! run (1 for the kind that failed, 0 for the others).
 //!
 //! | metric | type | meaning |
 //! |---|---|---|
@@ -126,6 +127,114 @@ impl FailureCounters {
     #[must_use]
     pub fn get(&self, kind: FailureKind) -> u64 {
         self.0[kind.index()]
+    }
+}
+
+impl FailureCounters {
+    fn to_map(self) -> std::collections::BTreeMap<String, u64> {
+        FailureKind::ALL
+            .iter()
+            .map(|k| (k.as_str().to_owned(), self.get(*k)))
+            .collect()
+    }
+
+    fn from_map(map: &std::collections::BTreeMap<String, u64>) -> Self {
+        let mut c = Self::default();
+        for k in FailureKind::ALL {
+            c.0[k.index()] = map.get(k.as_str()).copied().unwrap_or(0);
+        }
+        c
+    }
+}
+
+/// The agent's failure counters as kept in the repository, so they survive
+/// a restart (`agent/failures/<host>.json`; one object per host, so two
+/// agents on one repository never overwrite each other's counts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentFailures {
+    pub backup: FailureCounters,
+    pub verify: FailureCounters,
+    pub prune: FailureCounters,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct StoredFailures {
+    format_version: u32,
+    host: String,
+    #[serde(default)]
+    backup: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    verify: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    prune: std::collections::BTreeMap<String, u64>,
+}
+
+/// The most a counters object may be (it is a few hundred bytes).
+const MAX_FAILURES_OBJECT: u64 = 64 * 1024;
+
+/// The key of an agent host's counters.
+#[must_use]
+pub fn agent_failures_key(host: &str) -> String {
+    let safe: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    format!("agent/failures/{safe}.json")
+}
+
+impl AgentFailures {
+    /// Reads the counters `host` left in the repository (zero when none).
+    ///
+    /// # Errors
+    /// A storage failure, or an object that is not a counters object.
+    pub async fn load(repo: &Repository, host: &str) -> Result<Self> {
+        let key = agent_failures_key(host);
+        let Some(meta) = repo.head(&key).await? else {
+            return Ok(Self::default());
+        };
+        if meta.size > MAX_FAILURES_OBJECT {
+            return Err(Error::Integrity(format!(
+                "{key} in {repo} is {} bytes, too large for failure counters: delete it (the counters restart at 0)",
+                meta.size
+            )));
+        }
+        let bytes = repo.get(&key).await?;
+        let stored: StoredFailures = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Integrity(format!(
+                "{key} in {repo} is not a failure-counters object ({e}): delete it (the counters restart at 0)"
+            ))
+        })?;
+        Ok(Self {
+            backup: FailureCounters::from_map(&stored.backup),
+            verify: FailureCounters::from_map(&stored.verify),
+            prune: FailureCounters::from_map(&stored.prune),
+        })
+    }
+
+    /// Writes the counters of `host`.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub async fn store(&self, repo: &Repository, host: &str) -> Result<()> {
+        let stored = StoredFailures {
+            format_version: 1,
+            host: host.to_owned(),
+            backup: self.backup.to_map(),
+            verify: self.verify.to_map(),
+            prune: self.prune.to_map(),
+        };
+        let json = serde_json::to_vec_pretty(&stored)
+            .map_err(|e| Error::Unsupported(format!("cannot encode failure counters: {e}")))?;
+        repo.put_overwrite(&agent_failures_key(host), bytes::Bytes::from(json))
+            .await?;
+        Ok(())
     }
 }
 

@@ -65,10 +65,39 @@ async fn two_hop_upgrade(engine: Engine, s3: bool) {
         .collect();
     assert_eq!(hops, ["1.14.7", "1.15.3"]);
 
-    let (code, report) = fleet.apply(&[]);
+    let (code, report, stderr) = fleet.apply_full(&[]);
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["outcome"], "completed");
     all_at(&fleet, "1.15.3");
+    // not a terminal: one plain line per step on stderr
+    for step in [
+        "preflight",
+        "snapshot",
+        "hop1.server.server-1",
+        "hop2.agents.nodes.batch3",
+        "finish",
+    ] {
+        let line = format!("[done] {step}: ");
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with(&line)).count(),
+            1,
+            "{line:?} in:\n{stderr}"
+        );
+    }
+    // the pre-upgrade snapshot got a restore drill before the first step
+    let snapshot_step = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "snapshot")
+        .unwrap();
+    assert!(
+        snapshot_step["detail"]
+            .as_str()
+            .unwrap()
+            .contains("restore drill into scratch"),
+        "{snapshot_step}"
+    );
     assert_eq!(store.row().await, (25, "1.15.3".to_string()), "{engine}");
     // every agent re-attested and reported its version
     let ds = store.open().await;
@@ -325,7 +354,8 @@ async fn server_wrong_version_rolls_back_on_mariadb() {
 }
 
 /// An agent batch that fails: that batch goes back, the servers stay, the
-/// plan stops (exit 1); once the agent is fixed, `--resume` finishes.
+/// plan stops (exit 7: not back where it started, an operator must act);
+/// once the agent is fixed, `--resume` finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_batch_failure_returns_the_batch_and_resume_finishes() {
     let dir = tempfile::tempdir().unwrap();
@@ -338,7 +368,7 @@ async fn agent_batch_failure_returns_the_batch_and_resume_finishes() {
     let o = PlanOpts::new("1.15.3", &file_repo(&fleet));
     fleet.plan(&o);
     let (code, report) = fleet.apply(&[]);
-    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(code, 7, "stopped half-way: an operator must act {report:#}");
     assert_eq!(report["outcome"], "stopped");
     assert!(
         report["rollback"].as_array().is_none_or(Vec::is_empty),
@@ -511,7 +541,7 @@ async fn stale_plan_is_refused() {
     fleet.plan(&o);
     fleet.sh(&["rollback", "agent-1", "1.14.6"]);
     let (code, report) = fleet.apply(&[]);
-    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(code, 8, "refused before touching anything {report:#}");
     assert_eq!(report["outcome"], "refused");
     let summary = report["summary"].as_str().unwrap();
     assert!(
@@ -545,7 +575,7 @@ async fn agents_first_upgrade_needs_the_override() {
     o.order = "agents-first".into();
     let toml = fleet.write_plan(&o);
     let out = fleet.spirekeep(&["plan", toml.to_str().unwrap(), "--out", "plan.json"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(8), "refused");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("SPIRE Servers must be upgraded before SPIRE Agents"),
@@ -585,7 +615,7 @@ async fn server_wrong_version_rolls_back_on_postgres() {
 }
 
 /// A server that will not start at all, not even on its old version: the
-/// rollback cannot finish (exit 5, the report says where everything is);
+/// rollback cannot finish (exit 7, the report says where everything is);
 /// once the server is fixed, `--resume` finishes the rollback from the journal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_rollback_is_resumed_from_the_journal() {
@@ -599,7 +629,7 @@ async fn failed_rollback_is_resumed_from_the_journal() {
     let o = PlanOpts::new("1.15.3", &file_repo(&fleet));
     fleet.plan(&o);
     let (code, report) = fleet.apply(&[]);
-    assert_eq!(code, 5, "{report:#}");
+    assert_eq!(code, 7, "could not roll back {report:#}");
     assert_eq!(report["outcome"], "rollback_failed");
     let rb = report["rollback"].as_array().unwrap();
     let failed: Vec<&str> = rb
@@ -645,4 +675,258 @@ async fn failed_rollback_is_resumed_from_the_journal() {
         "--resume",
     ]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// `max_failure_ratio > 0` end to end over two hops. Hop 1: one agent of
+/// three fails, within the ratio: it goes back and the plan goes on; but
+/// before hop 2's server step the plan stops, because that agent would be
+/// two minors behind the servers (outside SPIRE's skew). Once an operator
+/// moved it, `--resume` goes on; in hop 2 two agents of three fail, beyond
+/// the ratio: the whole batch goes back and the plan stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_ratio_tolerates_within_and_stops_beyond_without_breaking_the_skew() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(Engine::Sqlite, dir.path(), 23, "1.13.6")
+        .await
+        .unwrap();
+    let fleet = Fleet::new(&store.conn, 1, 3, "1.13.6");
+    fleet.start_all();
+    fleet.set_fault("agent-3", "wrong-version", "1.13.6\n");
+    let mut o = PlanOpts::new("1.15.3", &file_repo(&fleet));
+    o.batch = "3".into();
+    o.max_failure_ratio = "0.4".into();
+    fleet.plan(&o);
+
+    let (code, report) = fleet.apply(&[]);
+    assert_eq!(code, 7, "{report:#}");
+    assert_eq!(report["outcome"], "stopped");
+    let summary = report["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("hop2.server.server-1")
+            && summary.contains("agent-3 runs 1.13.6")
+            && summary.contains("outside SPIRE's skew"),
+        "{summary}"
+    );
+    assert_eq!(
+        fleet.versions(),
+        [
+            ("server-1".to_string(), "1.14.7".to_string()),
+            ("agent-1".into(), "1.14.7".into()),
+            ("agent-2".into(), "1.14.7".into()),
+            ("agent-3".into(), "1.13.6".into()),
+        ]
+    );
+    assert_eq!(fleet.starts("server-1", "1.15.3"), 0, "hop 2 did not start");
+    let j = fleet.journal();
+    assert_eq!(
+        events_of(&j, "hop1.agents.nodes.batch1"),
+        ["step_started", "step_done"],
+        "tolerated"
+    );
+    assert_eq!(
+        events_of(&j, "hop2.server.server-1"),
+        ["step_started", "step_failed"]
+    );
+
+    // the operator moves agent-3 by hand; the plan goes on
+    fleet.clear_fault("agent-3", "wrong-version");
+    fleet.sh(&["upgrade", "agent-3", "1.14.7"]);
+    fleet.set_fault("agent-1", "wrong-version", "1.14.7\n");
+    fleet.set_fault("agent-2", "wrong-version", "1.14.7\n");
+    let (code, report) = fleet.apply(&["--resume"]);
+    assert_eq!(code, 7, "{report:#}");
+    assert_eq!(report["outcome"], "stopped");
+    let summary = report["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("2 of 3 agents failed (max_failure_ratio 0.4)"),
+        "{summary}"
+    );
+    for a in ["agent-1", "agent-2", "agent-3"] {
+        let installed = std::fs::read_to_string(fleet.member_dir(a).join("version")).unwrap();
+        assert_eq!(installed.trim(), "1.14.7", "{a}: the whole batch went back");
+    }
+    assert_eq!(fleet.version("server-1"), "1.15.3");
+
+    fleet.clear_fault("agent-1", "wrong-version");
+    fleet.clear_fault("agent-2", "wrong-version");
+    let (code, report) = fleet.apply(&["--resume"]);
+    assert_eq!(code, 0, "{report:#}");
+    all_at(&fleet, "1.15.3");
+    assert_no_step_done_twice(&fleet.journal());
+}
+
+/// Command templates and gates get a minimal environment: PATH, HOME,
+/// LANG/LC_*, TZ, what `executor.pass_env` names and `executor.env`; never
+/// spirekeep's secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_and_gates_never_see_spirekeeps_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(Engine::Sqlite, dir.path(), 24, "1.14.7")
+        .await
+        .unwrap();
+    let fleet = Fleet::new(&store.conn, 1, 1, "1.14.7");
+    fleet.start_all();
+    let mut o = PlanOpts::new("1.15.3", &file_repo(&fleet));
+    o.executor_extra = "pass_env = [\"KUBECONFIG\"]".into();
+    let out_dir = fleet.path("env");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let toml = fleet
+        .plan_toml(&o)
+        .replacen(
+            "clock = \"",
+            &format!("clock = \"env > {}/{{name}}.template.env; ", out_dir.display()),
+            1,
+        )
+        .replacen(
+            "[[servers.health]]\n",
+            &format!(
+                "[[servers.health]]\nkind = \"command\"\ncommand = \"env > {}/{{name}}.gate.env\"\n\n[[servers.health]]\n",
+                out_dir.display()
+            ),
+            1,
+        );
+    let plan = fleet.path("plan.toml");
+    std::fs::write(&plan, toml).unwrap();
+    let secrets = [
+        ("PGPASSWORD", "pg-secret-4Yt"),
+        ("AWS_SECRET_ACCESS_KEY", "aws-secret-8Kq"),
+        ("SPIREKEEP_DATASTORE", "postgres://u:ds-secret-2Wz@db/spire"),
+        ("SPIREKEEP_S3_SECRET", "sk-secret-5Rb"),
+    ];
+    let mut cmd = fleet.command(&["plan", plan.to_str().unwrap()]);
+    for (k, v) in secrets {
+        cmd.env(k, v);
+    }
+    cmd.env("KUBECONFIG", "/home/op/.kube/config")
+        .env("UNRELATED_VAR", "not-passed");
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in [
+        "server-1.template.env",
+        "agent-1.template.env",
+        "server-1.gate.env",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
+    for f in &files {
+        let env = std::fs::read_to_string(f).unwrap();
+        for (k, v) in secrets {
+            assert!(
+                !env.contains(v) && !env.contains(&format!("{k}=")),
+                "{k} reached {}:\n{env}",
+                f.display()
+            );
+        }
+        assert!(!env.contains("UNRELATED_VAR"), "{}:\n{env}", f.display());
+        assert!(
+            env.contains("KUBECONFIG=/home/op/.kube/config"),
+            "{}:\n{env}",
+            f.display()
+        );
+        assert!(
+            env.lines().any(|l| l.starts_with("PATH=")),
+            "{}:\n{env}",
+            f.display()
+        );
+        // executor.env still applies
+        assert!(
+            env.contains("STANDIN_START_TIMEOUT=30"),
+            "{}:\n{env}",
+            f.display()
+        );
+    }
+    // a plan cannot pass spirekeep's own secrets on
+    o.executor_extra = "pass_env = [\"PGPASSWORD\"]".into();
+    let toml = fleet.write_plan(&o);
+    let out = fleet.spirekeep(&["plan", toml.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("executor.pass_env: PGPASSWORD"));
+}
+
+/// A member whose clock is off is a blocking finding of `plan` and of
+/// `apply`'s preflight, with the member named; within the skew, `plan`
+/// shows each member's offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skewed_clock_blocks_plan_and_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(Engine::Sqlite, dir.path(), 24, "1.14.7")
+        .await
+        .unwrap();
+    let fleet = Fleet::new(&store.conn, 1, 2, "1.14.7");
+    fleet.start_all();
+    let o = PlanOpts::new("1.15.3", &file_repo(&fleet));
+    let toml = fleet.write_plan(&o);
+    fleet.set_fault("agent-2", "clock-offset", "600\n");
+    let out = fleet.spirekeep(&["plan", toml.to_str().unwrap(), "--out", "plan.json"]);
+    assert_eq!(out.status.code(), Some(8), "refused");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("agent agent-2: its clock is ")
+            && stdout.contains("s ahead of spirekeep's"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("agent agent-1: its clock"), "{stdout}");
+    assert!(!fleet.path("plan.json").exists());
+
+    fleet.clear_fault("agent-2", "clock-offset");
+    let out = fleet.spirekeep(&["plan", toml.to_str().unwrap(), "--out", "plan.json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("agent-2 (nodes) runs 1.14.7, healthy, clock "),
+        "{stdout}"
+    );
+
+    // the clock goes wrong after the plan was made: apply refuses
+    fleet.set_fault("server-1", "clock-offset", "-120\n");
+    let (code, report) = fleet.apply(&[]);
+    assert_eq!(code, 8, "{report:#}");
+    assert_eq!(report["outcome"], "refused");
+    let summary = report["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("server server-1: its clock is ")
+            && summary.contains("s behind spirekeep's"),
+        "{summary}"
+    );
+    assert_eq!(fleet.starts("server-1", "1.15.3"), 0);
+}
+
+/// Everything already runs the target: `plan` and `apply` exit 9 and
+/// change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_to_do_exits_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(Engine::Sqlite, dir.path(), 25, "1.15.3")
+        .await
+        .unwrap();
+    let fleet = Fleet::new(&store.conn, 1, 1, "1.15.3");
+    fleet.start_all();
+    let o = PlanOpts::new("1.15.3", &file_repo(&fleet));
+    let toml = fleet.write_plan(&o);
+    let out = fleet.spirekeep(&["plan", toml.to_str().unwrap(), "--out", "plan.json"]);
+    assert_eq!(out.status.code(), Some(9));
+    let (code, report) = fleet.apply(&[]);
+    assert_eq!(code, 9, "{report:#}");
+    assert_eq!(report["outcome"], "nothing_to_do");
+    let repo = open_repo(&o);
+    assert!(
+        spirekeep::snapshot::manifest::list_snapshots(&repo)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no snapshot taken"
+    );
 }

@@ -82,6 +82,8 @@ namespace = "spire"
 server_image = "ghcr.io/spiffe/spire-server"
 agent_image = "ghcr.io/spiffe/spire-agent"
 rollout_timeout = "10m"
+# kubectl gets a minimal environment: what it needs is named here
+pass_env = ["FAKE_KUBECTL_LOG"]
 [servers]
 members = [{{ name = "spire-server" }}]
 [[servers.health]]
@@ -146,8 +148,18 @@ members = [{{ name = "spire-agent" }}]
     let calls = std::fs::read_to_string(&log).unwrap();
     assert!(!calls.is_empty());
     for call in calls.lines() {
-        assert!(call.contains(" get "), "a dry run ran {call:?}");
+        // reads only: versions, and each member's clock (`exec … date +%s`)
+        assert!(
+            call.contains(" get ") || call.ends_with(" -- date +%s"),
+            "a dry run ran {call:?}"
+        );
     }
+    assert!(
+        calls
+            .lines()
+            .any(|c| c.contains("exec statefulset/spire-server -c spire-server -- date +%s")),
+        "the clock is read through kubectl exec: {calls}"
+    );
     let json = run(&["--json", "apply", "plan.json", "--dry-run"]);
     let d: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(d["executor"], "kubernetes");
@@ -163,8 +175,13 @@ case "$*" in
   *"jsonpath={.spec.replicas}"*) cat "$state/replicas" ;;
   *" annotate "*) v="${*##*replicas=}"; printf '%s' "${v%% *}" > "$state/annotation" ;;
   *"jsonpath={.metadata.annotations"*) cat "$state/annotation" 2>/dev/null ;;
-  *" scale "*) printf '%s' "${*##*--replicas=}" > "$state/replicas" ;;
+  *" scale "*) printf '%s' "${*##*--replicas=}" > "$state/replicas"; touch "$state/terminating" ;;
   *" rollout status "*) echo "statefulset rolling update complete" ;;
+  *"jsonpath={.spec.selector.matchLabels}"*) echo '{"app":"spire-server"}' ;;
+  *" get pods -l app=spire-server -o name"*)
+    # the pods go away one poll after the scale to zero
+    if [ -f "$state/terminating" ]; then rm "$state/terminating"; echo pod/spire-server-0;
+    elif [ "$(cat "$state/replicas")" != 0 ]; then echo pod/spire-server-0; fi ;;
   *) echo "unexpected: $*" >&2; exit 1 ;;
 esac
 "#;
@@ -239,6 +256,10 @@ members = [{{ name = "spire-server" }}]
             "--namespace=spire get statefulset/spire-server -o jsonpath={.spec.replicas}",
             "--namespace=spire annotate statefulset/spire-server spirekeep.spiffe.io/replicas=2 --overwrite",
             "--namespace=spire scale statefulset/spire-server --replicas=0",
+            // the stop waits until the pods are gone
+            "--namespace=spire get statefulset/spire-server -o jsonpath={.spec.selector.matchLabels}",
+            "--namespace=spire get pods -l app=spire-server -o name",
+            "--namespace=spire get pods -l app=spire-server -o name",
             "--namespace=spire get statefulset/spire-server -o jsonpath={.metadata.annotations.spirekeep\\.spiffe\\.io/replicas}",
             "--namespace=spire scale statefulset/spire-server --replicas=2",
             "--namespace=spire rollout status statefulset/spire-server --timeout=600s",

@@ -38,12 +38,16 @@ use tokio::sync::watch;
 use crate::config::ResolvedDatastore;
 use crate::datastore::{self, OpenMode};
 use crate::error::{Error, Result};
-use crate::metrics::{FailureCounters, FailureKind, MetricsReport, RepoFacts, repo_facts};
+use crate::metrics::{
+    AgentFailures, FailureCounters, FailureKind, MetricsReport, RepoFacts, repo_facts,
+};
 use crate::snapshot::CodecOptions;
 use crate::snapshot::backup::{BackupOptions, Quiet, backup};
 use crate::snapshot::prune::{self, PruneOptions};
 use crate::snapshot::retention::RetentionPolicy;
 use crate::store::Repository;
+use crate::store::lease_run::LeaseRun;
+use crate::store::lock::host_name;
 use crate::store::lock::{LockOptions, RepositoryLock};
 pub use schedule::Schedule;
 
@@ -190,6 +194,7 @@ impl Agent {
             verify_schedule = %self.config.verify_schedule.as_ref().map_or("-".into(), ToString::to_string),
             "spirekeep agent started"
         );
+        self.load_failures().await;
         self.refresh().await;
         let refresher = {
             let state = Arc::clone(&self.state);
@@ -268,12 +273,55 @@ impl Agent {
         self.state.inner().job = job.map(|j| (j, OffsetDateTime::now_utc()));
     }
 
-    fn failed(&self, what: &str, counters: fn(&mut Inner) -> &mut FailureCounters, err: &Error) {
+    async fn failed(
+        &self,
+        what: &str,
+        counters: fn(&mut Inner) -> &mut FailureCounters,
+        err: &Error,
+    ) {
         let kind = FailureKind::of(err);
         tracing::error!(kind = kind.as_str(), error = %err, "{what} failed");
-        let mut inner = self.state.inner();
-        counters(&mut inner).inc(kind);
-        inner.last_error = Some(format!("{what}: {err}"));
+        let all = {
+            let mut inner = self.state.inner();
+            counters(&mut inner).inc(kind);
+            inner.last_error = Some(format!("{what}: {err}"));
+            AgentFailures {
+                backup: inner.backup_failures,
+                verify: inner.verify_failures,
+                prune: inner.prune_failures,
+            }
+        };
+        // the counters live in the repository, so a restart keeps them
+        if let Err(e) = all.store(&self.config.repo, &host_name()).await {
+            tracing::warn!(error = %e, "could not record the failure counters in the repository");
+        }
+    }
+
+    /// Reads the failure counters an earlier run of this agent (on this
+    /// host) left in the repository.
+    pub async fn load_failures(&self) {
+        match AgentFailures::load(&self.config.repo, &host_name()).await {
+            Ok(f) => {
+                let mut inner = self.state.inner();
+                inner.backup_failures = f.backup;
+                inner.verify_failures = f.verify;
+                inner.prune_failures = f.prune;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the failure counters from the repository; counting from 0");
+            }
+        }
+    }
+
+    /// The failure counters now.
+    #[must_use]
+    pub fn failures(&self) -> AgentFailures {
+        let inner = self.state.inner();
+        AgentFailures {
+            backup: inner.backup_failures,
+            verify: inner.verify_failures,
+            prune: inner.prune_failures,
+        }
     }
 
     /// Takes the repository lock; a stop signal ends the wait.
@@ -300,15 +348,20 @@ impl Agent {
         let mut signals = signals.clone();
         match self.lock("agent backup", &mut signals).await {
             Err(Error::Aborted(why)) => tracing::warn!("scheduled backup {why}"),
-            Err(e) => self.failed("scheduled backup", |i| &mut i.backup_failures, &e),
+            Err(e) => {
+                self.failed("scheduled backup", |i| &mut i.backup_failures, &e)
+                    .await
+            }
             Ok(lock) => {
-                let result = tokio::select! {
-                    r = self.take_backup() => r,
-                    e = lock.lost() => Err(e.into()),
-                    () = shutdown::at_least(&mut signals, 2) => Err(Error::Aborted(
-                        "stopped by a second signal: no manifest was written, so no snapshot".into(),
-                    )),
-                };
+                // a first signal lets the running job finish; a second stops it
+                let result = LeaseRun::new(&lock)
+                    .with_signals(
+                        signals.clone(),
+                        2,
+                        "stopped by a second signal: no manifest was written, so no snapshot",
+                    )
+                    .run(self.take_backup())
+                    .await;
                 match result {
                     Ok(m) => {
                         tracing::info!(
@@ -322,12 +375,15 @@ impl Agent {
                         if let Some(retention) = &self.config.retention {
                             self.set_job(Some("prune"));
                             if let Err(e) = self.prune(retention, &lock).await {
-                                self.failed("prune", |i| &mut i.prune_failures, &e);
+                                self.failed("prune", |i| &mut i.prune_failures, &e).await;
                             }
                         }
                     }
                     Err(Error::Aborted(why)) => tracing::warn!("scheduled backup {why}"),
-                    Err(e) => self.failed("scheduled backup", |i| &mut i.backup_failures, &e),
+                    Err(e) => {
+                        self.failed("scheduled backup", |i| &mut i.backup_failures, &e)
+                            .await
+                    }
                 }
                 if let Err(e) = lock.release().await {
                     tracing::warn!(error = %e, "could not release the repository lock; it expires on its own");
@@ -361,10 +417,7 @@ impl Agent {
             let plan = prune::plan(&self.config.repo, &options).await?;
             prune::execute(&self.config.repo, &plan, lock).await
         };
-        let outcome = tokio::select! {
-            r = work => r?,
-            e = lock.lost() => return Err(e.into()),
-        };
+        let outcome = LeaseRun::new(lock).run(work).await?;
         tracing::info!(
             snapshots = outcome.snapshots_deleted.len(),
             leftovers = outcome.leftovers_deleted.len(),
@@ -380,15 +433,15 @@ impl Agent {
         let mut signals = signals.clone();
         match self.lock("agent verify", &mut signals).await {
             Err(Error::Aborted(why)) => tracing::warn!("scheduled verification {why}"),
-            Err(e) => self.failed("scheduled verification", |i| &mut i.verify_failures, &e),
+            Err(e) => {
+                self.failed("scheduled verification", |i| &mut i.verify_failures, &e)
+                    .await
+            }
             Ok(lock) => {
-                let result = tokio::select! {
-                    r = self.verify_latest() => r,
-                    e = lock.lost() => Err(e.into()),
-                    () = shutdown::at_least(&mut signals, 2) => Err(Error::Aborted(
-                        "stopped by a second signal".into(),
-                    )),
-                };
+                let result = LeaseRun::new(&lock)
+                    .with_signals(signals.clone(), 2, "stopped by a second signal")
+                    .run(self.verify_latest())
+                    .await;
                 match result {
                     Ok(VerifyOutcome { snapshot: None, .. }) => {
                         tracing::info!("no snapshot to verify yet");
@@ -406,10 +459,14 @@ impl Agent {
                             outcome.snapshot.as_deref().unwrap_or_default(),
                             outcome.problems.join("; ")
                         ));
-                        self.failed("scheduled verification", |i| &mut i.verify_failures, &err);
+                        self.failed("scheduled verification", |i| &mut i.verify_failures, &err)
+                            .await;
                     }
                     Err(Error::Aborted(why)) => tracing::warn!("scheduled verification {why}"),
-                    Err(e) => self.failed("scheduled verification", |i| &mut i.verify_failures, &e),
+                    Err(e) => {
+                        self.failed("scheduled verification", |i| &mut i.verify_failures, &e)
+                            .await
+                    }
                 }
                 if let Err(e) = lock.release().await {
                     tracing::warn!(error = %e, "could not release the repository lock; it expires on its own");
@@ -455,4 +512,73 @@ async fn verify_newest(repo: &Repository, deep: bool) -> Result<VerifyOutcome> {
         snapshot: Some(id.to_string()),
         problems: report.problems,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DatastoreSource, resolve_datastore};
+
+    fn agent(repo: &Repository) -> Agent {
+        let datastore = resolve_datastore(
+            &DatastoreSource::Connection {
+                value: "/nonexistent/datastore.sqlite3".into(),
+                database_type: None,
+            },
+            None,
+        )
+        .unwrap();
+        Agent::new(AgentConfig {
+            datastore,
+            repo: repo.clone(),
+            schedule: Schedule::parse("0 3 * * *").unwrap(),
+            verify_schedule: None,
+            deep_verify: false,
+            retention: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            lock_ttl: Duration::from_secs(10),
+            lock_wait: Duration::ZERO,
+            labels: Vec::new(),
+            codec: CodecOptions::default(),
+            refresh_every: Duration::from_secs(60),
+        })
+    }
+
+    /// A restarted agent reports the failures counted before the restart:
+    /// the counters live in the repository, not in the process.
+    #[tokio::test]
+    async fn failure_counters_survive_a_restart() {
+        let repo = Repository::in_memory();
+        let first = agent(&repo);
+        let err = Error::Unsupported("simulated".into());
+        first
+            .failed("scheduled backup", |i| &mut i.backup_failures, &err)
+            .await;
+        first
+            .failed("scheduled backup", |i| &mut i.backup_failures, &err)
+            .await;
+        first.failed("prune", |i| &mut i.prune_failures, &err).await;
+        drop(first);
+
+        let second = agent(&repo);
+        assert_eq!(second.failures(), AgentFailures::default());
+        second.load_failures().await;
+        let f = second.failures();
+        assert_eq!(f.backup.get(FailureKind::Other), 2);
+        assert_eq!(f.prune.get(FailureKind::Other), 1);
+        assert_eq!(f.verify, FailureCounters::default());
+        let text = second.state.render_metrics();
+        assert!(
+            text.contains("spirekeep_backup_failures_total{") && text.contains("kind=\"other\"} 2"),
+            "{text}"
+        );
+        // counting goes on from there
+        second
+            .failed("scheduled verification", |i| &mut i.verify_failures, &err)
+            .await;
+        let third = agent(&repo);
+        third.load_failures().await;
+        assert_eq!(third.failures().backup.get(FailureKind::Other), 2);
+        assert_eq!(third.failures().verify.get(FailureKind::Other), 1);
+    }
 }

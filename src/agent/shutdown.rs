@@ -51,12 +51,5 @@ pub fn listen() -> std::io::Result<watch::Receiver<u32>> {
 
 /// Resolves once at least `n` signals have arrived (never, if the sender is gone).
 pub async fn at_least(rx: &mut watch::Receiver<u32>, n: u32) {
-    loop {
-        if *rx.borrow_and_update() >= n {
-            return;
-        }
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
+    crate::store::lease_run::wait_for(rx, n).await;
 }

@@ -1,11 +1,15 @@
 //! `spirekeep apply PLAN.json [--resume] [--dry-run]`: run a saved plan.
 //!
-//! Exit codes: 0 completed (or a dry run of a fresh plan), 1 refused (stale
-//! plan, unhealthy fleet) or stopped (an agent batch failed and was returned,
-//! or the post-checks failed), 2 bad input (no such plan, a journal that
-//! needs --resume), 3 rolled back (a server step or the datastore gate failed:
-//! the datastore was restored and every member returned), 5 the rollback did
-//! not complete (manual intervention; the report says what is where).
+//! Exit codes (the README's table): 0 completed (or a dry run of a fresh
+//! plan); 9 nothing to do (every member already runs the target); 8 refused
+//! before anything changed (stale plan, unhealthy fleet, clock skew, a
+//! snapshot that could not be taken); 3 failed and rolled back (the datastore
+//! was restored and every member returned); 7 failed and NOT back where it
+//! started: the rollback did not complete, or the plan stopped half-way (an
+//! agent batch failed and was returned, a post-check failed, agents left
+//! behind would break the skew): an operator must act, the journal says
+//! where; 2 bad input (no such plan, a journal that needs --resume);
+//! 5 anything else (e.g. the journal cannot be written).
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -18,6 +22,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::exit;
 use super::output::print_json;
+use crate::agent::shutdown;
 use crate::error::Error;
 use crate::plan::apply::{ApplyOptions, ApplyReport, DryRun, Progress, StepStatus, apply, dry_run};
 use crate::plan::facts::show_row;
@@ -50,14 +55,15 @@ pub struct ApplyArgs {
 pub fn exit_code(outcome: Outcome) -> u8 {
     match outcome {
         Outcome::Completed => exit::OK,
-        Outcome::Refused | Outcome::Stopped => exit::CHECK_FAILED,
+        Outcome::NothingToDo => exit::NOTHING_TO_DO,
+        Outcome::Refused => exit::REFUSED,
         Outcome::RolledBack => exit::ROLLED_BACK,
-        Outcome::RollbackFailed => exit::FAILED,
+        Outcome::Stopped | Outcome::RollbackFailed => exit::ROLLBACK_FAILED,
     }
 }
 
 pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
-    let saved = SavedPlan::load(&args.plan).map_err(Error::Unsupported)?;
+    let saved = SavedPlan::load(&args.plan).map_err(Error::from)?;
     if args.dry_run {
         let d = dry_run(&saved, true).await?;
         if json {
@@ -66,19 +72,42 @@ pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
             print!("{}", render_dry_run(&d));
         }
         return Ok(if d.fresh == Some(false) {
-            exit::CHECK_FAILED
+            exit::REFUSED
         } else {
             exit::OK
         });
     }
+    // A first SIGTERM/SIGINT stops `apply` before its next step (and a
+    // snapshot or restore under the lease before it commits); a second one
+    // stops it at once. Either way the journal says where `--resume` goes on.
+    let signals = shutdown::listen()
+        .map_err(|e| Error::Aborted(format!("cannot install the signal handlers: {e}")))?;
+    let mut second = signals.clone();
+    tokio::spawn(async move {
+        shutdown::at_least(&mut second, 2).await;
+        eprintln!(
+            "error: stopped by a second signal; `spirekeep apply --resume` continues from the journal"
+        );
+        std::process::exit(i32::from(exit::FAILED));
+    });
     let options = ApplyOptions {
         resume: args.resume,
         journal: args
             .journal
             .clone()
             .unwrap_or_else(|| journal::path_for(&args.plan)),
+        signals: Some(signals),
     };
     let progress = TermProgress::new(!json && std::io::stderr().is_terminal());
+    if !progress.is_terminal() {
+        // not a terminal: one plain line per step on stderr instead
+        eprintln!(
+            "apply {}: {} steps, journal {}",
+            saved.plan_id,
+            saved.steps.len(),
+            options.journal.display()
+        );
+    }
     let report = apply(&saved, &options, &progress).await?;
     progress.clear();
     if json {
@@ -86,7 +115,7 @@ pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
     } else {
         print!("{}", render_report(&report));
     }
-    if report.outcome != Outcome::Completed {
+    if !matches!(report.outcome, Outcome::Completed | Outcome::NothingToDo) {
         eprintln!(
             "error: plan {} {}: {}",
             report.plan_id,
@@ -225,6 +254,10 @@ impl TermProgress {
         }
     }
 
+    fn is_terminal(&self) -> bool {
+        self.bar.is_some()
+    }
+
     fn clear(&self) {
         if let Some(m) = &self.bar
             && let Ok(mut b) = m.lock()
@@ -256,15 +289,8 @@ impl Progress for TermProgress {
 
     fn end(&self, id: &str, status: StepStatus, detail: &str, millis: u64) {
         tracing::info!(step = id, status = mark(status), "{detail}");
-        let Some(m) = &self.bar else { return };
-        let Ok(mut slot) = m.lock() else { return };
-        let line = format!(
-            "{} {id}{}{}",
-            match status {
-                StepStatus::Failed => "✗",
-                StepStatus::NotRun => "-",
-                _ => "✓",
-            },
+        let rest = format!(
+            "{id}{}{}",
             if detail.is_empty() {
                 String::new()
             } else {
@@ -276,6 +302,20 @@ impl Progress for TermProgress {
                 String::new()
             }
         );
+        let Some(m) = &self.bar else {
+            // not a terminal (a log, CI): one plain line per step, when it ends
+            eprintln!("[{}] {rest}", mark(status));
+            return;
+        };
+        let line = format!(
+            "{} {rest}",
+            match status {
+                StepStatus::Failed => "✗",
+                StepStatus::NotRun => "-",
+                _ => "✓",
+            }
+        );
+        let Ok(mut slot) = m.lock() else { return };
         match slot.take() {
             Some(bar) => {
                 bar.finish_and_clear();
@@ -287,8 +327,6 @@ impl Progress for TermProgress {
 
     fn note(&self, message: &str) {
         tracing::warn!("{message}");
-        if self.bar.is_some() {
-            eprintln!("! {message}");
-        }
+        eprintln!("! {message}");
     }
 }

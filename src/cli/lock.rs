@@ -15,6 +15,7 @@ use crate::agent::shutdown;
 use crate::error::Error;
 use crate::snapshot::listing::rfc3339;
 use crate::store::Repository;
+use crate::store::lease_run::LeaseRun;
 use crate::store::lock::{
     LeaseState, LeaseStatus, LockOptions, RepositoryLock, break_lease, inspect,
 };
@@ -80,14 +81,14 @@ impl Held {
         &self,
         work: impl Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
-        let mut signals = self.signals.clone();
-        tokio::select! {
-            r = work => r,
-            e = self.lock.lost() => Err(Error::from(e).into()),
-            () = shutdown::at_least(&mut signals, 1) => Err(Error::Aborted(
-                "interrupted by a signal; nothing was left half done (a partial snapshot has no manifest)".into(),
-            ).into()),
-        }
+        LeaseRun::new(&self.lock)
+            .with_signals(
+                self.signals.clone(),
+                1,
+                "interrupted by a signal; nothing was left half done (a partial snapshot has no manifest)",
+            )
+            .run(work)
+            .await
     }
 
     /// Releases the lease (a failure only means it expires on its own).

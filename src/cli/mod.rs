@@ -40,6 +40,16 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 4;
     /// Any other runtime failure (database or storage error).
     pub const FAILED: u8 = 5;
+    /// `check`: reachable only through the stepping-stone releases it prints.
+    pub const NEEDS_STEPS: u8 = 6;
+    /// `apply`: failed and could NOT roll back (or stopped half-way): an
+    /// operator must act; the journal says where everything is.
+    pub const ROLLBACK_FAILED: u8 = 7;
+    /// `plan`/`apply`: refused before touching anything (stale plan,
+    /// blocking finding, failed preflight).
+    pub const REFUSED: u8 = 8;
+    /// `plan`/`apply`: nothing to do, everything already runs the target.
+    pub const NOTHING_TO_DO: u8 = 9;
 }
 
 #[derive(Debug, Parser)]

@@ -1,9 +1,11 @@
 //! `spirekeep plan FILE [--out plan.json]`: read the live facts, compute the
 //! stages, print them for review and save them for `apply`.
 //!
-//! Exit codes: 0 a plan was made (or nothing to do), 1 SPIRE's rules refuse
-//! it (each reason with its way out), 2 a bad plan file, 4 a datastore that
-//! cannot be reached, 5 anything else (e.g. a member whose version cannot be read).
+//! Exit codes (the README's table): 0 a plan was made; 9 nothing to do
+//! (every member already runs the target); 8 refused (SPIRE's rules refuse
+//! it, or a member's clock is beyond `clock.max_skew`; each reason with its
+//! way out); 2 a bad plan file; 4 a datastore that cannot be reached; 5
+//! anything else (e.g. a member whose version cannot be read).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use super::exit;
 use super::output::print_json;
 use crate::error::Error;
 use crate::plan::facts::{self, Facts, show_row};
-use crate::plan::model::{Direction, HopSummary, Overrides, SavedPlan, SkewNote, Step};
+use crate::plan::model::{Direction, HopSummary, Overrides, SavedPlan, SkewNote, Step, StepKind};
 use crate::plan::stages::{self, StageOptions, StagesError};
 use crate::plan::{executor, file};
 
@@ -61,7 +63,7 @@ struct PlanView<'a> {
 }
 
 pub(crate) async fn run(args: &PlanArgs, json: bool) -> anyhow::Result<u8> {
-    let (pf, plan) = file::load(&args.file).map_err(Error::Unsupported)?;
+    let (pf, plan) = file::load(&args.file).map_err(Error::from)?;
     let exec = executor::build(&plan);
     let facts = facts::read(&plan, exec.as_ref(), 1).await?;
     let options = StageOptions {
@@ -74,14 +76,25 @@ pub(crate) async fn run(args: &PlanArgs, json: bool) -> anyhow::Result<u8> {
         .unwrap_or_else(|_| args.file.clone())
         .display()
         .to_string();
-    let saved = match stages::compute(
+    // SVIDs are time-bound: a member whose clock is off blocks the plan
+    let (clock_blocking, clock_warnings) = facts.clock_findings(plan.max_clock_skew);
+    let computed = stages::compute(
         &plan,
         &pf,
         &source,
         &facts,
         options,
         time::OffsetDateTime::now_utc(),
-    ) {
+    );
+    let computed = match computed {
+        Ok(_) if !clock_blocking.is_empty() => Err(StagesError::Refused(clock_blocking)),
+        Err(StagesError::Refused(mut lines)) => {
+            lines.extend(clock_blocking);
+            Err(StagesError::Refused(lines))
+        }
+        other => other,
+    };
+    let mut saved = match computed {
         Ok(s) => s,
         Err(StagesError::Refused(lines)) => {
             if json {
@@ -92,18 +105,19 @@ pub(crate) async fn run(args: &PlanArgs, json: bool) -> anyhow::Result<u8> {
                 }))?;
             } else {
                 println!("{}", render_facts(&facts));
-                println!("No plan: SPIRE's rules refuse it.");
+                println!("No plan: it is refused.");
                 for l in &lines {
                     println!("  - {l}");
                 }
             }
             eprintln!("error: the plan is refused: {}", lines.join("; "));
-            return Ok(exit::CHECK_FAILED);
+            return Ok(exit::REFUSED);
         }
         Err(StagesError::Invalid(m)) => return Err(Error::Unsupported(m).into()),
     };
+    saved.warnings.extend(clock_warnings);
     if let Some(out) = &args.out {
-        saved.store(out).map_err(Error::Aborted)?;
+        saved.store(out).map_err(Error::from)?;
     }
     let saved_to = args.out.as_ref().map(|p| p.display().to_string());
     if json {
@@ -132,6 +146,16 @@ pub(crate) async fn run(args: &PlanArgs, json: bool) -> anyhow::Result<u8> {
             ),
             None => println!("\nNot saved: add --out plan.json to save it for `spirekeep apply`."),
         }
+    }
+    let moves = saved.steps.iter().any(|s| {
+        matches!(
+            s.kind,
+            StepKind::Server { .. } | StepKind::AgentBatch { .. }
+        )
+    });
+    if !moves {
+        eprintln!("nothing to do: every member already runs {}", saved.target);
+        return Ok(exit::NOTHING_TO_DO);
     }
     Ok(exit::OK)
 }
@@ -190,9 +214,16 @@ fn render_facts(f: &Facts) -> String {
                     .join("; ")
             )
         };
+        let clock = match (m.clock_offset_ms, &m.clock_error) {
+            (Some(off), _) => {
+                format!(", clock {}", facts::show_offset(off)).replace(" of", " of spirekeep's")
+            }
+            (None, Some(_)) => ", clock unknown".into(),
+            (None, None) => String::new(),
+        };
         let _ = writeln!(
             s,
-            "  {:<9}  {} ({}) runs {}{health}",
+            "  {:<9}  {} ({}) runs {}{health}{clock}",
             m.role.as_str(),
             m.name,
             m.group,

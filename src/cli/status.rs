@@ -66,13 +66,13 @@ pub(crate) async fn run(args: &StatusArgs, json: bool) -> anyhow::Result<u8> {
     let Some(plan_path) = &args.plan else {
         return list(args, json).await;
     };
-    let saved = SavedPlan::load(plan_path).map_err(Error::Unsupported)?;
+    let saved = SavedPlan::load(plan_path).map_err(Error::from)?;
     let jpath = args
         .journal
         .clone()
         .unwrap_or_else(|| journal::path_for(plan_path));
     let mut source = jpath.display().to_string();
-    let mut records = journal::read(&jpath).map_err(Error::Unsupported)?;
+    let mut records = journal::read(&jpath).map_err(Error::from)?;
     if records.is_empty() {
         // maybe it ran elsewhere: the mirror
         if let Ok(plan) = saved.plan()
@@ -236,7 +236,7 @@ async fn list(args: &StatusArgs, json: bool) -> anyhow::Result<u8> {
                 }));
             }
             Ok(None) => {}
-            Err(e) => out.push(serde_json::json!({ "plan_id": id, "error": e })),
+            Err(e) => out.push(serde_json::json!({ "plan_id": id, "error": e.to_string() })),
         }
     }
     if json {

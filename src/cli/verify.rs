@@ -49,6 +49,11 @@ pub struct VerifyArgs {
 
     #[command(flatten)]
     pub repo: RepoArgs,
+
+    /// The repository lock, held while the snapshot is read (no prune can
+    /// delete its objects meanwhile).
+    #[command(flatten)]
+    pub lock: super::lock::LockArgs,
 }
 
 pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
@@ -72,17 +77,26 @@ pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
         None => None,
     };
     let repo = args.repo.open()?;
-    let id = resolve(&repo, &args.snapshot).await?;
-    let report = match &scratch_spec {
-        Some(spec) => {
-            let ds = datastore::open(spec, OpenMode::Create).await?;
-            let r = verify_snapshot(&repo, &id, VerifyMode::DeepInto(ds.as_ref())).await;
-            ds.close().await;
-            r?
-        }
-        None if args.deep => verify_snapshot(&repo, &id, VerifyMode::Deep).await?,
-        None => verify_snapshot(&repo, &id, VerifyMode::Shallow).await?,
+    // Under the repository lock, so no prune deletes the snapshot's objects
+    // while they are read (a verify racing a prune would report a damaged
+    // snapshot that was only being deleted).
+    let held = super::lock::Held::acquire(&repo, &args.lock, "verify").await?;
+    let work = async {
+        let id = resolve(&repo, &args.snapshot).await?;
+        Ok(match &scratch_spec {
+            Some(spec) => {
+                let ds = datastore::open(spec, OpenMode::Create).await?;
+                let r = verify_snapshot(&repo, &id, VerifyMode::DeepInto(ds.as_ref())).await;
+                ds.close().await;
+                r?
+            }
+            None if args.deep => verify_snapshot(&repo, &id, VerifyMode::Deep).await?,
+            None => verify_snapshot(&repo, &id, VerifyMode::Shallow).await?,
+        })
     };
+    let report = held.guard(work).await;
+    held.release().await;
+    let report = report?;
     if json {
         print_json(&report)?;
     } else {

@@ -14,6 +14,12 @@
 //!
 //! Every action can be rendered without running it, which is what
 //! `apply --dry-run` prints.
+//!
+//! Commands, kubectl and command gates run with an explicit, minimal
+//! environment ([`child_env`]): `PATH`, `HOME`, `LANG`, `LC_*`, `TZ`, the
+//! variables the plan names in `executor.pass_env`, and `executor.env`;
+//! never spirekeep's own (`PGPASSWORD`, `AWS_SECRET_ACCESS_KEY`,
+//! `SPIREKEEP_*`, …).
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -34,9 +40,11 @@ pub struct CommandSpec {
     pub shell: String,
     pub timeout: Duration,
     pub env: BTreeMap<String, String>,
+    /// Variables of spirekeep's environment passed on (`executor.pass_env`).
+    pub pass_env: Vec<String>,
 }
 
-/// The five templates of one role or agent group.
+/// The templates of one role or agent group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Commands {
     pub version: Template,
@@ -44,6 +52,49 @@ pub struct Commands {
     pub rollback: Template,
     pub stop: Template,
     pub start: Template,
+    /// Prints the member host's clock as Unix seconds (default `date +%s`).
+    pub clock: Template,
+}
+
+/// The default `clock` template.
+pub const DEFAULT_CLOCK_COMMAND: &str = "date +%s";
+
+/// Variables of spirekeep's environment that every child gets.
+const BASE_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TZ"];
+
+/// Variables `executor.pass_env` may not name: spirekeep's own secrets.
+#[must_use]
+pub fn forbidden_pass_env(name: &str) -> bool {
+    name.starts_with("SPIREKEEP_")
+        || matches!(
+            name,
+            "PGPASSWORD"
+                | "AWS_SECRET_ACCESS_KEY"
+                | "AWS_SESSION_TOKEN"
+                | "AZURE_STORAGE_ACCOUNT_KEY"
+        )
+}
+
+/// The environment of every command, kubectl call and command gate:
+/// `PATH`, `HOME`, `LANG`, `LC_*` and `TZ` from spirekeep's environment, the
+/// variables named in `pass` (when set), then `extra` (`executor.env`) on
+/// top. Nothing else of spirekeep's environment reaches a child.
+#[must_use]
+pub fn child_env(pass: &[String], extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for (k, v) in std::env::vars_os() {
+        let (Some(k), Some(v)) = (k.to_str(), v.to_str()) else {
+            continue;
+        };
+        let wanted = BASE_ENV.contains(&k)
+            || k.starts_with("LC_")
+            || pass.iter().any(|p| p == k && !forbidden_pass_env(p));
+        if wanted {
+            env.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
 }
 
 /// `[executor] kind = "kubernetes"`, validated.
@@ -61,6 +112,11 @@ pub struct KubernetesSpec {
     /// For command gates.
     pub shell: String,
     pub env: BTreeMap<String, String>,
+    /// Variables of spirekeep's environment passed on (`executor.pass_env`),
+    /// e.g. `KUBECONFIG`.
+    pub pass_env: Vec<String>,
+    /// How long `stop` waits for the server pods to be gone.
+    pub stop_timeout: Duration,
 }
 
 /// Which executor a plan uses.
@@ -79,6 +135,8 @@ pub enum Action {
     Rollback,
     Stop,
     Start,
+    /// Print the member host's clock (Unix seconds).
+    Clock,
 }
 
 impl Action {
@@ -90,6 +148,7 @@ impl Action {
             Self::Rollback => "rollback",
             Self::Stop => "stop",
             Self::Start => "start",
+            Self::Clock => "clock",
         }
     }
 }
@@ -167,6 +226,43 @@ pub trait Executor: Send + Sync {
     fn parse_version(&self, output: &str) -> Option<Version> {
         find_version(output)
     }
+
+    /// The member host's clock minus the local clock, in milliseconds (the
+    /// local clock is taken half-way through the call; the member's clock
+    /// is read to the second, so the result is good to about a second).
+    async fn clock_offset(&self, member: &Member) -> Result<i64, String> {
+        let before = time::OffsetDateTime::now_utc();
+        let r = self.run(Action::Clock, member, None, true).await;
+        let after = time::OffsetDateTime::now_utc();
+        if !r.ok {
+            return Err(r.error.unwrap_or_else(|| "the clock command failed".into()));
+        }
+        let remote = parse_unix_seconds(&r.stdout).ok_or_else(|| {
+            format!(
+                "`{}` printed {:?}, not Unix seconds",
+                r.runs.last().map_or("", |c| c.command.as_str()),
+                tail(&r.stdout)
+            )
+        })?;
+        let local_ms =
+            (before.unix_timestamp_nanos() + after.unix_timestamp_nanos()) / 2 / 1_000_000;
+        i64::try_from(remote - local_ms).map_err(|_| "clock out of range".to_owned())
+    }
+}
+
+/// Unix time in milliseconds from what a clock command printed: the last
+/// word that is a number of seconds (`1764850000` or `1764850000.25`).
+#[must_use]
+pub fn parse_unix_seconds(output: &str) -> Option<i128> {
+    output.split_whitespace().rev().find_map(|w| {
+        let (int, frac) = w.split_once('.').unwrap_or((w, ""));
+        let secs: i128 = int.parse().ok()?;
+        if !frac.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let ms: i128 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
+        Some(secs * 1000 + if secs < 0 { -ms } else { ms })
+    })
 }
 
 /// Builds the executor a plan asks for.
@@ -221,6 +317,7 @@ async fn run_process(
     let started = Instant::now();
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
+        .env_clear()
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -332,6 +429,7 @@ impl CommandExecutor {
             Action::Rollback => &c.rollback,
             Action::Stop => &c.stop,
             Action::Start => &c.start,
+            Action::Clock => &c.clock,
         })
     }
 }
@@ -380,7 +478,7 @@ impl Executor for CommandExecutor {
         let (run, stdout) = run_process(
             &self.spec.shell,
             &["-c".to_owned(), line.clone()],
-            &self.spec.env,
+            &child_env(&self.spec.pass_env, &self.spec.env),
             self.spec.timeout,
             line,
         )
@@ -397,7 +495,7 @@ impl Executor for CommandExecutor {
     fn gate_env(&self) -> GateEnv {
         GateEnv {
             shell: self.spec.shell.clone(),
-            env: self.spec.env.clone(),
+            env: child_env(&self.spec.pass_env, &self.spec.env),
         }
     }
 }
@@ -420,6 +518,9 @@ enum KStep {
     StopScale(String),
     /// Scale back to the remembered count.
     StartScale(String),
+    /// Wait until no pod of the workload is left (terminating ones
+    /// included): the datastore must not be restored under a live server.
+    WaitGone(String),
 }
 
 impl KubernetesExecutor {
@@ -513,7 +614,7 @@ impl KubernetesExecutor {
                 }
                 s
             }
-            Action::Stop if scalable => vec![KStep::StopScale(w)],
+            Action::Stop if scalable => vec![KStep::StopScale(w.clone()), KStep::WaitGone(w)],
             Action::Stop => {
                 return Err(format!(
                     "{w}: a DaemonSet cannot be stopped by scaling; spirekeep only stops servers"
@@ -527,6 +628,15 @@ impl KubernetesExecutor {
                 s
             }
             Action::Start => vec![KStep::Call(self.rollout(&w))],
+            Action::Clock => vec![KStep::Call(self.args(&[
+                "exec",
+                &w,
+                "-c",
+                &Self::container(member),
+                "--",
+                "date",
+                "+%s",
+            ]))],
         })
     }
 
@@ -544,7 +654,7 @@ impl KubernetesExecutor {
         let (run, stdout) = run_process(
             &self.spec.kubectl,
             &args,
-            &self.spec.env,
+            &child_env(&self.spec.pass_env, &self.spec.env),
             self.spec.timeout,
             shown,
         )
@@ -592,6 +702,21 @@ impl Executor for KubernetesExecutor {
                         self.show(&self.args(&["get", &w, "-o", &annotation_path()])),
                         self.show(&self.args(&["scale", &w, "--replicas=<replicas>"])),
                     ],
+                    KStep::WaitGone(w) => vec![
+                        self.show(&self.args(&["get", &w, "-o", SELECTOR_PATH])),
+                        format!(
+                            "{}   # until it lists no pod (at most {}s)",
+                            self.show(&self.args(&[
+                                "get",
+                                "pods",
+                                "-l",
+                                "<selector>",
+                                "-o",
+                                "name"
+                            ])),
+                            self.spec.stop_timeout.as_secs()
+                        ),
+                    ],
                 })
                 .collect(),
         }
@@ -635,6 +760,7 @@ impl Executor for KubernetesExecutor {
                             String::new()
                         }
                     }
+                    KStep::WaitGone(w) => self.wait_gone(&w, &mut runs).await?,
                     KStep::StartScale(w) => {
                         let n = self
                             .call(self.args(&["get", &w, "-o", &annotation_path()]), &mut runs)
@@ -674,7 +800,7 @@ impl Executor for KubernetesExecutor {
     fn gate_env(&self) -> GateEnv {
         GateEnv {
             shell: self.spec.shell.clone(),
-            env: self.spec.env.clone(),
+            env: child_env(&self.spec.pass_env, &self.spec.env),
         }
     }
 
@@ -687,6 +813,78 @@ impl Executor for KubernetesExecutor {
     }
 }
 
+/// The workload's pod selector, as JSON.
+const SELECTOR_PATH: &str = "jsonpath={.spec.selector.matchLabels}";
+
+impl KubernetesExecutor {
+    /// Polls until no pod of `workload` is left, terminating ones included
+    /// (scaling to zero returns at once; the pods stop later).
+    async fn wait_gone(
+        &self,
+        workload: &str,
+        runs: &mut Vec<CommandRun>,
+    ) -> Result<String, String> {
+        let labels = self
+            .call(self.args(&["get", workload, "-o", SELECTOR_PATH]), runs)
+            .await?;
+        let labels: BTreeMap<String, String> =
+            serde_json::from_str(labels.trim()).map_err(|e| {
+                format!(
+                    "{workload}: cannot read its pod selector ({e}): {:?}",
+                    tail(&labels)
+                )
+            })?;
+        if labels.is_empty() {
+            return Err(format!(
+                "{workload} has no matchLabels selector: cannot tell when its pods are gone"
+            ));
+        }
+        let selector = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let deadline = Instant::now() + self.spec.stop_timeout;
+        let mut polls = 0u32;
+        loop {
+            let mut scratch = Vec::new();
+            let left = self
+                .call(
+                    self.args(&["get", "pods", "-l", &selector, "-o", "name"]),
+                    &mut scratch,
+                )
+                .await;
+            polls += 1;
+            let last = scratch.pop();
+            match left {
+                Ok(out) if out.trim().is_empty() => {
+                    if let Some(mut run) = last {
+                        run.output = format!("no pod left after {polls} poll(s)");
+                        runs.push(run);
+                    }
+                    return Ok(String::new());
+                }
+                Ok(out) if Instant::now() >= deadline => {
+                    runs.extend(last);
+                    return Err(format!(
+                        "{workload} was scaled to 0 but its pods are still there after {}s: {}",
+                        self.spec.stop_timeout.as_secs(),
+                        tail(&out).replace('\n', " ")
+                    ));
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    runs.extend(last);
+                    return Err(e);
+                }
+                _ => tokio::time::sleep(STOP_POLL).await,
+            }
+        }
+    }
+}
+
+/// How often a stop looks for pods that are still there.
+const STOP_POLL: Duration = Duration::from_millis(500);
+
 fn annotation_path() -> String {
     format!(
         "jsonpath={{.metadata.annotations.{}}}",
@@ -697,6 +895,7 @@ fn annotation_path() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn member(role: Role, name: &str) -> Member {
         Member {
@@ -727,6 +926,8 @@ mod tests {
                 timeout: Duration::from_secs(630),
                 shell: "sh".into(),
                 env: BTreeMap::new(),
+                pass_env: Vec::new(),
+                stop_timeout: Duration::from_secs(600),
             },
         }
     }
@@ -780,7 +981,126 @@ mod tests {
                 "kubectl --context=prod --namespace=spire get statefulset/spire-server -o 'jsonpath={.spec.template.spec.containers[?(@.name==\"spire-server\")].image}'"
             ]
         );
-        assert_eq!(k.render(Action::Stop, &s, None, true).len(), 3);
+        assert_eq!(k.render(Action::Stop, &s, None, true).len(), 5);
+        assert_eq!(
+            k.render(Action::Clock, &a, None, true),
+            [
+                "kubectl --context=prod --namespace=spire exec daemonset/spire-agent -c spire-agent -- date +%s"
+            ]
+        );
         assert!(k.render(Action::Stop, &a, None, true)[0].starts_with("# "));
+    }
+
+    /// A kubectl stand-in: logs every call; `get pods` lists a terminating
+    /// pod for the first two polls.
+    fn fake_kubectl(dir: &std::path::Path) -> std::path::PathBuf {
+        let script = dir.join("kubectl");
+        std::fs::write(
+            &script,
+            r#"#!/bin/sh
+echo "$*" >> "$FAKE_DIR/calls"
+case "$*" in
+  *"jsonpath={.spec.replicas}"*) echo 2 ;;
+  *"jsonpath={.spec.selector.matchLabels}"*) echo '{"app":"spire-server"}' ;;
+  *"get pods -l app=spire-server -o name"*)
+    n=$(cat "$FAKE_DIR/polls" 2>/dev/null || echo 0); n=$((n + 1)); echo $n > "$FAKE_DIR/polls"
+    if [ $n -le 2 ]; then echo pod/spire-server-0; fi ;;
+esac
+exit 0
+"#,
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&script).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&script, perms).unwrap();
+        script
+    }
+
+    #[tokio::test]
+    async fn kubernetes_stop_waits_for_the_pods_to_be_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut k = k8s();
+        k.spec.kubectl = fake_kubectl(dir.path()).display().to_string();
+        k.spec
+            .env
+            .insert("FAKE_DIR".into(), dir.path().display().to_string());
+        let s = member(Role::Server, "spire-server");
+        let r = k.run(Action::Stop, &s, None, true).await;
+        assert!(r.ok, "{r:?}");
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        let calls: Vec<&str> = calls.lines().collect();
+        let scale = calls
+            .iter()
+            .position(|c| c.contains("scale statefulset/spire-server --replicas=0"))
+            .unwrap();
+        let polls: Vec<usize> = calls
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.contains("get pods -l app=spire-server"))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(polls.len(), 3, "{calls:?}");
+        assert!(polls[0] > scale, "{calls:?}");
+
+        // pods that never go away: the stop fails instead of returning
+        std::fs::write(dir.path().join("polls"), "-1000\n").unwrap();
+        k.spec.stop_timeout = Duration::from_millis(700);
+        let r = k.run(Action::Stop, &s, None, true).await;
+        assert!(!r.ok, "{r:?}");
+        assert!(
+            r.error.as_deref().unwrap_or("").contains("still there"),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn commands_get_a_minimal_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        let template = format!("env > {}; echo 1.2.3", out.display());
+        let t = Template::parse(&template).unwrap();
+        let commands = Commands {
+            version: t.clone(),
+            upgrade: t.clone(),
+            rollback: t.clone(),
+            stop: t.clone(),
+            start: t.clone(),
+            clock: t,
+        };
+        let exec = CommandExecutor {
+            spec: CommandSpec {
+                shell: "sh".into(),
+                timeout: Duration::from_secs(10),
+                env: BTreeMap::from([("FROM_PLAN".to_owned(), "yes".to_owned())]),
+                // one of spirekeep's own is never passed, even when named
+                pass_env: vec!["SPIREKEEP_DATASTORE".into()],
+            },
+            templates: BTreeMap::from([("servers".to_owned(), commands)]),
+        };
+        let s = member(Role::Server, "s1");
+        assert_eq!(exec.version(&s).await.unwrap(), Version::new(1, 2, 3));
+        let env = std::fs::read_to_string(&out).unwrap();
+        let names: BTreeSet<&str> = env
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        // sh itself adds PWD, SHLVL and _
+        let allowed = |n: &str| {
+            matches!(
+                n,
+                "PATH" | "HOME" | "LANG" | "TZ" | "FROM_PLAN" | "PWD" | "SHLVL" | "_" | "OLDPWD"
+            ) || n.starts_with("LC_")
+        };
+        for n in &names {
+            assert!(allowed(n), "{n} reached the command: {env}");
+        }
+        assert!(
+            names.contains("FROM_PLAN") && names.contains("PATH"),
+            "{env}"
+        );
+        assert!(forbidden_pass_env("SPIREKEEP_DATASTORE") && forbidden_pass_env("PGPASSWORD"));
+        // a named variable of spirekeep's environment is passed on
+        let env = child_env(&["PATH".to_owned()], &BTreeMap::new());
+        assert!(env.contains_key("PATH"));
     }
 }

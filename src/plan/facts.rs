@@ -46,6 +46,13 @@ pub struct MemberFacts {
     /// Its gates, one attempt each (not fingerprinted).
     #[serde(default)]
     pub health: Vec<GateResult>,
+    /// Its host's clock minus spirekeep's, in milliseconds, read through
+    /// the executor (not fingerprinted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_ms: Option<i64>,
+    /// Why the clock could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_error: Option<String>,
 }
 
 impl MemberFacts {
@@ -82,6 +89,34 @@ impl Facts {
         };
         let json = serde_json::to_vec(&stable).unwrap_or_default();
         format!("sha256:{}", sha256_hex(&json))
+    }
+
+    /// The clock-skew findings: one line per member whose clock is further
+    /// than `max_skew` from spirekeep's (blocking), and one per member whose
+    /// clock could not be read (a warning: some images have no `date`).
+    #[must_use]
+    pub fn clock_findings(&self, max_skew: std::time::Duration) -> (Vec<String>, Vec<String>) {
+        let limit = i64::try_from(max_skew.as_millis()).unwrap_or(i64::MAX);
+        let mut blocking = Vec::new();
+        let mut warnings = Vec::new();
+        for m in &self.members {
+            match (m.clock_offset_ms, &m.clock_error) {
+                (Some(off), _) if off.abs() > limit => blocking.push(format!(
+                    "{} {}: its clock is {} spirekeep's, more than the {} allowed (clock.max_skew; SVIDs are time-bound): fix the host's time sync (NTP) before upgrading",
+                    m.role.as_str(),
+                    m.name,
+                    show_offset(off),
+                    crate::plan::health::human_duration(max_skew)
+                )),
+                (None, Some(e)) => warnings.push(format!(
+                    "{} {}: its clock could not be read, so its skew is unknown: {e}",
+                    m.role.as_str(),
+                    m.name
+                )),
+                _ => {}
+            }
+        }
+        (blocking, warnings)
     }
 
     /// What changed between `self` (the plan's) and `now`, one line each.
@@ -131,6 +166,18 @@ impl Facts {
             }
         }
         out
+    }
+}
+
+/// `2.0 s ahead of` / `1.5 s behind`.
+#[must_use]
+pub fn show_offset(ms: i64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let secs = ms.unsigned_abs() as f64 / 1000.0;
+    if ms >= 0 {
+        format!("{secs:.1} s ahead of")
+    } else {
+        format!("{secs:.1} s behind")
     }
 }
 
@@ -244,6 +291,10 @@ pub async fn read_members(
                     m.name
                 ))
             })?;
+            let (clock_offset_ms, clock_error) = match executor.clock_offset(m).await {
+                Ok(off) => (Some(off), None),
+                Err(e) => (None, Some(e)),
+            };
             let mut health = Vec::new();
             if health_attempts > 0 {
                 let vars = m.vars(Some(&version));
@@ -257,6 +308,8 @@ pub async fn read_members(
                 group: m.group.clone(),
                 version: version.to_string(),
                 health,
+                clock_offset_ms,
+                clock_error,
             })
         }
     });

@@ -15,6 +15,7 @@ use std::time::Duration;
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
+use super::error::PlanError;
 use super::executor::{CommandSpec, Commands, ExecutorSpec, KubernetesSpec};
 use super::health::{Gate, GateConfig};
 use super::template::{BUILTIN_PLACEHOLDERS, Template, Vars};
@@ -57,7 +58,44 @@ pub struct PlanFile {
     /// Gates run once at the end, after every member reached the target.
     #[serde(default)]
     pub post_checks: Vec<GateConfig>,
+    /// What a failed post-check does: `stop` (the default) or `roll_back`.
+    #[serde(default)]
+    pub on_post_check_failure: PostCheckFailure,
+    /// The clock-skew preflight.
+    #[serde(default)]
+    pub clock: ClockConfig,
 }
+
+/// What a failed post-check (after every member moved) does.
+///
+/// The default is `stop`: the plan stops and reports, the datastore is left
+/// as it is. `roll_back` restores the pre-upgrade snapshot and returns every
+/// member, which also discards everything SPIRE wrote since the snapshot
+/// (registrations, attestations, CA and bundle updates): only the operator
+/// can weigh that, so it is asked for, never assumed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PostCheckFailure {
+    #[default]
+    Stop,
+    RollBack,
+}
+
+/// `[clock]`: how far a member's clock may be from spirekeep's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockConfig {
+    /// The largest offset accepted (e.g. `"30s"`). Default: a tenth of
+    /// `svid_ttl`.
+    pub max_skew: Option<String>,
+    /// The shortest SVID TTL in this deployment. Default `5m`, SPIRE's
+    /// default JWT-SVID TTL (`default_jwt_svid_ttl`), the shortest of its
+    /// defaults.
+    pub svid_ttl: Option<String>,
+}
+
+/// SPIRE's default JWT-SVID TTL, the shortest TTL it uses by default.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(300);
 
 fn default_name() -> String {
     "upgrade".into()
@@ -134,6 +172,11 @@ pub struct ExecutorConfig {
     /// Extra environment for every command.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Variables of spirekeep's environment passed to every command and
+    /// gate (e.g. `["KUBECONFIG"]`); besides these, commands only get
+    /// `PATH`, `HOME`, `LANG`, `LC_*` and `TZ`.
+    #[serde(default)]
+    pub pass_env: Vec<String>,
     /// `command`: the default templates for every member.
     #[serde(default)]
     pub commands: CommandsConfig,
@@ -167,6 +210,8 @@ pub struct CommandsConfig {
     pub stop: Option<String>,
     /// Starts the member (must succeed when it already runs).
     pub start: Option<String>,
+    /// Prints the member host's clock in Unix seconds (default `date +%s`).
+    pub clock: Option<String>,
 }
 
 impl CommandsConfig {
@@ -178,6 +223,7 @@ impl CommandsConfig {
             rollback: pick(&self.rollback, &fallback.rollback),
             stop: pick(&self.stop, &fallback.stop),
             start: pick(&self.start, &fallback.start),
+            clock: pick(&self.clock, &fallback.clock),
         }
     }
 
@@ -366,6 +412,9 @@ pub struct Plan {
     pub server_gates: Vec<Gate>,
     pub agents: Vec<AgentGroup>,
     pub post_checks: Vec<Gate>,
+    pub on_post_check_failure: PostCheckFailure,
+    /// The largest clock offset accepted for a member.
+    pub max_clock_skew: Duration,
 }
 
 impl Plan {
@@ -416,10 +465,12 @@ impl Plan {
 /// # Errors
 /// An unreadable file, TOML errors (with line and column), and every
 /// validation error of [`PlanFile::validate`].
-pub fn load(path: &Path) -> Result<(PlanFile, Plan), String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read plan file {}: {e}", path.display()))?;
-    let mut file = parse(&text).map_err(|e| format!("plan file {}: {e}", path.display()))?;
+pub fn load(path: &Path) -> Result<(PlanFile, Plan), PlanError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        PlanError::PlanFile(format!("cannot read plan file {}: {e}", path.display()))
+    })?;
+    let mut file = parse(&text)
+        .map_err(|e| PlanError::PlanFile(format!("plan file {}: {e}", path.display())))?;
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -428,7 +479,7 @@ pub fn load(path: &Path) -> Result<(PlanFile, Plan), String> {
     file.absolutize(&base);
     let plan = file
         .validate()
-        .map_err(|e| format!("plan file {}: {e}", path.display()))?;
+        .map_err(|e| PlanError::PlanFile(format!("plan file {}: {e}", path.display())))?;
     Ok((file, plan))
 }
 
@@ -436,8 +487,9 @@ pub fn load(path: &Path) -> Result<(PlanFile, Plan), String> {
 ///
 /// # Errors
 /// TOML syntax errors, unknown keys and wrong types, with their position.
-pub fn parse(text: &str) -> Result<PlanFile, String> {
-    toml::from_str::<PlanFile>(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+pub fn parse(text: &str) -> Result<PlanFile, PlanError> {
+    toml::from_str::<PlanFile>(text)
+        .map_err(|e| PlanError::PlanFile(e.to_string().trim_end().replace('\n', " ")))
 }
 
 impl PlanFile {
@@ -465,7 +517,11 @@ impl PlanFile {
     ///
     /// # Errors
     /// A message naming the key at fault and what would be accepted.
-    pub fn validate(&self) -> Result<Plan, String> {
+    pub fn validate(&self) -> Result<Plan, PlanError> {
+        self.validated().map_err(PlanError::PlanFile)
+    }
+
+    fn validated(&self) -> Result<Plan, String> {
         if self.format != PLAN_FILE_FORMAT {
             return Err(format!(
                 "format = {} is not supported; this spirekeep reads plan files of format {PLAN_FILE_FORMAT}",
@@ -621,7 +677,17 @@ impl PlanFile {
             .map(|(i, g)| g.validate(&format!("post_checks[{i}]"), &[&target_vars]))
             .collect::<Result<Vec<_>, _>>()?;
 
+        let svid_ttl = match &self.clock.svid_ttl {
+            Some(v) => parse_duration(v).map_err(|e| format!("clock.svid_ttl: {e}"))?,
+            None => DEFAULT_SVID_TTL,
+        };
+        let max_clock_skew = match &self.clock.max_skew {
+            Some(v) => parse_duration(v).map_err(|e| format!("clock.max_skew: {e}"))?,
+            None => svid_ttl / 10,
+        };
         Ok(Plan {
+            on_post_check_failure: self.on_post_check_failure,
+            max_clock_skew,
             name: self.name.clone(),
             target,
             order: self.order,
@@ -678,6 +744,13 @@ impl PlanFile {
         let timeout = parse_duration(e.timeout.as_deref().unwrap_or("5m"))
             .map_err(|err| format!("executor.timeout: {err}"))?;
         let shell = e.shell.clone().unwrap_or_else(|| "sh".into());
+        for name in &e.pass_env {
+            if super::executor::forbidden_pass_env(name) {
+                return Err(format!(
+                    "executor.pass_env: {name} is spirekeep's own secret and is never passed to commands; give a command what it needs in [executor.env]"
+                ));
+            }
+        }
         match e.kind {
             ExecutorKind::Command => {
                 for (key, v) in [
@@ -699,6 +772,7 @@ impl PlanFile {
                     shell,
                     timeout,
                     env: e.env.clone(),
+                    pass_env: e.pass_env.clone(),
                 }))
             }
             ExecutorKind::Kubernetes => {
@@ -727,6 +801,8 @@ impl PlanFile {
                     timeout: timeout.max(rollout_timeout + Duration::from_secs(30)),
                     shell,
                     env: e.env.clone(),
+                    pass_env: e.pass_env.clone(),
+                    stop_timeout: rollout_timeout,
                 }))
             }
         }
@@ -774,6 +850,14 @@ fn commands(c: &CommandsConfig, key: &str, members: &[Member]) -> Result<Command
         rollback: get("rollback", &c.rollback)?,
         stop: get("stop", &c.stop)?,
         start: get("start", &c.start)?,
+        clock: get(
+            "clock",
+            &Some(
+                c.clock
+                    .clone()
+                    .unwrap_or_else(|| super::executor::DEFAULT_CLOCK_COMMAND.into()),
+            ),
+        )?,
     })
 }
 
@@ -945,8 +1029,8 @@ members = [{ name = "a1" }, { name = "a2" }, { name = "a3" }]
     fn invalid(patch: impl Fn(&str) -> String) -> String {
         let text = patch(MINIMAL);
         match parse(&text) {
-            Err(e) => e,
-            Ok(f) => f.validate().expect_err("should be invalid"),
+            Err(e) => e.to_string(),
+            Ok(f) => f.validate().expect_err("should be invalid").to_string(),
         }
     }
 

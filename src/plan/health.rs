@@ -360,6 +360,8 @@ pub struct GateResult {
 #[derive(Debug, Clone, Default)]
 pub struct GateEnv {
     pub shell: String,
+    /// The complete environment of a gate's command
+    /// ([`super::executor::child_env`]).
     pub env: BTreeMap<String, String>,
 }
 
@@ -424,7 +426,12 @@ async fn attempt_once(gate: &Gate, vars: &Vars, env: &GateEnv) -> Result<String,
         Check::Command(t) => {
             let cmd = t.render(vars, Quoting::Shell);
             let mut c = tokio::process::Command::new(&env.shell);
-            c.arg("-c").arg(&cmd).envs(&env.env).kill_on_drop(true);
+            // the whole environment is given: nothing of spirekeep's own leaks
+            c.arg("-c")
+                .arg(&cmd)
+                .env_clear()
+                .envs(&env.env)
+                .kill_on_drop(true);
             c.stdin(std::process::Stdio::null());
             let out = c
                 .output()
@@ -835,7 +842,7 @@ spire_server_uptime_in_ms 5
     async fn command_gates_run() {
         let env = GateEnv {
             shell: "sh".into(),
-            env: BTreeMap::new(),
+            env: crate::plan::executor::child_env(&[], &BTreeMap::new()),
         };
         let gate = |cmd: &str| Gate {
             name: "t".into(),

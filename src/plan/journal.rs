@@ -22,6 +22,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::error::PlanError;
 use crate::store::Repository;
 use crate::store::keys;
 
@@ -43,6 +44,9 @@ pub enum Outcome {
     RolledBack,
     /// The rollback itself did not complete: manual intervention needed.
     RollbackFailed,
+    /// Every member already ran the target and the facts still matched:
+    /// nothing was changed.
+    NothingToDo,
 }
 
 impl Outcome {
@@ -54,6 +58,7 @@ impl Outcome {
             Self::Stopped => "stopped",
             Self::RolledBack => "rolled_back",
             Self::RollbackFailed => "rollback_failed",
+            Self::NothingToDo => "nothing_to_do",
         }
     }
 }
@@ -78,9 +83,17 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
         data: serde_json::Value,
     },
-    /// A step failed.
-    StepFailed { step: String, error: String },
-    /// A failure turned the plan into a rollback.
+    /// A step failed. With `rollback`, the same record starts the rollback:
+    /// one write, so no kill can leave a failed server step without its
+    /// rollback (a resume would otherwise retry the step).
+    StepFailed {
+        step: String,
+        error: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rollback: bool,
+    },
+    /// A failure turned the plan into a rollback (journals written before
+    /// `StepFailed` carried `rollback`; still read).
     RollbackStarted { failed_step: String, reason: String },
     /// Something worth keeping that is not a step.
     Note { message: String },
@@ -120,16 +133,19 @@ pub fn path_for(plan_path: &Path) -> PathBuf {
 ///
 /// # Errors
 /// I/O errors and malformed lines other than the last.
-pub fn read(path: &Path) -> Result<Vec<Record>, String> {
+pub fn read(path: &Path) -> Result<Vec<Record>, PlanError> {
+    let unreadable = |e: std::io::Error| {
+        PlanError::Journal(format!("cannot read journal {}: {e}", path.display()))
+    };
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("cannot read journal {}: {e}", path.display())),
+        Err(e) => return Err(unreadable(e)),
     };
     let lines: Vec<String> = BufReader::new(file)
         .lines()
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot read journal {}: {e}", path.display()))?;
+        .map_err(unreadable)?;
     let mut out = Vec::new();
     let last = lines.len().saturating_sub(1);
     for (i, line) in lines.iter().enumerate() {
@@ -142,11 +158,11 @@ pub fn read(path: &Path) -> Result<Vec<Record>, String> {
                 tracing::warn!(journal = %path.display(), "ignoring a last line cut short");
             }
             Err(e) => {
-                return Err(format!(
-                    "journal {} line {} is not a journal record: {e}",
+                return Err(PlanError::Journal(format!(
+                    "journal {} line {} is not a journal record: {e}; it was not written by spirekeep apply (restore it from the repository's journal/ copy)",
                     path.display(),
                     i + 1
-                ));
+                )));
             }
         }
     }
@@ -158,17 +174,18 @@ pub fn read(path: &Path) -> Result<Vec<Record>, String> {
 ///
 /// # Errors
 /// Storage errors and a malformed document.
-pub async fn read_mirror(repo: &Repository, plan_id: &str) -> Result<Option<Mirror>, String> {
-    let key = keys::journal(plan_id).map_err(|e| e.to_string())?;
+pub async fn read_mirror(repo: &Repository, plan_id: &str) -> Result<Option<Mirror>, PlanError> {
+    let failed = |e: String| PlanError::Journal(e);
+    let key = keys::journal(plan_id).map_err(|e| failed(e.to_string()))?;
     match repo.head(&key).await {
         Ok(None) => return Ok(None),
         Ok(Some(_)) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(failed(e.to_string())),
     }
-    let bytes = repo.get(&key).await.map_err(|e| e.to_string())?;
+    let bytes = repo.get(&key).await.map_err(|e| failed(e.to_string()))?;
     serde_json::from_slice(&bytes)
         .map(Some)
-        .map_err(|e| format!("{key} in {repo} is not a journal: {e}"))
+        .map_err(|e| failed(format!("{key} in {repo} is not a journal: {e}")))
 }
 
 /// An open, locked journal being appended to.
@@ -196,34 +213,33 @@ impl Journal {
     ///
     /// # Errors
     /// I/O errors, a malformed journal, or another `apply` holding the lock.
-    pub fn open(path: &Path, plan_id: &str, repo: Option<Repository>) -> Result<Self, String> {
+    pub fn open(path: &Path, plan_id: &str, repo: Option<Repository>) -> Result<Self, PlanError> {
+        let failed = |what: &str, e: std::io::Error| {
+            PlanError::Journal(format!("cannot {what} journal {}: {e}", path.display()))
+        };
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .read(true)
             .open(path)
-            .map_err(|e| format!("cannot open journal {}: {e}", path.display()))?;
+            .map_err(|e| failed("open", e))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(format!(
-                    "journal {} is locked: another `spirekeep apply` of this plan is running",
-                    path.display()
-                ));
+                return Err(PlanError::JournalLocked {
+                    path: path.to_path_buf(),
+                });
             }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(format!("cannot lock journal {}: {e}", path.display()));
-            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(failed("lock", e)),
         }
         let records = read(path)?;
         // A line cut short by a crash would glue itself to the next record:
         // cut the file back to its last complete line.
-        let bytes = std::fs::read(path)
-            .map_err(|e| format!("cannot read journal {}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|e| failed("read", e))?;
         let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         if complete < bytes.len() {
             file.set_len(u64::try_from(complete).unwrap_or(0))
-                .map_err(|e| format!("cannot repair journal {}: {e}", path.display()))?;
+                .map_err(|e| failed("repair", e))?;
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -251,18 +267,24 @@ impl Journal {
     ///
     /// # Errors
     /// The local write failing (the plan must not go on without its journal).
-    pub async fn append(&mut self, event: Event) -> Result<(), String> {
+    pub async fn append(&mut self, event: Event) -> Result<(), PlanError> {
         let record = Record {
             seq: self.records.last().map_or(1, |r| r.seq + 1),
             at: OffsetDateTime::now_utc(),
             event,
         };
-        let mut line = serde_json::to_string(&record).map_err(|e| e.to_string())?;
+        let mut line = serde_json::to_string(&record)
+            .map_err(|e| PlanError::Journal(format!("cannot encode a journal record: {e}")))?;
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
             .and_then(|()| self.file.sync_data())
-            .map_err(|e| format!("cannot write journal {}: {e}", self.path.display()))?;
+            .map_err(|e| {
+                PlanError::Journal(format!(
+                    "cannot write journal {}: {e}; the plan stopped (free the disk, then `spirekeep apply --resume`)",
+                    self.path.display()
+                ))
+            })?;
         self.records.push(record);
         self.mirror().await;
         Ok(())
@@ -348,10 +370,17 @@ impl State {
                         s.interrupted = None;
                     }
                 }
-                Event::StepFailed { step, error } => {
+                Event::StepFailed {
+                    step,
+                    error,
+                    rollback,
+                } => {
                     s.failed.insert(step.clone(), error.clone());
                     if s.interrupted.as_deref() == Some(step) {
                         s.interrupted = None;
+                    }
+                    if *rollback && s.rollback.is_none() {
+                        s.rollback = Some((step.clone(), error.clone()));
                     }
                 }
                 Event::RollbackStarted {
@@ -426,7 +455,8 @@ mod tests {
         .unwrap();
         // a second apply cannot take the lock
         let err = Journal::open(&path, "p-1", None).unwrap_err();
-        assert!(err.contains("locked"), "{err}");
+        assert!(matches!(err, PlanError::JournalLocked { .. }), "{err}");
+        assert!(err.to_string().contains("locked"), "{err}");
         let state = j.state();
         assert_eq!(
             state.snapshot_id().as_deref(),

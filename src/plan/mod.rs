@@ -16,6 +16,7 @@
 //!    snapshot taken, verified and pinned through [`snapshots`].
 
 pub mod apply;
+pub mod error;
 pub mod executor;
 pub mod facts;
 pub mod file;
@@ -29,6 +30,7 @@ pub mod template;
 pub use apply::{
     ApplyOptions, ApplyReport, DryRun, NoProgress, Progress, StepStatus, apply, dry_run,
 };
+pub use error::PlanError;
 pub use file::{Plan, PlanFile};
 pub use journal::Outcome;
 pub use model::{SavedPlan, Step, StepKind};

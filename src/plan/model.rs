@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::error::PlanError;
 use super::facts::Facts;
 use super::file::{Plan, PlanFile};
 use crate::compat::MigrationRow;
@@ -151,34 +152,40 @@ impl SavedPlan {
     ///
     /// # Errors
     /// Unreadable files, JSON errors, or another format version.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| format!("cannot read saved plan {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, PlanError> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            PlanError::SavedPlan(format!("cannot read saved plan {}: {e}", path.display()))
+        })?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            format!(
+            PlanError::SavedPlan(format!(
                 "{} is not a saved plan (JSON written by `spirekeep plan --out`): {e}",
                 path.display()
-            )
+            ))
         })?;
         let format = value
             .get("format_version")
             .and_then(serde_json::Value::as_u64);
         if format != Some(u64::from(SAVED_PLAN_FORMAT)) {
-            return Err(format!(
+            return Err(PlanError::SavedPlan(format!(
                 "{} has format_version {}; this spirekeep reads saved plans of format {SAVED_PLAN_FORMAT}: make the plan again with `spirekeep plan`",
                 path.display(),
                 format.map_or_else(|| "none".into(), |f| f.to_string())
-            ));
+            )));
         }
-        serde_json::from_value(value).map_err(|e| format!("saved plan {}: {e}", path.display()))
+        serde_json::from_value(value)
+            .map_err(|e| PlanError::SavedPlan(format!("saved plan {}: {e}", path.display())))
     }
 
     /// Writes the plan (readable by the owner only: it may hold a connection string).
     ///
     /// # Errors
     /// I/O errors.
-    pub fn store(&self, path: &Path) -> Result<(), String> {
-        let json = serde_json::to_string_pretty(self).map_err(|e| e.to_string())? + "\n";
+    pub fn store(&self, path: &Path) -> Result<(), PlanError> {
+        let failed = |detail: String| PlanError::Write {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let json = serde_json::to_string_pretty(self).map_err(|e| failed(e.to_string()))? + "\n";
         let tmp = path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
             use std::io::Write as _;
@@ -191,14 +198,14 @@ impl SavedPlan {
             f.sync_all()?;
             std::fs::rename(&tmp, path)
         };
-        write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+        write().map_err(|e| failed(e.to_string()))
     }
 
     /// The plan file, validated again.
     ///
     /// # Errors
     /// A file that no longer validates (e.g. an unset environment variable).
-    pub fn plan(&self) -> Result<Plan, String> {
+    pub fn plan(&self) -> Result<Plan, PlanError> {
         self.file.validate()
     }
 

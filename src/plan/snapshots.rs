@@ -6,17 +6,20 @@
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
 use crate::datastore::OpenMode;
 use crate::error::{Error, Result};
 use crate::snapshot::Manifest;
 use crate::snapshot::backup::{BackupOptions, Quiet, backup};
+use crate::snapshot::codec::sha256_hex;
 use crate::snapshot::manifest::list_snapshots;
 use crate::snapshot::pins;
 use crate::snapshot::restore::{self, RestoreOptions};
 use crate::snapshot::verify::{self, VerifyMode};
 use crate::store::Repository;
 use crate::store::keys::SnapshotId;
+use crate::store::lease_run::LeaseRun;
 use crate::store::lock::{self, LockOptions, RepositoryLock};
 
 use super::facts::open_datastore;
@@ -26,11 +29,41 @@ use super::model::PRE_UPGRADE_LABEL;
 /// How long `apply` waits for a repository lock held by a backup or prune.
 const LOCK_WAIT: Duration = Duration::from_secs(300);
 
-/// The label that ties a snapshot to its plan.
+/// The longest label a snapshot may carry (`backup::validate_label`).
+const MAX_LABEL: usize = 64;
+
+/// The label that ties a snapshot to its plan: `plan-<plan id>`. A plan id
+/// too long for a label (a long plan name) keeps its time stamp and gains a
+/// hash of the whole id, so two runs of one plan name never share a label
+/// (a resume must never pick up another run's snapshot).
 #[must_use]
 pub fn plan_label(plan_id: &str) -> String {
     let label = format!("plan-{plan_id}");
-    label.chars().take(64).collect()
+    if label.len() <= MAX_LABEL {
+        return label;
+    }
+    let (name, stamp) = plan_id.rsplit_once('-').unwrap_or((plan_id, ""));
+    let hash = sha256_hex(plan_id.as_bytes());
+    let hash = &hash[..12];
+    // plan-<name prefix>-<hash>-<stamp>
+    let room = MAX_LABEL.saturating_sub(5 + 1 + hash.len() + 1 + stamp.len());
+    let prefix: String = name.chars().take(room).collect();
+    let prefix = prefix.trim_end_matches(['-', '.', '_']);
+    format!("plan-{prefix}-{hash}-{stamp}")
+}
+
+/// The work under `lock`, stopped before it commits when the lease is lost
+/// or a stop signal arrives.
+fn lease_run(lock: &RepositoryLock, signals: Option<watch::Receiver<u32>>) -> LeaseRun<'_> {
+    let run = LeaseRun::new(lock);
+    match signals {
+        Some(s) => run.with_signals(
+            s,
+            1,
+            "interrupted by a signal before it committed; nothing was changed: `spirekeep apply --resume` continues",
+        ),
+        None => run,
+    }
 }
 
 /// Takes the repository lock, waiting for another holder. A lease left by
@@ -92,6 +125,7 @@ pub async fn take_pre_upgrade(
     repo: &Repository,
     plan_id: &str,
     reuse_since: Option<OffsetDateTime>,
+    signals: Option<watch::Receiver<u32>>,
 ) -> Result<(Manifest, String)> {
     let lock = acquire(
         repo,
@@ -99,7 +133,7 @@ pub async fn take_pre_upgrade(
         format!("pre-upgrade snapshot of plan {plan_id}"),
     )
     .await?;
-    let result = async {
+    let result = lease_run(&lock, signals).run(async {
         let existing = match reuse_since {
             Some(since) => find_existing(repo, plan_id, since).await?,
             None => None,
@@ -137,19 +171,22 @@ pub async fn take_pre_upgrade(
             if reused { ", taken by the interrupted run" } else { "" },
         );
         Ok::<_, Error>((manifest, detail))
-    }
+    })
     .await;
     let _ = lock.release().await;
     result
 }
 
-/// Verifies every object of the snapshot (every object re-read, every size
-/// and hash checked; the outcome is recorded in the repository).
+/// Verifies the snapshot deeply before anything changes: every object
+/// re-read with every size and hash checked, and a restore drill into a
+/// scratch SQLite file whose tables are read back and compared (the outcome
+/// is recorded in the repository). A snapshot that cannot be restored must
+/// be found now, not in the middle of a rollback.
 async fn verify(repo: &Repository, manifest: &Manifest) -> Result<String> {
-    let report = verify::verify(repo, manifest, VerifyMode::Shallow).await?;
+    let report = verify::verify(repo, manifest, VerifyMode::Deep).await?;
     if report.ok {
         Ok(format!(
-            "verified ({} objects, {} rows re-read, every hash matches)",
+            "deep-verified ({} objects, {} rows re-read, every hash matches; restore drill into scratch: every table read back matches)",
             report.objects, report.rows
         ))
     } else {
@@ -181,6 +218,7 @@ pub async fn restore_pre_upgrade(
     repo: &Repository,
     plan_id: &str,
     snapshot_id: &str,
+    signals: Option<watch::Receiver<u32>>,
 ) -> Result<Manifest> {
     let id = SnapshotId::parse(snapshot_id).map_err(|e| Error::Unsupported(e.to_string()))?;
     let manifest = Manifest::load(repo, &id).await?;
@@ -190,26 +228,55 @@ pub async fn restore_pre_upgrade(
         format!("restore of the pre-upgrade snapshot {id} (plan rollback)"),
     )
     .await?;
-    let result = async {
-        let (ds, _) = open_datastore(plan, OpenMode::ReadWrite).await?;
-        let options = RestoreOptions {
-            replace: true,
-            ..RestoreOptions::default()
-        };
-        let report =
-            restore::restore(repo, &manifest, ds.as_ref(), &options, &restore::Quiet).await;
-        ds.close().await;
-        let report = report?;
-        if report.ok {
-            Ok(())
-        } else {
-            Err(Error::Integrity(format!(
-                "the restore of snapshot {id} committed but does not match the snapshot: {}",
-                report.problems.join("; ")
-            )))
-        }
-    }
-    .await;
+    // The rollback's restore is watched like every other operation under
+    // the lease: a lost lease stops it before it commits (the restore is one
+    // all-or-nothing session, so the datastore is then left as it was).
+    let result = lease_run(&lock, signals)
+        .run(async {
+            let (ds, _) = open_datastore(plan, OpenMode::ReadWrite).await?;
+            let options = RestoreOptions {
+                replace: true,
+                ..RestoreOptions::default()
+            };
+            let report =
+                restore::restore(repo, &manifest, ds.as_ref(), &options, &restore::Quiet).await;
+            ds.close().await;
+            let report = report?;
+            if report.ok {
+                Ok(())
+            } else {
+                Err(Error::Integrity(format!(
+                    "the restore of snapshot {id} committed but does not match the snapshot: {}",
+                    report.problems.join("; ")
+                )))
+            }
+        })
+        .await;
     let _ = lock.release().await;
     result.map(|()| manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_labels_keep_the_time_and_stay_unique() {
+        assert_eq!(
+            plan_label("upgrade-20261204T101500Z"),
+            "plan-upgrade-20261204T101500Z"
+        );
+        let name = "a".repeat(64);
+        let one = plan_label(&format!("{name}-20261204T101500Z"));
+        let two = plan_label(&format!("{name}-20261204T101501Z"));
+        for l in [&one, &two] {
+            assert!(l.len() <= MAX_LABEL, "{l}");
+            crate::snapshot::backup::validate_label(l).unwrap();
+        }
+        assert!(one.ends_with("-20261204T101500Z"), "{one}");
+        assert_ne!(one, two);
+        // same name and time, different hash input: a different label
+        let other = plan_label(&format!("{}b-20261204T101500Z", "a".repeat(63)));
+        assert_ne!(one, other);
+    }
 }

@@ -638,6 +638,8 @@ members = [{{ name = "a1" }}, {{ name = "a2" }}, {{ name = "a3" }}]
                 group: "servers".into(),
                 version: v.into(),
                 health: vec![],
+                clock_offset_ms: None,
+                clock_error: None,
             });
         }
         for n in ["a1", "a2", "a3"] {
@@ -647,6 +649,8 @@ members = [{{ name = "a1" }}, {{ name = "a2" }}, {{ name = "a3" }}]
                 group: "nodes".into(),
                 version: agents.into(),
                 health: vec![],
+                clock_offset_ms: None,
+                clock_error: None,
             });
         }
         Facts {

@@ -20,6 +20,7 @@
 //! ([`Repository::location`]) never carries any.
 
 pub mod keys;
+pub mod lease_run;
 pub mod lock;
 
 use std::fmt;

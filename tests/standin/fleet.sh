@@ -8,6 +8,7 @@
 #   fleet.sh version  NAME            print the version the member's binary reports
 #   fleet.sh upgrade  NAME VERSION    install VERSION (not older), restart if running
 #   fleet.sh rollback NAME VERSION    install VERSION (not newer), restart if running
+#   fleet.sh clock    NAME            print the member host's clock (Unix seconds)
 #
 # Environment:
 #   STANDIN_FLEET_DIR       (required) the fleet directory; NAME is <dir>/<NAME>/
@@ -17,6 +18,8 @@
 #
 # A member directory holds: version, role (server|agent), args (the rest of
 # the command line, ONE ARGUMENT PER LINE), and, written here, pid and log.
+# A file clock-offset (seconds, may be negative) makes `clock` report a host
+# whose clock is off by that much.
 #
 # Exit status: 0 done; 1 the action failed (the log tail is on stderr);
 # 2 usage error; 3 (status only) not running.
@@ -24,7 +27,7 @@ set -uo pipefail
 
 prog="fleet.sh"
 usage() {
-  sed -n '4,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '4,12p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 die() {
@@ -224,5 +227,11 @@ case "$cmd" in
     "$bin" version --state-dir "$dir" 2>&1
     ;;
   upgrade | rollback) [ $# -eq 3 ] || usage; do_install "$cmd" ;;
+  clock)
+    [ $# -eq 2 ] || usage
+    offset=0
+    if [ -f "$dir/clock-offset" ]; then offset="$(tr -dc '0-9-' <"$dir/clock-offset")"; fi
+    echo $(($(date +%s) + ${offset:-0}))
+    ;;
   *) usage ;;
 esac

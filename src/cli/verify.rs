@@ -136,8 +136,15 @@ async fn rehearse(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
         timeout: args.rehearse_timeout,
     };
     let repo = args.repo.open()?;
-    let id = resolve(&repo, &args.snapshot).await?;
-    let report = crate::rehearse::rehearse(&repo, &id, &options).await?;
+    // Under the repository lock, like any verify: no prune deletes the snapshot meanwhile.
+    let held = super::lock::Held::acquire(&repo, &args.lock, "verify --rehearse").await?;
+    let work = async {
+        let id = resolve(&repo, &args.snapshot).await?;
+        Ok(crate::rehearse::rehearse(&repo, &id, &options).await?)
+    };
+    let report = held.guard(work).await;
+    held.release().await;
+    let report = report?;
     if json {
         print_json(&report)?;
     } else {

@@ -233,9 +233,9 @@ fn file_name(key: &str) -> &str {
 }
 
 async fn read_record(repo: &Repository, key: &str) -> Result<Option<VerificationRecord>> {
-    match repo.get(key).await {
+    match repo.get_capped(key, crate::store::MAX_RECORD_BYTES).await {
         Ok(bytes) => Ok(VerificationRecord::from_json(&bytes).ok()),
-        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(StoreError::NotFound { .. } | StoreError::TooLarge { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -40,7 +40,7 @@ use crate::datastore::{self, OpenMode};
 use crate::error::{Error, Result};
 use crate::metrics::{FailureCounters, FailureKind, MetricsReport, RepoFacts, repo_facts};
 use crate::snapshot::CodecOptions;
-use crate::snapshot::backup::{BackupOptions, Quiet, backup};
+use crate::snapshot::backup::{BackupOptions, Quiet, backup_fenced};
 use crate::snapshot::prune::{self, PruneOptions};
 use crate::snapshot::retention::RetentionPolicy;
 use crate::store::Repository;
@@ -303,7 +303,7 @@ impl Agent {
             Err(e) => self.failed("scheduled backup", |i| &mut i.backup_failures, &e),
             Ok(lock) => {
                 let result = tokio::select! {
-                    r = self.take_backup() => r,
+                    r = self.take_backup(&lock) => r,
                     e = lock.lost() => Err(e.into()),
                     () = shutdown::at_least(&mut signals, 2) => Err(Error::Aborted(
                         "stopped by a second signal: no manifest was written, so no snapshot".into(),
@@ -338,14 +338,15 @@ impl Agent {
         self.refresh().await;
     }
 
-    async fn take_backup(&self) -> Result<crate::snapshot::Manifest> {
+    async fn take_backup(&self, lock: &RepositoryLock) -> Result<crate::snapshot::Manifest> {
         let ds = datastore::open(&self.config.datastore.spec, OpenMode::ReadOnly).await?;
         let options = BackupOptions {
             labels: self.config.labels.clone(),
             codec: self.config.codec,
             ..BackupOptions::default()
         };
-        let result = backup(ds.as_ref(), &self.config.repo, &options, &Quiet).await;
+        // The lease is confirmed right before the manifest is written.
+        let result = backup_fenced(ds.as_ref(), &self.config.repo, &options, &Quiet, lock).await;
         ds.close().await;
         result
     }

@@ -9,7 +9,9 @@ mod repo_backends;
 
 use std::time::Duration;
 
-use common::{SpireFixture, assert_one_line_error, file_repo, ok_json, run_json, spirekeep, stderr};
+use common::{
+    SpireFixture, assert_one_line_error, file_repo, ok_json, run_json, spirekeep, stderr,
+};
 use serde_json::Value as Json;
 use spirekeep::datastore::testkit::Population;
 use spirekeep::datastore::{ColumnKind, Engine, Value};
@@ -56,7 +58,11 @@ async fn a_damaged_newest_manifest_hides_and_endangers_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let repo = file_repo(&dir);
     let (good, bad) = two_snapshots(&fx, &repo).await;
-    let manifest = dir.path().join("repo/snapshots").join(&bad).join("manifest.json");
+    let manifest = dir
+        .path()
+        .join("repo/snapshots")
+        .join(&bad)
+        .join("manifest.json");
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(&manifest, &text[..text.len() / 2]).unwrap();
 
@@ -70,7 +76,10 @@ async fn a_damaged_newest_manifest_hides_and_endangers_nothing() {
     assert_eq!(listed[1]["id"], bad.as_str());
     assert_eq!(listed[1]["restorable"], false);
     assert!(
-        listed[1]["damaged"].as_str().unwrap().contains("manifest.json"),
+        listed[1]["damaged"]
+            .as_str()
+            .unwrap()
+            .contains("manifest.json"),
         "{}",
         listed[1]
     );
@@ -81,7 +90,8 @@ async fn a_damaged_newest_manifest_hides_and_endangers_nothing() {
     let text = common::stdout(&out);
     assert!(text.contains(&good), "{text}");
     assert!(
-        text.lines().any(|l| l.starts_with(&bad) && l.contains("DAMAGED")),
+        text.lines()
+            .any(|l| l.starts_with(&bad) && l.contains("DAMAGED")),
         "{text}"
     );
 
@@ -129,7 +139,11 @@ async fn a_damaged_newest_manifest_hides_and_endangers_nothing() {
     );
 
     // With every manifest damaged, `latest` says so.
-    let manifest = dir.path().join("repo/snapshots").join(&good).join("manifest.json");
+    let manifest = dir
+        .path()
+        .join("repo/snapshots")
+        .join(&good)
+        .join("manifest.json");
     std::fs::write(&manifest, b"{").unwrap();
     let target = dir.path().join("none.sqlite3");
     let mut args = vec!["restore", "latest", "--datastore", target.to_str().unwrap()];
@@ -148,13 +162,20 @@ async fn an_oversized_manifest_is_refused_before_it_is_read() {
     let dir = tempfile::tempdir().unwrap();
     let repo_args = file_repo(&dir);
     let (_, big) = two_snapshots(&fx, &repo_args).await;
-    let path = dir.path().join("repo/snapshots").join(&big).join("manifest.json");
+    let path = dir
+        .path()
+        .join("repo/snapshots")
+        .join(&big)
+        .join("manifest.json");
     // Valid JSON that only grows: whitespace after the real manifest.
     let mut text = std::fs::read(&path).unwrap();
     text.resize(usize::try_from(MAX_MANIFEST_BYTES).unwrap() + 1, b' ');
     std::fs::write(&path, &text).unwrap();
-    let repo = Repository::open(dir.path().join("repo").to_str().unwrap(), &Default::default())
-        .unwrap();
+    let repo = Repository::open(
+        dir.path().join("repo").to_str().unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
     let id = SnapshotId::parse(&big).unwrap();
     let err = Manifest::load(&repo, &id).await.unwrap_err();
     assert!(err.to_string().contains("larger than"), "{err}");
@@ -208,13 +229,19 @@ fn table_of(header: &Header) -> spirekeep::datastore::Table {
 
 /// Stores `raw` (an SPKD stream) zstd-compressed and returns the manifest
 /// entry for it, with the true sizes and hashes.
-async fn store_crafted(repo: &Repository, raw: &[u8], rows: u64) -> spirekeep::snapshot::DataObject {
+async fn store_crafted(
+    repo: &Repository,
+    raw: &[u8],
+    rows: u64,
+) -> spirekeep::snapshot::DataObject {
     use sha2::{Digest, Sha256};
     let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let compressed = zstd::encode_all(raw, 19).unwrap();
+    let compressed = zstd::encode_all(raw, 1).unwrap();
     let id = SnapshotId::new(time::OffsetDateTime::now_utc());
     let key = keys::data_object(&id, "t", 0);
-    repo.put_create(&key, compressed.clone().into()).await.unwrap();
+    repo.put_create(&key, compressed.clone().into())
+        .await
+        .unwrap();
     spirekeep::snapshot::DataObject {
         key,
         size: compressed.len() as u64,
@@ -250,16 +277,16 @@ async fn a_highly_compressed_object_is_decoded_within_bounds() {
     encode_trailer(&mut raw, 1);
     assert!(raw.len() > MAX_ROW_LEN);
     let object = store_crafted(&repo, &raw, 1).await;
-    assert!(object.size < 1 << 20, "{} bytes stored", object.size);
+    assert!(object.size < 4 << 20, "{} bytes stored", object.size);
     let mut reader = TableReader::open(&repo, &table, &object).await.unwrap();
     let err = reader.next_batch().await.unwrap_err().to_string();
     assert!(err.contains("per row"), "{err}");
     assert!(err.contains(&object.key), "{err}");
 
-    // 1024 rows of 256 KiB each (256 MiB decompressed, a few KiB stored).
+    // 1024 rows of 64 KiB each (64 MiB decompressed, a few KiB stored).
     let mut raw = Vec::new();
     let mut enc = RowEncoder::new(&header, &mut raw).unwrap();
-    let value = vec![7u8; 256 << 10];
+    let value = vec![7u8; 64 << 10];
     for _ in 0..1024 {
         enc.encode_row(&mut raw, &[Value::Bytes(value.clone()), Value::Null])
             .unwrap();
@@ -275,7 +302,8 @@ async fn a_highly_compressed_object_is_decoded_within_bounds() {
         rows += batch.len();
     }
     assert_eq!(rows, 1024);
-    assert!(largest <= 40, "a batch of {largest} rows of 256 KiB");
+    // 8 MiB of rows per batch, not 1024 rows whatever their size.
+    assert!(largest <= 130, "a batch of {largest} rows of 64 KiB");
 
     // The manifest's raw size is the object's limit.
     let mut lying = object.clone();
@@ -311,7 +339,11 @@ async fn a_manifest_put_that_failed_after_succeeding_keeps_the_snapshot() {
     assert_eq!(stored, manifest);
     for t in &stored.tables {
         for o in &t.objects {
-            assert!(plain.head(&o.key).await.unwrap().is_some(), "{} kept", o.key);
+            assert!(
+                plain.head(&o.key).await.unwrap().is_some(),
+                "{} kept",
+                o.key
+            );
         }
     }
     // A put that truly failed still cleans up.
@@ -373,7 +405,13 @@ async fn a_backup_that_lost_its_lease_writes_no_manifest() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("lock was lost"), "{err}");
-    let keys: Vec<String> = repo.list("").await.unwrap().into_iter().map(|m| m.key).collect();
+    let keys: Vec<String> = repo
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
     assert!(
         !keys.iter().any(|k| k.ends_with("manifest.json")),
         "no snapshot: {keys:?}"

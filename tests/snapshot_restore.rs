@@ -908,7 +908,10 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(names.len(), 13, "{names:?}");
-    assert!(!names.iter().any(|n| n.starts_with("_spirekeep_")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("_spirekeep_")),
+        "{names:?}"
+    );
     assert_eq!(
         shown["summary"]["rows"].as_u64().unwrap(),
         before.values().map(|(rows, _)| rows).sum::<u64>(),
@@ -926,7 +929,11 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
         ],
         &repo,
     );
-    assert_eq!(dry["existing_tables"].as_array().unwrap().len(), 13, "{dry}");
+    assert_eq!(
+        dry["existing_tables"].as_array().unwrap().len(),
+        13,
+        "{dry}"
+    );
 
     // The next restore removes every leftover and goes through.
     let mut json_args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -934,7 +941,11 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
     let out = spirekeep(&json_args, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let physical = mysql_tables_physically(&dst.url()).await;
-    assert_eq!(physical.len(), 13, "nothing of spirekeep's left: {physical:?}");
+    assert_eq!(
+        physical.len(),
+        13,
+        "nothing of spirekeep's left: {physical:?}"
+    );
     // Restoring the snapshot of the damaged target gives back what it showed.
     let dst_url = dst.url();
     let mut back = vec![
@@ -993,7 +1004,10 @@ async fn a_second_restore_into_one_database_is_refused(engine: Engine) {
     let started = Instant::now();
     let out = spirekeep(&args, &[]);
     assert_one_line_error(&out, 5, "another restore into");
-    assert!(started.elapsed() >= Duration::from_secs(4), "it waited first");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "it waited first"
+    );
     if engine == Engine::Mysql {
         assert!(
             mysql_tables_physically(&dst.url())
@@ -1058,7 +1072,10 @@ async fn sql_stored_in_a_manifest_is_never_run() {
     // A deep verify restores into a temporary file: nothing attached.
     let (code, report, err) = run_json(&["verify", &id, "--deep"], &repo);
     assert_eq!(code, 0, "{err} {report}");
-    assert!(!attached.exists(), "the stored DDL ran during the deep verify");
+    assert!(
+        !attached.exists(),
+        "the stored DDL ran during the deep verify"
+    );
     // A restore: exact, and without the injected statements.
     let target = dir.path().join("target.sqlite3");
     let report = ok_json(
@@ -1085,7 +1102,10 @@ async fn sql_stored_in_a_manifest_is_never_run() {
     for t in want.tables.iter_mut().chain(got.tables.iter_mut()) {
         t.create_sql = None;
     }
-    assert_eq!(got, want, "a same-engine restore keeps the catalogue exactly");
+    assert_eq!(
+        got, want,
+        "a same-engine restore keeps the catalogue exactly"
+    );
     src_ds.close().await;
     ds.close().await;
 
@@ -1095,7 +1115,12 @@ async fn sql_stored_in_a_manifest_is_never_run() {
         Json::from("integer); CREATE TABLE pwned (x int); --");
     std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
     let fresh = dir.path().join("fresh.sqlite3");
-    let mut args = vec!["restore", id.as_str(), "--datastore", fresh.to_str().unwrap()];
+    let mut args = vec![
+        "restore",
+        id.as_str(),
+        "--datastore",
+        fresh.to_str().unwrap(),
+    ];
     args.extend(repo.iter().map(String::as_str));
     let out = spirekeep(&args, &[]);
     assert_one_line_error(&out, 1, "is not a sqlite column type spirekeep restores");

@@ -80,8 +80,12 @@ pub(crate) async fn list(args: &ListArgs, json: bool) -> anyhow::Result<u8> {
 pub(crate) async fn show(args: &ShowArgs, json: bool) -> anyhow::Result<u8> {
     let repo = args.repo.open()?;
     let id = resolve(&repo, &args.snapshot).await?;
-    let manifest = Manifest::load(&repo, &id).await?;
-    let records = VerificationRecord::load_all(&repo, &id).await?;
+    let manifest = Manifest::load(&repo, &id)
+        .await
+        .map_err(crate::Error::from)?;
+    let records = VerificationRecord::load_all(&repo, &id)
+        .await
+        .map_err(crate::Error::from)?;
     if json {
         let body = serde_json::json!({
             "summary": SnapshotSummary::new(&manifest, &records),

@@ -122,7 +122,15 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
         Ok(held) => {
             let work = async {
                 let fence = held.lock();
-                Ok(execute_fenced(&repo, &manifest, target.as_ref(), &planned, &progress, fence).await?)
+                Ok(execute_fenced(
+                    &repo,
+                    &manifest,
+                    target.as_ref(),
+                    &planned,
+                    &progress,
+                    fence,
+                )
+                .await?)
             };
             let result = held.guard(work).await;
             held.release().await;

@@ -141,7 +141,8 @@ fn type_shape(declared: &str) -> Option<String> {
         let close = rest[open..].find(')')? + open;
         let args = &rest[open + 1..close];
         let numbers: Vec<&str> = args.split(',').map(str::trim).collect();
-        let small = |n: &&str| !n.is_empty() && n.len() <= 5 && n.bytes().all(|b| b.is_ascii_digit());
+        let small =
+            |n: &&str| !n.is_empty() && n.len() <= 5 && n.bytes().all(|b| b.is_ascii_digit());
         if numbers.len() > 2 || !numbers.iter().all(small) {
             return None;
         }
@@ -167,7 +168,13 @@ fn type_shape(declared: &str) -> Option<String> {
 #[must_use]
 pub fn table_problems(source: Engine, table: &Table) -> Vec<String> {
     let mut p = Vec::new();
-    let shown = |s: &str| s.chars().take(80).collect::<String>().escape_debug().to_string();
+    let shown = |s: &str| {
+        s.chars()
+            .take(80)
+            .collect::<String>()
+            .escape_debug()
+            .to_string()
+    };
     if !is_plain_identifier(&table.name) {
         p.push(format!(
             "table name \"{}\" is not a plain identifier (letters, digits, '_')",
@@ -207,7 +214,9 @@ pub fn table_problems(source: Engine, table: &Table) -> Vec<String> {
     }
     let known = |c: &String| table.columns.iter().any(|col| &col.name == c);
     if table.primary_key.iter().any(|c| !known(c)) {
-        p.push(format!("table {t}: the primary key names an unknown column"));
+        p.push(format!(
+            "table {t}: the primary key names an unknown column"
+        ));
     }
     for i in &table.indexes {
         if !is_plain_identifier(&i.name) {
@@ -249,7 +258,8 @@ pub fn create_statements(
     name: &str,
 ) -> Result<Vec<String>> {
     let problems = table_problems(source, table);
-    let plain_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let plain_name =
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !problems.is_empty() || !plain_name {
         return Err(Error::Integrity(format!(
             "the snapshot's catalogue cannot be restored: {}; nothing was run on the target (the \
@@ -505,8 +515,8 @@ mod tests {
         t.columns[0].declared_type = "int(10) unsigned".into();
         t.columns[2].declared_type = "int(10) unsigned".into();
         t.columns[1].declared_type = "datetime".into();
-        let stmts =
-            create_statements(Engine::Mysql, Engine::Mysql, &t, "_spirekeep_new_selectors").unwrap();
+        let stmts = create_statements(Engine::Mysql, Engine::Mysql, &t, "_spirekeep_new_selectors")
+            .unwrap();
         assert_eq!(
             stmts,
             vec![

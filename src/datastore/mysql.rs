@@ -520,7 +520,8 @@ async fn swap_in(
             .iter()
             .map(|t| format!("{} TO {}", q(&format!("{SHADOW_NEW}{t}")), q(t))),
     );
-    exec.run(format!("RENAME TABLE {}", renames.join(", "))).await?;
+    exec.run(format!("RENAME TABLE {}", renames.join(", ")))
+        .await?;
     let mut outcome = CommitOutcome::default();
     for t in existing {
         let old = format!("{SHADOW_OLD}{t}");

@@ -347,7 +347,10 @@ plugins {
         )
         .unwrap_err();
         assert!(err.starts_with("invalid HCL at line 9, column "), "{err}");
-        assert!(err.len() > "invalid HCL at line 9, column 5: ".len(), "{err}");
+        assert!(
+            err.len() > "invalid HCL at line 9, column 5: ".len(),
+            "{err}"
+        );
         assert!(!err.contains("hunter2"), "{err}");
         let err = parse(
             r#"

@@ -132,8 +132,7 @@ pub async fn backup_fenced(
             return Err(e);
         }
     };
-    if let Err(e) = check_is_spire(ds, &catalogue).and_then(|()| check_restorable(ds, &catalogue))
-    {
+    if let Err(e) = check_is_spire(ds, &catalogue).and_then(|()| check_restorable(ds, &catalogue)) {
         let _ = read.finish().await;
         return Err(e);
     }

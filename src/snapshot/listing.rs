@@ -31,9 +31,10 @@ pub async fn read_manifest(repo: &Repository, id: &SnapshotId) -> Result<Manifes
     match Manifest::load(repo, id).await {
         Ok(m) => Ok(ManifestRead::Readable(Box::new(m))),
         Err(SnapshotError::Store(StoreError::NotFound { .. })) => Ok(ManifestRead::Gone),
-        Err(e @ (SnapshotError::Manifest { .. } | SnapshotError::Store(StoreError::TooLarge { .. }))) => {
-            Ok(ManifestRead::Damaged(e.to_string()))
-        }
+        Err(
+            e
+            @ (SnapshotError::Manifest { .. } | SnapshotError::Store(StoreError::TooLarge { .. })),
+        ) => Ok(ManifestRead::Damaged(e.to_string())),
         Err(e) => Err(e.into()),
     }
 }

@@ -247,11 +247,6 @@ impl Manifest {
                 self.data_format.version
             ));
         }
-        // Only names and types spirekeep would put into DDL (a restore refuses the rest).
-        p.extend(crate::datastore::ddl::catalogue_problems(
-            self.engine,
-            &self.catalogue,
-        ));
         let mut catalogue_names = BTreeSet::new();
         for t in &self.catalogue.tables {
             if !catalogue_names.insert(t.name.as_str()) {

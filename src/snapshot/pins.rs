@@ -108,7 +108,10 @@ async fn read_pins(repo: &Repository, prefix: &str) -> Result<Vec<Pin>> {
         let Some((id, holder)) = keys::pin_of_key(&meta.key) else {
             continue;
         };
-        let bytes = match repo.get_capped(&meta.key, crate::store::MAX_CONTROL_BYTES).await {
+        let bytes = match repo
+            .get_capped(&meta.key, crate::store::MAX_CONTROL_BYTES)
+            .await
+        {
             Ok(b) => b,
             // Unpinned between the listing and the read.
             Err(StoreError::NotFound { .. }) => continue,

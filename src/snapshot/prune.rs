@@ -373,7 +373,10 @@ async fn newest_verification_ok(
     let Some(newest) = records.and_then(|r| r.iter().max_by(|a, b| a.key.cmp(&b.key))) else {
         return Ok(false);
     };
-    match repo.get_capped(&newest.key, crate::store::MAX_RECORD_BYTES).await {
+    match repo
+        .get_capped(&newest.key, crate::store::MAX_RECORD_BYTES)
+        .await
+    {
         Ok(bytes) => Ok(VerificationRecord::from_json(&bytes).is_ok_and(|r| r.ok)),
         Err(StoreError::NotFound { .. } | StoreError::TooLarge { .. }) => Ok(false),
         Err(e) => Err(e.into()),

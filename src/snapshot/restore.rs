@@ -485,6 +485,26 @@ async fn plan_inner(
 
     let preflight = tally.finish(adapting);
     let mut refusals = Vec::new();
+    // The DDL is generated from the catalogue; names and types outside what
+    // spirekeep renders are refused before anything is touched.
+    let unrestorable: Vec<String> = manifest
+        .catalogue
+        .tables
+        .iter()
+        .filter(|t| !is_staging_table(&t.name))
+        .flat_map(|t| ddl::table_problems(source_engine, t))
+        .collect();
+    if !unrestorable.is_empty() {
+        refusals.push(Refusal {
+            reason: RefusalReason::Damaged,
+            message: format!(
+                "the snapshot's catalogue in {} cannot be restored: {}; the target was not touched (the \
+                 manifest may have been altered): restore from another snapshot",
+                manifest.key(),
+                unrestorable.join("; ")
+            ),
+        });
+    }
     if !problems.is_empty() {
         refusals.push(Refusal {
             reason: RefusalReason::Damaged,

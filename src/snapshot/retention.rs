@@ -134,11 +134,11 @@ pub fn plan_prune(policy: &RetentionPolicy, snapshots: &[SnapshotFacts]) -> Prun
             reasons[i].push(format!("pinned: {pin}"));
         }
     }
-    if let Some(i) = sorted.iter().position(|s| s.verified && restorable(&s)) {
+    if let Some(i) = sorted.iter().position(|s| s.verified && restorable(s)) {
         reasons[i].push("newest verified snapshot".into());
     }
     // Every rule keeps it already; this holds even for a policy without rules.
-    if let Some(i) = sorted.iter().position(|s| restorable(s))
+    if let Some(i) = sorted.iter().position(restorable)
         && reasons[i].is_empty()
     {
         reasons[i].push("newest restorable snapshot".into());

@@ -353,7 +353,10 @@ impl RepositoryLock {
             ours.renewed_at = now;
             ours.expires_at = now + options.ttl;
             let write_started = Instant::now();
-            let existing = match repo.get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES).await {
+            let existing = match repo
+                .get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+                .await
+            {
                 Ok(found) => Some(found),
                 Err(StoreError::NotFound { .. }) => None,
                 Err(e) => return Err(e.into()),
@@ -584,7 +587,11 @@ impl RepositoryLock {
             }
         }
         // No conditional writes: delete it if the record is still ours.
-        match self.repo.get_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES).await {
+        match self
+            .repo
+            .get_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+            .await
+        {
             Ok(bytes) => {
                 if LeaseRecord::parse(&bytes).is_some_and(|r| r.holder == record.holder) {
                     self.repo.delete(REPOSITORY_LOCK).await?;
@@ -662,7 +669,10 @@ async fn renew_once(repo: &Repository, shared: &Shared, ttl: Duration) -> Result
             Err(StoreError::Conflict { .. }) => {
                 // Either someone else wrote it, or our own retried request
                 // already succeeded: read it to know which.
-                match repo.get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES).await {
+                match repo
+                    .get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+                    .await
+                {
                     Ok((bytes, meta)) => match LeaseRecord::parse(&bytes) {
                         Some(r) if r == record => Ok(meta.object_version()),
                         Some(r) if r.holder == record.holder && r.released => {
@@ -773,7 +783,10 @@ async fn takeover_without_conditional_put(
 /// # Errors
 /// A storage failure.
 pub async fn inspect(repo: &Repository) -> Result<Option<LeaseStatus>, LockError> {
-    let (bytes, meta) = match repo.get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES).await {
+    let (bytes, meta) = match repo
+        .get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+        .await
+    {
         Ok(found) => found,
         Err(StoreError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -829,7 +842,10 @@ pub struct BreakOutcome {
 /// [`LockError::Held`] for a live lease without `force`; storage failures.
 pub async fn break_lease(repo: &Repository, force: bool) -> Result<BreakOutcome, LockError> {
     for _ in 0..5 {
-        let (bytes, meta) = match repo.get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES).await {
+        let (bytes, meta) = match repo
+            .get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+            .await
+        {
             Ok(found) => found,
             Err(StoreError::NotFound { .. }) => {
                 return Ok(BreakOutcome {
@@ -1030,5 +1046,127 @@ mod tests {
             inspect(&repo).await.unwrap().is_none(),
             "released by deletion"
         );
+    }
+
+    /// A store whose puts hang forever once `hang` is set (object_store
+    /// retrying a failing request for minutes looks like this to the caller).
+    #[derive(Debug)]
+    struct HangingStore {
+        inner: object_store::memory::InMemory,
+        hang: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for HangingStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("HangingStore")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for HangingStore {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// Regression (issue 14): a renewal that hung (object_store retries for
+    /// minutes) was waited for without a limit, so the holder never learnt
+    /// that its lease had lapsed. It gives up when the lease is due to lapse.
+    #[tokio::test]
+    async fn a_hanging_renewal_loses_the_lease_in_time() {
+        let store = Arc::new(HangingStore {
+            inner: object_store::memory::InMemory::new(),
+            hang: std::sync::atomic::AtomicBool::new(false),
+        });
+        let repo = Repository::from_object_store(store.clone(), "", "hanging://").unwrap();
+        let a = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        store.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        let lost = tokio::time::timeout(Duration::from_secs(4), a.lost())
+            .await
+            .expect("lost within the TTL, not after the hung request");
+        assert!(lost.to_string().contains("lock was lost"), "{lost}");
+        // And a commit fence says so at once.
+        let err = tokio::time::timeout(Duration::from_secs(1), a.confirm())
+            .await
+            .expect("confirm does not hang")
+            .unwrap_err();
+        assert!(err.to_string().contains("lock was lost"), "{err}");
+    }
+
+    /// A fence confirms a live lease (renewing it) and refuses a broken one
+    /// at once, before the background renewal notices.
+    #[tokio::test]
+    async fn confirm_renews_a_live_lease_and_refuses_a_broken_one() {
+        let repo = Repository::in_memory();
+        let mut long = opts(0);
+        long.ttl = Duration::from_secs(600);
+        let a = RepositoryLock::acquire(&repo, &long).await.unwrap();
+        let before = a.record().renewed_at;
+        a.confirm().await.unwrap();
+        assert!(a.record().renewed_at >= before);
+        break_lease(&repo, true).await.unwrap();
+        a.check().unwrap(); // the background renewal has not run yet
+        let err = a.confirm().await.unwrap_err();
+        assert!(err.to_string().contains("broken"), "{err}");
+        assert!(a.check().is_err());
     }
 }

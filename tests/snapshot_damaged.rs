@@ -20,6 +20,7 @@ use spirekeep::snapshot::format::{
     ColumnSpec, Header, MAX_ROW_LEN, RowEncoder, encode_trailer, encode_values,
 };
 use spirekeep::snapshot::listing::summaries;
+use spirekeep::snapshot::restore::{RestoreObserver, RestoreOptions, execute_fenced, plan};
 use spirekeep::snapshot::{Manifest, TableReader};
 use spirekeep::store::keys::{self, SnapshotId};
 use spirekeep::store::lock::{LockOptions, RepositoryLock, break_lease};
@@ -137,6 +138,15 @@ async fn a_damaged_newest_manifest_hides_and_endangers_nothing() {
         1,
         "{line}"
     );
+
+    // The metrics report the restorable snapshot as the newest backup.
+    let store = Repository::open(
+        dir.path().join("repo").to_str().unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let facts = spirekeep::metrics::repo_facts(&store).await.unwrap();
+    assert_eq!(facts.last.unwrap().id.as_str(), good.as_str());
 
     // With every manifest damaged, `latest` says so.
     let manifest = dir
@@ -428,4 +438,110 @@ async fn a_backup_that_lost_its_lease_writes_no_manifest() {
     lock.release().await.unwrap();
     ds.close().await;
     fx.cleanup().await;
+}
+
+/// Breaks the repository lease when the restore starts loading its last table.
+struct BreakLeaseWhileLoading {
+    repo: Repository,
+    runtime: tokio::runtime::Handle,
+    table: &'static str,
+}
+
+impl RestoreObserver for BreakLeaseWhileLoading {
+    fn table_started(&self, table: &str, _rows: u64) {
+        if table != self.table {
+            return;
+        }
+        let repo = self.repo.clone();
+        let handle = self.runtime.clone();
+        std::thread::spawn(move || handle.block_on(break_lease(&repo, true)))
+            .join()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn rows(ds: &dyn spirekeep::datastore::Datastore) -> u64 {
+    ds.count_rows("registered_entries").await.unwrap()
+}
+
+/// Regression (issue 14): a restore whose lease was lost while it loaded
+/// went on to swap its tables in. It stops before the commit, and the target
+/// is as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_that_lost_its_lease_stops_before_the_swap() {
+    let src = SpireFixture::create(Engine::Sqlite, "lease-src", &population(20))
+        .await
+        .unwrap();
+    let live = SpireFixture::create(Engine::Sqlite, "lease-live", &population(3))
+        .await
+        .unwrap();
+    let repo = Repository::in_memory();
+    let src_ds = src.open().await;
+    let manifest = backup(src_ds.as_ref(), &repo, &BackupOptions::default(), &Quiet)
+        .await
+        .unwrap();
+    src_ds.close().await;
+    let target = live.open().await;
+    let before = rows(target.as_ref()).await;
+    let options = RestoreOptions {
+        replace: true,
+        ..RestoreOptions::default()
+    };
+    let planned = plan(
+        &repo,
+        &manifest,
+        target.as_ref(),
+        &options,
+        &spirekeep::snapshot::restore::Quiet,
+    )
+    .await
+    .unwrap();
+    assert!(planned.can_proceed(), "{:?}", planned.refusals);
+    let mut lock_options = LockOptions::new("restore");
+    lock_options.ttl = Duration::from_secs(600);
+    let lock = RepositoryLock::acquire(&repo, &lock_options).await.unwrap();
+    let last = manifest.catalogue.tables.last().unwrap().name.clone();
+    let observer = BreakLeaseWhileLoading {
+        repo: repo.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        table: Box::leak(last.into_boxed_str()),
+    };
+    let err = execute_fenced(
+        &repo,
+        &manifest,
+        target.as_ref(),
+        &planned,
+        &observer,
+        &lock,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("lock was lost"), "{err}");
+    assert_eq!(
+        rows(target.as_ref()).await,
+        before,
+        "the target is as it was"
+    );
+    // With the lease still held the same restore goes through.
+    let lock = RepositoryLock::acquire(&repo, &lock_options).await.unwrap();
+    let report = execute_fenced(
+        &repo,
+        &manifest,
+        target.as_ref(),
+        &planned,
+        &spirekeep::snapshot::restore::Quiet,
+        &lock,
+    )
+    .await
+    .unwrap();
+    assert!(report.ok);
+    assert_eq!(
+        rows(target.as_ref()).await,
+        src.counts.rows("registered_entries")
+    );
+    lock.release().await.unwrap();
+    target.close().await;
+    src.cleanup().await;
+    live.cleanup().await;
 }

@@ -149,8 +149,8 @@ pub async fn backup_fenced(
     )
     .await;
     let finished = read.finish().await;
-    let (copied, ()) = match (copied, finished) {
-        (Ok(copied), Ok(())) => (copied, ()),
+    let copied = match (copied, finished) {
+        (Ok(copied), Ok(())) => copied,
         (Err(e), _) | (Ok(_), Err(e)) => {
             delete_objects(repo, &written).await;
             return Err(e);

@@ -38,6 +38,7 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 use crate::snapshot::SnapshotError;
+use crate::snapshot::listing::{ManifestRead, read_manifest};
 use crate::snapshot::manifest::{Manifest, VerificationRecord};
 use crate::store::keys::{self, SnapshotId};
 use crate::store::lock::LockError;
@@ -279,17 +280,21 @@ pub struct RepoFacts {
 /// `snapshots/` and `verifications/`, the newest manifest, and a few records.
 ///
 /// # Errors
-/// A storage failure, or an unreadable newest manifest.
+/// A storage failure.
 pub async fn repo_facts(repo: &Repository) -> Result<RepoFacts> {
     let ids = crate::snapshot::manifest::list_snapshots(repo).await?;
     let mut facts = RepoFacts {
         snapshots: u64::try_from(ids.len()).unwrap_or(u64::MAX),
         ..RepoFacts::default()
     };
-    let Some(newest) = ids.last() else {
-        return Ok(facts);
-    };
-    facts.last = Some(SnapshotPoint::of(&Manifest::load(repo, newest).await?));
+    // The newest snapshot that can be restored: a damaged manifest on a newer
+    // one must not make the metrics fail, nor count as a fresh backup.
+    for id in ids.iter().rev() {
+        if let ManifestRead::Readable(m) = read_manifest(repo, id).await? {
+            facts.last = Some(SnapshotPoint::of(&m));
+            break;
+        }
+    }
 
     // Newest verification key per snapshot; the file names sort by time.
     let mut newest_record: std::collections::BTreeMap<SnapshotId, ObjectMeta> =
@@ -323,14 +328,10 @@ pub async fn repo_facts(repo: &Repository) -> Result<RepoFacts> {
     // The newest snapshot whose newest verification passed.
     for (id, meta) in newest_record.iter().rev() {
         if read_record(repo, &meta.key).await?.is_some_and(|r| r.ok) {
-            match Manifest::load(repo, id).await {
-                Ok(m) => {
-                    facts.last_verified = Some(SnapshotPoint::of(&m));
-                    break;
-                }
-                // Pruned between the listing and now.
-                Err(SnapshotError::Store(StoreError::NotFound { .. })) => {}
-                Err(e) => return Err(e.into()),
+            // Pruned (gone) or damaged since it was verified: look further back.
+            if let ManifestRead::Readable(m) = read_manifest(repo, id).await? {
+                facts.last_verified = Some(SnapshotPoint::of(&m));
+                break;
             }
         }
     }
@@ -342,9 +343,9 @@ fn file_name(key: &str) -> &str {
 }
 
 async fn read_record(repo: &Repository, key: &str) -> Result<Option<VerificationRecord>> {
-    match repo.get(key).await {
+    match repo.get_capped(key, crate::store::MAX_RECORD_BYTES).await {
         Ok(bytes) => Ok(VerificationRecord::from_json(&bytes).ok()),
-        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(StoreError::NotFound { .. } | StoreError::TooLarge { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -288,7 +288,7 @@ async fn tampered_manifests_are_refused() {
         matches!(
             err,
             SnapshotError::Manifest {
-                source: ManifestError::TooNew { found: 99, .. },
+                problem: ManifestError::TooNew { found: 99, .. },
                 ..
             }
         ),

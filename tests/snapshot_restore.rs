@@ -818,3 +818,312 @@ async fn a_killed_restore_into_postgres_leaves_the_target_as_it_was() {
 async fn a_killed_restore_into_mysql_leaves_the_target_as_it_was() {
     killed_restore_leaves_the_target_as_it_was(Engine::Mysql).await;
 }
+
+// ------------------------------------------------------------ staging tables and restore locks (issue 14)
+
+/// Every table in the MySQL database, staging tables included (the
+/// catalogue leaves those out, so it cannot tell).
+async fn mysql_tables_physically(url: &str) -> Vec<String> {
+    let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(url)
+        .await
+        .unwrap();
+    sqlx::query_scalar::<_, String>(
+        "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+}
+
+/// Regression (issue 14), reproduced: a `restore --replace` into MariaDB
+/// killed (SIGKILL) while loading left `_spirekeep_new_*` tables; the next
+/// backup snapshotted them as user tables and restoring that snapshot made
+/// them permanent. Now backups, catalogues and impact reports never see them,
+/// and the next restore removes them (and `_spirekeep_old_*` tables left by
+/// a kill between the swap and the drop).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
+    let big = Population {
+        seed: 31,
+        ..Population::new(8_000)
+    };
+    let src = SpireFixture::create(Engine::Sqlite, "staging-src", &big)
+        .await
+        .unwrap();
+    let live_pop = Population {
+        seed: 32,
+        ..Population::new(10)
+    };
+    let Some(dst) = SpireFixture::create(Engine::Mysql, "staging", &live_pop).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&src.url(), &repo);
+    let mut args = vec![
+        "restore".to_string(),
+        id.clone(),
+        "--datastore".into(),
+        dst.url(),
+        "--replace".into(),
+        "--accept-changes".into(),
+        "--lock-ttl".into(),
+        "3s".into(),
+    ];
+    args.extend(repo.iter().cloned());
+    assert!(kill_restore_while_loading(
+        &args,
+        "selectors",
+        Duration::from_millis(50)
+    ));
+    // A kill between the swap and the drop leaves replaced tables behind.
+    let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(dst.url().as_str())
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE _spirekeep_old_bundles LIKE bundles; \
+         INSERT INTO _spirekeep_old_bundles SELECT * FROM bundles",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let physical = mysql_tables_physically(&dst.url()).await;
+    let staging = physical
+        .iter()
+        .filter(|t| t.starts_with("_spirekeep_"))
+        .count();
+    assert!(staging >= 2, "the kill left staging tables: {physical:?}");
+
+    // The catalogue, a backup and the impact preview see only the 13 tables.
+    let dst_ds = dst.open().await;
+    let before = contents(dst_ds.as_ref(), None, 1).await;
+    assert_eq!(before.len(), 13, "{:?}", before.keys());
+    let snapshot = ok_json(&["backup", "--datastore", &dst.url()], &repo);
+    let dst_id = snapshot["id"].as_str().unwrap().to_string();
+    let shown = ok_json(&["show", &dst_id], &repo);
+    let names: Vec<&str> = shown["manifest"]["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 13, "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("_spirekeep_")),
+        "{names:?}"
+    );
+    assert_eq!(
+        shown["summary"]["rows"].as_u64().unwrap(),
+        before.values().map(|(rows, _)| rows).sum::<u64>(),
+        "no half-loaded rows in the snapshot"
+    );
+    let dry = ok_json(
+        &[
+            "restore",
+            &id,
+            "--datastore",
+            &dst.url(),
+            "--replace",
+            "--accept-changes",
+            "--dry-run",
+        ],
+        &repo,
+    );
+    assert_eq!(
+        dry["existing_tables"].as_array().unwrap().len(),
+        13,
+        "{dry}"
+    );
+
+    // The next restore removes every leftover and goes through.
+    let mut json_args: Vec<&str> = args.iter().map(String::as_str).collect();
+    json_args.insert(0, "--json");
+    let out = spirekeep(&json_args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let physical = mysql_tables_physically(&dst.url()).await;
+    assert_eq!(
+        physical.len(),
+        13,
+        "nothing of spirekeep's left: {physical:?}"
+    );
+    // Restoring the snapshot of the damaged target gives back what it showed.
+    let dst_url = dst.url();
+    let mut back = vec![
+        "--json",
+        "restore",
+        dst_id.as_str(),
+        "--datastore",
+        dst_url.as_str(),
+        "--replace",
+        "--accept-changes",
+    ];
+    back.extend(repo.iter().map(String::as_str));
+    let out = spirekeep(&back, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(contents(dst_ds.as_ref(), None, 1).await, before);
+    assert_eq!(mysql_tables_physically(&dst.url()).await.len(), 13);
+    dst_ds.close().await;
+    dst.cleanup().await;
+    src.cleanup().await;
+}
+
+/// Regression (issue 14): two restores into one database dropped each
+/// other's staging tables. A restore holds the database's restore lock
+/// (`GET_LOCK` on MySQL, an advisory lock on PostgreSQL) from its start to
+/// its end; a second one waits a few seconds, then fails with one line and
+/// touches nothing (the first one's staging tables survive).
+async fn a_second_restore_into_one_database_is_refused(engine: Engine) {
+    let src = SpireFixture::create(Engine::Sqlite, "lock-src", &Population::new(20))
+        .await
+        .unwrap();
+    let Some(dst) = SpireFixture::create(engine, "restore-lock", &Population::new(5)).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&src.url(), &repo);
+    let dst_ds = dst.open().await;
+    let before = contents(dst_ds.as_ref(), None, 1).await;
+    // The first restore: open, with one staging table loaded.
+    let mut first = dst_ds.begin_restore(&[]).await.unwrap();
+    let cat = dst_ds.catalogue().await.unwrap();
+    let join_tokens = cat.table("join_tokens").unwrap().clone();
+    if engine == Engine::Mysql {
+        first.create_table(engine, &join_tokens).await.unwrap();
+    }
+    let url = dst.url();
+    let mut args = vec![
+        "restore",
+        id.as_str(),
+        "--datastore",
+        url.as_str(),
+        "--replace",
+        "--accept-changes",
+    ];
+    args.extend(repo.iter().map(String::as_str));
+    let started = Instant::now();
+    let out = spirekeep(&args, &[]);
+    assert_one_line_error(&out, 5, "another restore into");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "it waited first"
+    );
+    if engine == Engine::Mysql {
+        assert!(
+            mysql_tables_physically(&dst.url())
+                .await
+                .contains(&"_spirekeep_new_join_tokens".to_string()),
+            "the first restore's staging table survives"
+        );
+    }
+    drop(first);
+    // Once the first one is gone, the next restore goes through.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(contents(dst_ds.as_ref(), None, 1).await, before);
+    let out = spirekeep(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    dst_ds.close().await;
+    dst.cleanup().await;
+    src.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_restore_into_one_mysql_database_is_refused() {
+    a_second_restore_into_one_database_is_refused(Engine::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_restore_into_one_postgres_database_is_refused() {
+    a_second_restore_into_one_database_is_refused(Engine::Postgres).await;
+}
+
+// ------------------------------------------------------------ stored DDL (issue 14)
+
+/// Regression (issue 14): restore (and a deep verify, which restores into a
+/// temporary SQLite file) ran the DDL text stored in the manifest, several
+/// statements allowed. A manifest whose stored DDL was altered restores
+/// exactly as before and runs none of it; one whose names or types were
+/// altered is refused before anything is touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_stored_in_a_manifest_is_never_run() {
+    let fx = SpireFixture::create(Engine::Sqlite, "stored-ddl", &Population::new(15))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&fx.url(), &repo);
+    let path = dir
+        .path()
+        .join("repo/snapshots")
+        .join(&id)
+        .join("manifest.json");
+    let original = std::fs::read(&path).unwrap();
+    let attached = dir.path().join("attached-by-the-manifest.db");
+    let mut manifest: Json = serde_json::from_slice(&original).unwrap();
+    for t in manifest["catalogue"]["tables"].as_array_mut().unwrap() {
+        let sql = t["create_sql"].as_str().unwrap().to_string();
+        t["create_sql"] = Json::from(format!(
+            "{sql}; CREATE TABLE pwned (x int); ATTACH DATABASE '{}' AS pwned_db",
+            attached.display()
+        ));
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+
+    // A deep verify restores into a temporary file: nothing attached.
+    let (code, report, err) = run_json(&["verify", &id, "--deep"], &repo);
+    assert_eq!(code, 0, "{err} {report}");
+    assert!(
+        !attached.exists(),
+        "the stored DDL ran during the deep verify"
+    );
+    // A restore: exact, and without the injected statements.
+    let target = dir.path().join("target.sqlite3");
+    let report = ok_json(
+        &["restore", &id, "--datastore", target.to_str().unwrap()],
+        &repo,
+    );
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(!attached.exists(), "the stored DDL ran during the restore");
+    let spec = spirekeep::datastore::dsn::parse(
+        target.to_str().unwrap(),
+        Some(Engine::Sqlite),
+        std::path::Path::new("."),
+    )
+    .unwrap();
+    let ds = spirekeep::datastore::open(&spec, spirekeep::datastore::OpenMode::ReadOnly)
+        .await
+        .unwrap();
+    let cat = ds.catalogue().await.unwrap();
+    assert!(cat.table("pwned").is_none());
+    assert_eq!(cat.tables.len(), 13);
+    let src_ds = fx.open().await;
+    let mut want = src_ds.catalogue().await.unwrap();
+    let mut got = cat.clone();
+    for t in want.tables.iter_mut().chain(got.tables.iter_mut()) {
+        t.create_sql = None;
+    }
+    assert_eq!(
+        got, want,
+        "a same-engine restore keeps the catalogue exactly"
+    );
+    src_ds.close().await;
+    ds.close().await;
+
+    // Names and types are checked: an altered type is refused, touching nothing.
+    let mut manifest: Json = serde_json::from_slice(&original).unwrap();
+    manifest["catalogue"]["tables"][0]["columns"][0]["declared_type"] =
+        Json::from("integer); CREATE TABLE pwned (x int); --");
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let fresh = dir.path().join("fresh.sqlite3");
+    let mut args = vec![
+        "restore",
+        id.as_str(),
+        "--datastore",
+        fresh.to_str().unwrap(),
+    ];
+    args.extend(repo.iter().map(String::as_str));
+    let out = spirekeep(&args, &[]);
+    assert_one_line_error(&out, 1, "is not a sqlite column type spirekeep restores");
+    assert!(!fresh.exists());
+    fx.cleanup().await;
+}

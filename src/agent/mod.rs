@@ -42,7 +42,7 @@ use crate::metrics::{
     AgentFailures, FailureCounters, FailureKind, MetricsReport, RepoFacts, repo_facts,
 };
 use crate::snapshot::CodecOptions;
-use crate::snapshot::backup::{BackupOptions, Quiet, backup};
+use crate::snapshot::backup::{BackupOptions, Quiet, backup_fenced};
 use crate::snapshot::prune::{self, PruneOptions};
 use crate::snapshot::retention::RetentionPolicy;
 use crate::store::Repository;
@@ -353,14 +353,15 @@ impl Agent {
                     .await
             }
             Ok(lock) => {
-                // a first signal lets the running job finish; a second stops it
+                // a first signal lets the running job finish; a second stops it;
+                // the lease is also confirmed right before the manifest is written
                 let result = LeaseRun::new(&lock)
                     .with_signals(
                         signals.clone(),
                         2,
                         "stopped by a second signal: no manifest was written, so no snapshot",
                     )
-                    .run(self.take_backup())
+                    .run(self.take_backup(&lock))
                     .await;
                 match result {
                     Ok(m) => {
@@ -394,14 +395,15 @@ impl Agent {
         self.refresh().await;
     }
 
-    async fn take_backup(&self) -> Result<crate::snapshot::Manifest> {
+    async fn take_backup(&self, lock: &RepositoryLock) -> Result<crate::snapshot::Manifest> {
         let ds = datastore::open(&self.config.datastore.spec, OpenMode::ReadOnly).await?;
         let options = BackupOptions {
             labels: self.config.labels.clone(),
             codec: self.config.codec,
             ..BackupOptions::default()
         };
-        let result = backup(ds.as_ref(), &self.config.repo, &options, &Quiet).await;
+        // The lease is confirmed right before the manifest is written.
+        let result = backup_fenced(ds.as_ref(), &self.config.repo, &options, &Quiet, lock).await;
         ds.close().await;
         result
     }

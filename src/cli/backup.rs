@@ -13,7 +13,7 @@ use super::repo::RepoArgs;
 use super::{DatastoreArgs, exit};
 use crate::datastore::{self, OpenMode, Table};
 use crate::metrics::{FailureCounters, FailureKind, MetricsReport};
-use crate::snapshot::backup::{BackupObserver, BackupOptions, backup};
+use crate::snapshot::backup::{BackupObserver, BackupOptions, backup_fenced};
 use crate::snapshot::listing::{SnapshotSummary, human_bytes, rfc3339};
 use crate::snapshot::{CodecOptions, TableData};
 use crate::store::keys::SnapshotId;
@@ -178,7 +178,9 @@ async fn take(
         }
     };
     let result = held
-        .guard(async { Ok(backup(ds.as_ref(), repo, &options, &progress).await?) })
+        .guard(async {
+            Ok(backup_fenced(ds.as_ref(), repo, &options, &progress, held.lock()).await?)
+        })
         .await;
     held.release().await;
     ds.close().await;

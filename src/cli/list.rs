@@ -5,7 +5,9 @@ use clap::Args;
 use super::exit;
 use super::output::print_json;
 use super::repo::RepoArgs;
-use crate::snapshot::listing::{SnapshotSummary, human_bytes, resolve, rfc3339, summaries};
+use crate::snapshot::listing::{
+    ListedSnapshot, SnapshotSummary, human_bytes, resolve, rfc3339, summaries,
+};
 use crate::snapshot::{Manifest, VerificationRecord};
 
 #[derive(Debug, Args)]
@@ -39,7 +41,21 @@ pub(crate) async fn list(args: &ListArgs, json: bool) -> anyhow::Result<u8> {
         "{:<24} {:<21} {:<9} {:>6} {:<18} {:>10} {:>9}  {:<24} LABELS",
         "ID", "STARTED", "ENGINE", "SCHEMA", "CODE VERSION", "SIZE", "ROWS", "VERIFIED"
     );
-    for s in &all {
+    let mut damaged = 0;
+    for entry in &all {
+        let s = match entry {
+            ListedSnapshot::Readable(s) => s,
+            ListedSnapshot::Damaged(d) => {
+                damaged += 1;
+                println!(
+                    "{:<24} {:<21} DAMAGED: cannot be restored: {}",
+                    d.id.as_str(),
+                    rfc3339(d.started_at),
+                    d.damaged
+                );
+                continue;
+            }
+        };
         println!(
             "{:<24} {:<21} {:<9} {:>6} {:<18} {:>10} {:>9}  {:<24} {}",
             s.id.as_str(),
@@ -53,14 +69,23 @@ pub(crate) async fn list(args: &ListArgs, json: bool) -> anyhow::Result<u8> {
             s.labels.join(",")
         );
     }
+    if damaged > 0 {
+        eprintln!(
+            "warning: {damaged} snapshot(s) have a damaged manifest (marked DAMAGED) and cannot be restored"
+        );
+    }
     Ok(exit::OK)
 }
 
 pub(crate) async fn show(args: &ShowArgs, json: bool) -> anyhow::Result<u8> {
     let repo = args.repo.open()?;
     let id = resolve(&repo, &args.snapshot).await?;
-    let manifest = Manifest::load(&repo, &id).await?;
-    let records = VerificationRecord::load_all(&repo, &id).await?;
+    let manifest = Manifest::load(&repo, &id)
+        .await
+        .map_err(crate::Error::from)?;
+    let records = VerificationRecord::load_all(&repo, &id)
+        .await
+        .map_err(crate::Error::from)?;
     if json {
         let body = serde_json::json!({
             "summary": SnapshotSummary::new(&manifest, &records),

@@ -17,7 +17,7 @@ use crate::snapshot::Manifest;
 use crate::snapshot::adapt::ChangeKind;
 use crate::snapshot::listing::{human_bytes, resolve, rfc3339};
 use crate::snapshot::restore::{
-    RestoreObserver, RestoreOptions, RestorePlan, RestoreReport, execute, plan,
+    RestoreObserver, RestoreOptions, RestorePlan, RestoreReport, execute_fenced, plan,
 };
 
 #[derive(Debug, Args)]
@@ -121,7 +121,16 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
     let result = match super::lock::Held::acquire(&repo, &args.lock, "restore").await {
         Ok(held) => {
             let work = async {
-                Ok(execute(&repo, &manifest, target.as_ref(), &planned, &progress).await?)
+                let fence = held.lock();
+                Ok(execute_fenced(
+                    &repo,
+                    &manifest,
+                    target.as_ref(),
+                    &planned,
+                    &progress,
+                    fence,
+                )
+                .await?)
             };
             let result = held.guard(work).await;
             held.release().await;
@@ -290,6 +299,9 @@ fn print_report(r: &RestoreReport) {
             ""
         }
     );
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
     match (&r.record_key, &r.record_error) {
         (Some(k), _) => println!("  recorded in {k}"),
         (None, Some(e)) => println!("  warning: the restore record could not be written: {e}"),

@@ -1,15 +1,22 @@
 //! `CREATE TABLE` / `CREATE INDEX` text for restoring a catalogue into an engine.
 //!
-//! Same-engine restores reuse the engine's own DDL where the catalogue kept it
-//! (SQLite's `sqlite_master.sql`, MySQL's `SHOW CREATE TABLE`), so types and
-//! indexes come back exactly. Across engines, each column is given the type
-//! GORM v1.9.16 gives SPIRE's Go field on the target engine (spire-reference
-//! §2.2), so a datastore moved from SQLite to PostgreSQL looks as if SPIRE had
-//! created it there.
+//! The DDL is always generated here, never taken from a snapshot: a manifest
+//! is data from a bucket, and running SQL text from it would let whoever can
+//! write to the bucket run SQL on the restore target. The catalogue is
+//! checked first ([`table_problems`]): every table, column and index name is
+//! a plain identifier and every declared type belongs to a closed set, so
+//! nothing but names and types from that set reaches the generated text.
+//!
+//! On the same engine each column keeps its declared type, so the restored
+//! catalogue equals the original. Across engines, each column is given the
+//! type GORM v1.9.16 gives SPIRE's Go field on the target engine
+//! (spire-reference §2.2), so a datastore moved from SQLite to PostgreSQL
+//! looks as if SPIRE had created it there.
 
 use super::catalogue::{Column, Table};
 use super::dsn::Engine;
-use super::{ColumnKind, quote_ident};
+use super::{Catalogue, ColumnKind, quote_ident};
+use crate::error::{Error, Result};
 
 /// Columns that are Go `uint` in SPIRE's models (MySQL `int unsigned`); on
 /// other engines the catalogue cannot tell them from `int32`.
@@ -20,39 +27,255 @@ const SPIRE_UNSIGNED_COLUMNS: [(&str, &str); 4] = [
     ("federated_registration_entries", "registered_entry_id"),
 ];
 
-/// The statements that create `table` under `name` on `target`, given the
-/// engine the catalogue was read from.
+/// The longest identifier accepted (MySQL's limit; SPIRE's names are far shorter).
+pub const MAX_IDENTIFIER_LEN: usize = 64;
+
+/// Whether `name` may appear in generated DDL: 1 to [`MAX_IDENTIFIER_LEN`]
+/// ASCII letters, digits and underscores, not starting with a digit.
 #[must_use]
-pub fn create_statements(source: Engine, target: Engine, table: &Table, name: &str) -> Vec<String> {
-    if source == target
-        && let Some(sql) = table.create_sql.as_deref()
-    {
-        return same_engine_statements(target, table, name, sql);
+pub fn is_plain_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_IDENTIFIER_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+}
+
+/// Base types (lower case) accepted on SQLite and MySQL, each optionally with
+/// `(n)` or `(n,m)` and ` unsigned`.
+const SQLITE_MYSQL_TYPES: [&str; 34] = [
+    "integer",
+    "int",
+    "tinyint",
+    "smallint",
+    "mediumint",
+    "bigint",
+    "bool",
+    "boolean",
+    "bit",
+    "real",
+    "float",
+    "double",
+    "decimal",
+    "numeric",
+    "char",
+    "varchar",
+    "character",
+    "binary",
+    "varbinary",
+    "tinytext",
+    "text",
+    "mediumtext",
+    "longtext",
+    "tinyblob",
+    "blob",
+    "mediumblob",
+    "longblob",
+    "date",
+    "datetime",
+    "timestamp",
+    "time",
+    "year",
+    "json",
+    "clob",
+];
+
+/// PostgreSQL types as `format_type` prints them; `(n)` stands for one or
+/// two numbers in parentheses.
+const POSTGRES_TYPES: [&str; 25] = [
+    "integer",
+    "bigint",
+    "smallint",
+    "boolean",
+    "real",
+    "double precision",
+    "numeric",
+    "numeric(n)",
+    "text",
+    "character varying",
+    "character varying(n)",
+    "character",
+    "character(n)",
+    "bytea",
+    "date",
+    "timestamp with time zone",
+    "timestamp without time zone",
+    "timestamp(n) with time zone",
+    "timestamp(n) without time zone",
+    "time without time zone",
+    "time with time zone",
+    "json",
+    "jsonb",
+    "uuid",
+    "serial",
+];
+
+/// Whether `declared` (a column type as `engine`'s catalogue prints it) is one
+/// spirekeep puts into DDL.
+#[must_use]
+pub fn is_known_type(engine: Engine, declared: &str) -> bool {
+    let Some(shape) = type_shape(declared) else {
+        return false;
+    };
+    match engine {
+        Engine::Postgres => POSTGRES_TYPES.contains(&shape.as_str()),
+        Engine::Sqlite | Engine::Mysql => {
+            let signless = shape.strip_suffix(" unsigned").unwrap_or(&shape);
+            let base = signless.strip_suffix("(n)").unwrap_or(signless);
+            SQLITE_MYSQL_TYPES.contains(&base)
+        }
+    }
+}
+
+/// `declared` in lower case with single spaces and its one parenthesised
+/// list of at most two numbers replaced by `(n)`; `None` for anything else
+/// (any other character, a second list, numbers that are not small).
+fn type_shape(declared: &str) -> Option<String> {
+    let lower = declared.trim().to_ascii_lowercase();
+    if lower.is_empty() || lower.len() > 64 {
+        return None;
+    }
+    let mut out = String::with_capacity(lower.len());
+    let mut rest = lower.as_str();
+    let mut lists = 0;
+    while let Some(open) = rest.find('(') {
+        let close = rest[open..].find(')')? + open;
+        let args = &rest[open + 1..close];
+        let numbers: Vec<&str> = args.split(',').map(str::trim).collect();
+        let small =
+            |n: &&str| !n.is_empty() && n.len() <= 5 && n.bytes().all(|b| b.is_ascii_digit());
+        if numbers.len() > 2 || !numbers.iter().all(small) {
+            return None;
+        }
+        lists += 1;
+        out.push_str(rest[..open].trim_end());
+        out.push_str("(n)");
+        rest = &rest[close + 1..];
+    }
+    if lists > 1 || rest.contains(')') {
+        return None;
+    }
+    out.push_str(rest);
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let out = words.join(" ");
+    out.bytes()
+        .all(|b| b.is_ascii_lowercase() || b == b' ' || b == b'(' || b == b')')
+        .then_some(out)
+}
+
+/// Everything in `table` (read from a `source` datastore) that spirekeep
+/// would not put into DDL: names that are not plain identifiers, declared
+/// types outside the closed set, keys and indexes naming unknown columns.
+#[must_use]
+pub fn table_problems(source: Engine, table: &Table) -> Vec<String> {
+    let mut p = Vec::new();
+    let shown = |s: &str| {
+        s.chars()
+            .take(80)
+            .collect::<String>()
+            .escape_debug()
+            .to_string()
+    };
+    if !is_plain_identifier(&table.name) {
+        p.push(format!(
+            "table name \"{}\" is not a plain identifier (letters, digits, '_')",
+            shown(&table.name)
+        ));
+        return p;
+    }
+    let t = &table.name;
+    if table.columns.is_empty() {
+        p.push(format!("table {t} has no columns"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in &table.columns {
+        if !is_plain_identifier(&c.name) {
+            p.push(format!(
+                "table {t}: column name \"{}\" is not a plain identifier",
+                shown(&c.name)
+            ));
+            continue;
+        }
+        if !seen.insert(c.name.as_str()) {
+            p.push(format!("table {t}: column {} appears twice", c.name));
+        }
+        if !is_known_type(source, &c.declared_type) {
+            p.push(format!(
+                "table {t}: column {} has type \"{}\", which is not a {source} column type spirekeep restores",
+                c.name,
+                shown(&c.declared_type)
+            ));
+        }
+        if c.auto_increment && c.kind != ColumnKind::Integer {
+            p.push(format!(
+                "table {t}: auto-increment column {} is not an integer",
+                c.name
+            ));
+        }
+    }
+    let known = |c: &String| table.columns.iter().any(|col| &col.name == c);
+    if table.primary_key.iter().any(|c| !known(c)) {
+        p.push(format!(
+            "table {t}: the primary key names an unknown column"
+        ));
+    }
+    for i in &table.indexes {
+        if !is_plain_identifier(&i.name) {
+            p.push(format!(
+                "table {t}: index name \"{}\" is not a plain identifier",
+                shown(&i.name)
+            ));
+        } else if i.columns.is_empty() || i.columns.iter().any(|c| !known(c)) {
+            p.push(format!(
+                "table {t}: index {} names no column or an unknown one",
+                i.name
+            ));
+        }
+    }
+    p
+}
+
+/// [`table_problems`] over a whole catalogue.
+#[must_use]
+pub fn catalogue_problems(source: Engine, catalogue: &Catalogue) -> Vec<String> {
+    catalogue
+        .tables
+        .iter()
+        .flat_map(|t| table_problems(source, t))
+        .collect()
+}
+
+/// The statements that create `table` under `name` on `target`, given the
+/// engine the catalogue was read from. Generated from the checked catalogue
+/// only (never from the DDL text a catalogue may carry).
+///
+/// # Errors
+/// [`Error::Integrity`] naming every problem [`table_problems`] finds, or a
+/// `name` that is not made of plain identifier characters.
+pub fn create_statements(
+    source: Engine,
+    target: Engine,
+    table: &Table,
+    name: &str,
+) -> Result<Vec<String>> {
+    let problems = table_problems(source, table);
+    let plain_name =
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !problems.is_empty() || !plain_name {
+        return Err(Error::Integrity(format!(
+            "the snapshot's catalogue cannot be restored: {}; nothing was run on the target (the \
+             manifest may have been altered: restore from another snapshot)",
+            if problems.is_empty() {
+                format!("table name {name:?} is not a plain identifier")
+            } else {
+                problems.join("; ")
+            }
+        )));
     }
     let mut out = vec![create_table(source, target, table, name)];
     if target != Engine::Mysql {
         out.extend(create_indexes(target, table, name));
     }
-    out
-}
-
-fn same_engine_statements(engine: Engine, table: &Table, name: &str, sql: &str) -> Vec<String> {
-    let sql = if name == table.name {
-        sql.to_string()
-    } else {
-        // `CREATE TABLE `t` (` on MySQL: rename only the first quoted name.
-        sql.replacen(
-            &quote_ident(engine, &table.name),
-            &quote_ident(engine, name),
-            1,
-        )
-    };
-    let mut out = vec![sql];
-    // MySQL's SHOW CREATE TABLE already includes the indexes; SQLite keeps them apart.
-    if engine != Engine::Mysql {
-        out.extend(create_indexes(engine, table, name));
-    }
-    out
+    Ok(out)
 }
 
 fn create_table(source: Engine, target: Engine, table: &Table, name: &str) -> String {
@@ -119,6 +342,10 @@ fn column_def(source: Engine, target: Engine, table: &Table, c: &Column) -> Stri
         return match target {
             Engine::Sqlite => format!("{q} integer primary key autoincrement"),
             Engine::Postgres => format!("{q} {}", if big { "bigserial" } else { "serial" }),
+            // The same engine keeps the declared type (`int(10) unsigned`).
+            Engine::Mysql if source == Engine::Mysql => {
+                format!("{q} {} AUTO_INCREMENT", c.declared_type.trim())
+            }
             Engine::Mysql => format!(
                 "{q} {} unsigned AUTO_INCREMENT",
                 if big { "bigint" } else { "int" }
@@ -126,7 +353,7 @@ fn column_def(source: Engine, target: Engine, table: &Table, c: &Column) -> Stri
         };
     }
     let ty = if source == target {
-        c.declared_type.clone()
+        c.declared_type.trim().to_string()
     } else {
         portable_type(source, target, table, c, big)
     };
@@ -235,6 +462,16 @@ mod tests {
         }
     }
 
+    /// [`entries_table`] with the types `engine`'s catalogue gives it.
+    fn table_for(engine: Engine) -> Table {
+        let mut t = entries_table();
+        if engine == Engine::Postgres {
+            t.columns[1].declared_type = "timestamp with time zone".into();
+            t.columns[3].declared_type = "text".into();
+        }
+        t
+    }
+
     #[test]
     fn sqlite_to_mysql_uses_gorm_types() {
         let stmts = create_statements(
@@ -242,7 +479,8 @@ mod tests {
             Engine::Mysql,
             &entries_table(),
             "_spirekeep_new_selectors",
-        );
+        )
+        .unwrap();
         assert_eq!(stmts.len(), 1);
         assert_eq!(
             stmts[0],
@@ -259,7 +497,8 @@ mod tests {
             Engine::Postgres,
             &entries_table(),
             "selectors",
-        );
+        )
+        .unwrap();
         assert_eq!(
             stmts[0],
             "CREATE TABLE \"selectors\" (\"id\" serial, \"created_at\" timestamp with time zone, \"registered_entry_id\" integer, \"type\" text, PRIMARY KEY (\"id\"))"
@@ -271,10 +510,112 @@ mod tests {
     }
 
     #[test]
-    fn same_engine_keeps_the_original_ddl() {
+    fn same_engine_keeps_the_declared_types() {
         let mut t = entries_table();
-        t.create_sql = Some("CREATE TABLE `selectors` (`id` int(10) unsigned NOT NULL AUTO_INCREMENT) ENGINE=InnoDB".into());
-        let stmts = create_statements(Engine::Mysql, Engine::Mysql, &t, "_spirekeep_new_selectors");
-        assert_eq!(stmts, vec!["CREATE TABLE `_spirekeep_new_selectors` (`id` int(10) unsigned NOT NULL AUTO_INCREMENT) ENGINE=InnoDB".to_string()]);
+        t.columns[0].declared_type = "int(10) unsigned".into();
+        t.columns[2].declared_type = "int(10) unsigned".into();
+        t.columns[1].declared_type = "datetime".into();
+        let stmts = create_statements(Engine::Mysql, Engine::Mysql, &t, "_spirekeep_new_selectors")
+            .unwrap();
+        assert_eq!(
+            stmts,
+            vec![
+                "CREATE TABLE `_spirekeep_new_selectors` (`id` int(10) unsigned AUTO_INCREMENT, `created_at` datetime NULL, \
+                 `registered_entry_id` int(10) unsigned, `type` varchar(255), PRIMARY KEY (`id`), \
+                 UNIQUE KEY `idx_selector_entry` (`registered_entry_id`,`type`)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC DEFAULT CHARSET=utf8"
+                    .to_string()
+            ]
+        );
+    }
+
+    /// Regression (issue 14): restore ran the DDL text stored in the manifest.
+    #[test]
+    fn stored_ddl_text_is_never_used() {
+        for engine in [Engine::Sqlite, Engine::Postgres, Engine::Mysql] {
+            let mut t = table_for(engine);
+            t.create_sql = Some(format!(
+                "CREATE TABLE {} (x int); DROP TABLE bundles; ATTACH DATABASE '/etc/x' AS y",
+                quote_ident(engine, "selectors")
+            ));
+            let stmts = create_statements(engine, engine, &t, "selectors").unwrap();
+            let all = stmts.join("\n");
+            assert!(!all.contains("DROP"), "{engine}: {all}");
+            assert!(!all.contains("ATTACH"), "{engine}: {all}");
+            assert!(stmts[0].starts_with("CREATE TABLE"), "{engine}");
+        }
+    }
+
+    /// Regression (issue 14): names and types from a manifest reached the DDL.
+    #[test]
+    fn tampered_names_and_types_are_refused() {
+        let tamper: [fn(&mut Table); 6] = [
+            |t| t.name = "selectors\"; DROP TABLE bundles; --".into(),
+            |t| t.columns[3].name = "type` text); DROP TABLE bundles; -- ".into(),
+            |t| t.columns[3].declared_type = "text); DROP TABLE bundles; --".into(),
+            |t| t.columns[3].declared_type = "text, ATTACH DATABASE 'x' AS y".into(),
+            |t| t.indexes[0].name = "i ON x; DROP TABLE y; --".into(),
+            |t| t.indexes[0].columns[0] = "nope".into(),
+        ];
+        for (n, f) in tamper.iter().enumerate() {
+            for engine in [Engine::Sqlite, Engine::Postgres, Engine::Mysql] {
+                let mut t = table_for(engine);
+                assert!(create_statements(engine, engine, &t, &t.name.clone()).is_ok());
+                f(&mut t);
+                let err = create_statements(engine, Engine::Sqlite, &t, "selectors").unwrap_err();
+                assert!(
+                    err.to_string().contains("nothing was run"),
+                    "{n} {engine}: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_types_spire_uses_are_known_and_others_are_not() {
+        for ty in [
+            "integer",
+            "bigint",
+            "varchar(255)",
+            "datetime",
+            "bool",
+            "blob",
+            "int(10) unsigned",
+            "INT UNSIGNED",
+            "tinyint(1)",
+            "longblob",
+            "decimal(10,2)",
+        ] {
+            assert!(is_known_type(Engine::Sqlite, ty), "{ty}");
+            assert!(is_known_type(Engine::Mysql, ty), "{ty}");
+        }
+        for ty in [
+            "integer",
+            "text",
+            "timestamp with time zone",
+            "timestamp(6) without time zone",
+            "character varying(255)",
+            "bytea",
+            "boolean",
+            "double precision",
+        ] {
+            assert!(is_known_type(Engine::Postgres, ty), "{ty}");
+        }
+        for ty in [
+            "",
+            "int; drop",
+            "int(1)(2)",
+            "int(1,2,3)",
+            "varchar(99999999)",
+            "text collate \"x\"",
+            "int unsigned unsigned",
+            "integer)",
+        ] {
+            assert!(!is_known_type(Engine::Mysql, ty), "{ty:?}");
+            assert!(!is_known_type(Engine::Postgres, ty), "{ty:?}");
+        }
+        assert!(is_plain_identifier("registered_entries"));
+        assert!(!is_plain_identifier("1abc"));
+        assert!(!is_plain_identifier(&"a".repeat(65)));
+        assert!(!is_plain_identifier("a b"));
     }
 }

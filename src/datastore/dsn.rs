@@ -380,7 +380,9 @@ fn parse_pq_keywords(s: &str) -> Result<Vec<(String, String)>> {
         }
         if chars.next() != Some('=') {
             return Err(Error::ConnectionString(format!(
-                "missing \"=\" after \"{key}\" in key=value connection string"
+                "missing \"=\" after {} in key=value connection string (pairs are separated by \
+                 spaces; quote a value that holds spaces: password='a b')",
+                shown_keyword(&key)
             )));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
@@ -402,7 +404,8 @@ fn parse_pq_keywords(s: &str) -> Result<Vec<(String, String)>> {
             }
             if !closed {
                 return Err(Error::ConnectionString(format!(
-                    "unterminated quoted value for \"{key}\""
+                    "unterminated quoted value for {}",
+                    shown_keyword(&key)
                 )));
             }
         } else {
@@ -426,6 +429,33 @@ fn parse_pq_keywords(s: &str) -> Result<Vec<(String, String)>> {
         out.push((key, value));
     }
     Ok(out)
+}
+
+/// A key of a lib/pq string for an error message: named when it is one of
+/// lib/pq's keywords, otherwise not shown (it may be part of a password
+/// that holds a space).
+fn shown_keyword(key: &str) -> String {
+    const KEYWORDS: [&str; 14] = [
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "application_name",
+        "connect_timeout",
+        "options",
+        "target_session_attrs",
+    ];
+    if KEYWORDS.contains(&key) {
+        format!("\"{key}\"")
+    } else {
+        "a key".to_string()
+    }
 }
 
 /// Turns a `postgres://` URL into lib/pq pairs, as lib/pq's `ParseURL` does.
@@ -572,18 +602,21 @@ fn parse_mysql(s: &str) -> Result<MysqlSpec> {
 /// and the last `@` before it ends the credentials, so passwords may contain
 /// `@`, `:` and `/`.
 fn parse_go_mysql_dsn(s: &str) -> Result<MysqlSpec> {
-    let (query_split_at, has_query) = match s.rfind('?') {
-        Some(q) if s[..q].contains('/') => (q, true),
-        _ => (s.len(), false),
-    };
-    let before_query = &s[..query_split_at];
-    let Some(slash) = before_query.rfind('/') else {
+    // go-sql-driver's ParseDSN: the last '/' starts the database name, the
+    // first '?' after it the parameters, and the last '@' before it ends the
+    // user info; the first ':' in the user info starts the password.
+    let Some(slash) = s.rfind('/') else {
         return Err(Error::ConnectionString(
             "invalid MySQL DSN: missing the slash before the database name (user:pass@tcp(host:3306)/spire?parseTime=true)".into(),
         ));
     };
-    let left = &before_query[..slash];
-    let dbname = percent_decode_str(&before_query[slash + 1..])
+    let left = &s[..slash];
+    let after_slash = &s[slash + 1..];
+    let (dbname_raw, query) = match after_slash.find('?') {
+        Some(q) => (&after_slash[..q], Some(&after_slash[q + 1..])),
+        None => (after_slash, None),
+    };
+    let dbname = percent_decode_str(dbname_raw)
         .decode_utf8_lossy()
         .into_owned();
     let (creds, netaddr) = match left.rfind('@') {
@@ -607,8 +640,13 @@ fn parse_go_mysql_dsn(s: &str) -> Result<MysqlSpec> {
         Some(open) => {
             if !netaddr.ends_with(')') {
                 return Err(Error::ConnectionString(
-                    "invalid MySQL DSN: network address not terminated (missing closing brace)"
-                        .into(),
+                    if netaddr[open + 1..].contains(')') {
+                        // go-sql-driver's errInvalidDSNUnescaped.
+                        "invalid MySQL DSN: did you forget to escape a parameter value?".into()
+                    } else {
+                        "invalid MySQL DSN: network address not terminated (missing closing brace)"
+                            .into()
+                    },
                 ));
             }
             (&netaddr[..open], &netaddr[open + 1..netaddr.len() - 1])
@@ -637,8 +675,16 @@ fn parse_go_mysql_dsn(s: &str) -> Result<MysqlSpec> {
             shown_addr = format!("unix({path})");
         }
         other => {
+            // Without an '@' the network part may be user info (a password):
+            // name it only when it looks like a network name.
+            let shown = if other.len() <= 8 && other.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                format!(" \"{other}\"")
+            } else {
+                String::new()
+            };
             return Err(Error::ConnectionString(format!(
-                "unsupported MySQL network \"{other}\": use tcp or unix"
+                "unsupported MySQL network{shown} before the address: use tcp(host:port) or unix(path); \
+                 user and password go before an '@' (user:password@tcp(host:3306)/spire)"
             )));
         }
     }
@@ -647,8 +693,8 @@ fn parse_go_mysql_dsn(s: &str) -> Result<MysqlSpec> {
     }
     let mut parse_time = false;
     let mut tls: Option<String> = None;
-    if has_query {
-        for pair in s[query_split_at + 1..].split('&').filter(|p| !p.is_empty()) {
+    if let Some(query) = query {
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode_str(v).decode_utf8_lossy().into_owned();
             match k {
@@ -863,6 +909,53 @@ mod tests {
         assert!(parse("u:pw@tcp(h:3306)/d?tls=custom", Some(Engine::Mysql), &wd()).is_err());
         let spec = parse("mysql://u:pw@127.0.0.1:3306/spire", None, &wd()).unwrap();
         assert_eq!(spec.redacted(), "mysql://u@127.0.0.1:3306/spire");
+    }
+
+    /// Regression (issue 14): `spire:ab/cd?ef@tcp(db)/spire` was split at the
+    /// first '/' and the error printed `spire:ab`, part of the password.
+    #[test]
+    fn go_mysql_dsns_split_like_parse_dsn() {
+        let mysql = |s: &str| match parse(s, Some(Engine::Mysql), &wd()) {
+            Ok(ConnectionSpec::Mysql(m)) => Ok(m),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        let m = mysql("spire:ab/cd?ef@tcp(db)/spire").unwrap();
+        assert_eq!(m.display, "mysql spire@tcp(db:3306)/spire");
+        assert_eq!(m.options.get_database(), Some("spire"));
+        assert_eq!(m.options.get_username(), "spire");
+        // Detected as MySQL without a database type, too.
+        assert_eq!(
+            parse("spire:ab/cd?ef@tcp(db)/spire", None, &wd())
+                .unwrap()
+                .engine(),
+            Engine::Mysql
+        );
+        let m = mysql("u:p?x/y@z@tcp(h:3307)/d?parseTime=true").unwrap();
+        assert_eq!(m.display, "mysql u@tcp(h:3307)/d");
+        assert!(m.parse_time);
+        let m = mysql("u:pw@unix(/run/mysqld/mysqld.sock)/spire?parseTime=true").unwrap();
+        assert_eq!(m.display, "mysql u@unix(/run/mysqld/mysqld.sock)/spire");
+        // A '/' in a parameter value must be escaped (go-sql-driver refuses it too).
+        let e = mysql("u:pw@tcp(h)/d?x=a/b").unwrap_err();
+        assert!(e.contains("escape"), "{e}");
+        // The user info never shows up in an error.
+        for (dsn, secret) in [
+            ("spire:ab/cd?ef@tcp(db/spire", "ab/cd"),
+            ("spire:s3cr3t/spire", "s3cr3t"),
+            ("spire:s3cr3t@bogus(h)/spire", "s3cr3t"),
+            ("spire:s3cr3t@tcp(h:99999)/spire", "s3cr3t"),
+            ("spire:s3cr3t@tcp(h)spire", "s3cr3t"),
+        ] {
+            let e = mysql(dsn).unwrap_err();
+            assert!(!e.contains(secret), "{dsn}: {e}");
+            assert!(!e.contains("spire:"), "{dsn}: {e}");
+        }
+        // lib/pq strings: a password with a space cut at the space is not echoed.
+        let e = parse("password=se cret host=x", Some(Engine::Postgres), &wd())
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("cret"), "{e}");
     }
 
     #[test]

@@ -123,8 +123,13 @@ pub trait RestoreWrite: Send {
     /// commits on its own).
     fn staging_name(&self, table: &str) -> String;
 
-    /// Runs DDL (CREATE TABLE, CREATE INDEX) against the staging tables.
-    async fn execute(&mut self, sql: &str) -> Result<()>;
+    /// Creates the staging table for `table` (a catalogue read from a
+    /// `source` datastore) with DDL rendered by [`ddl::create_statements`]
+    /// from the validated catalogue: no SQL text from a snapshot is ever run.
+    ///
+    /// # Errors
+    /// A catalogue that fails validation ([`ddl::check_table`]), or a database error.
+    async fn create_table(&mut self, source: Engine, table: &Table) -> Result<()>;
 
     /// Loads rows into a staging table.
     async fn insert_rows(
@@ -136,7 +141,44 @@ pub trait RestoreWrite: Send {
 
     /// Makes the restore visible at once and moves auto-increment sequences
     /// past the restored ids. `tables` are the restored tables under their final names.
-    async fn commit(self: Box<Self>, tables: &[Table]) -> Result<()>;
+    ///
+    /// # Errors
+    /// A failure that left the target as it was. Anything that went wrong
+    /// *after* the restore became visible is in [`CommitOutcome::warnings`].
+    async fn commit(self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome>;
+}
+
+/// What a restore's commit did besides making the restore visible.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// Problems after the restore became visible (the restore stands), e.g.
+    /// replaced MySQL tables that could not be dropped.
+    pub warnings: Vec<String>,
+}
+
+/// Prefixes of a restore's staging tables: MySQL loads `_spirekeep_new_<t>`
+/// and swaps the replaced tables out as `_spirekeep_old_<t>`.
+pub const STAGING_PREFIXES: [&str; 2] = ["_spirekeep_new_", "_spirekeep_old_"];
+
+/// Whether `name` is a restore's staging table. Such a table is never the
+/// user's: catalogues leave it out (so backups, restores and impact reports
+/// never see it), and a restore removes those an earlier, killed restore left.
+#[must_use]
+pub fn is_staging_table(name: &str) -> bool {
+    STAGING_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// How long a restore waits for another restore into the same database (the
+/// per-database restore lock) before it gives up.
+pub const RESTORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The error of a restore that found another one running in the same database.
+fn restore_busy(location: &str) -> crate::error::Error {
+    crate::error::Error::Aborted(format!(
+        "another restore into {location} is running (it did not release the database's restore lock \
+         within {} s); wait for it to finish, then run this restore again",
+        RESTORE_LOCK_WAIT.as_secs()
+    ))
 }
 
 /// Opens a datastore from a parsed connection spec.

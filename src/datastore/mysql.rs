@@ -12,7 +12,8 @@ use super::dsn::{Engine, MysqlSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_mysql_datetime, parse_mysql_datetime};
 use super::{
-    ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident,
+    ColumnKind, CommitOutcome, Datastore, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite, RowBatch,
+    STAGING_PREFIXES, SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
 };
 use crate::error::{Error, Result};
 
@@ -55,6 +56,9 @@ const COLUMNS_SQL: &str = "SELECT CAST(TABLE_NAME AS CHAR), CAST(COLUMN_NAME AS 
  WHERE TABLE_SCHEMA = DATABASE() \
    AND TABLE_NAME IN (SELECT TABLE_NAME FROM information_schema.TABLES t WHERE t.TABLE_SCHEMA = DATABASE() AND t.TABLE_TYPE = 'BASE TABLE') \
  ORDER BY TABLE_NAME, ORDINAL_POSITION";
+
+/// The name of the per-database restore lock (`GET_LOCK` names are at most 64 characters).
+const RESTORE_LOCK_SQL: &str = "CONCAT('spirekeep.restore.', SHA1(DATABASE()))";
 
 const INDEXES_SQL: &str = "SELECT CAST(TABLE_NAME AS CHAR), CAST(INDEX_NAME AS CHAR), CAST(NON_UNIQUE AS SIGNED), CAST(COLUMN_NAME AS CHAR) \
   FROM information_schema.STATISTICS \
@@ -173,18 +177,30 @@ impl Datastore for MysqlDatastore {
             .await
             .map_err(|e| self.err(&e))?
             .detach();
-        // Shadow tables left by a restore that was killed before its swap.
+        // One restore per database at a time: the lock belongs to this
+        // session, so it also ends when a killed restore's connection does.
+        let got: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT GET_LOCK({RESTORE_LOCK_SQL}, {})",
+            RESTORE_LOCK_WAIT.as_secs()
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| self.err(&e))?;
+        if got != Some(1) {
+            return Err(restore_busy(&self.location));
+        }
+        // Holding the lock, any staging table is a leftover of a restore that
+        // was killed (before its swap, or between the swap and the drop).
         let stale: Vec<String> = sqlx::query_scalar(
-            "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
-             AND (TABLE_NAME LIKE '\\_spirekeep\\_new\\_%' OR TABLE_NAME LIKE '\\_spirekeep\\_old\\_%')",
+            "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()",
         )
         .fetch_all(&mut conn)
         .await
         .map_err(|e| self.err(&e))?;
-        for t in &stale {
+        for t in stale.iter().filter(|t| is_staging_table(t)) {
             exec_on(
                 &mut conn,
-                &format!("DROP TABLE {}", quote_ident(Engine::Mysql, t)),
+                &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Mysql, t)),
                 &self.location,
             )
             .await?;
@@ -271,6 +287,8 @@ async fn catalogue_on(
             auto_increment: extra.to_ascii_lowercase().contains("auto_increment"),
         });
     }
+    // A restore's staging tables are never the user's.
+    tables.retain(|t| !is_staging_table(&t.name));
     let idx: Vec<(String, String, i64, String)> = sqlx::query_as(INDEXES_SQL)
         .fetch_all(&mut *conn)
         .await
@@ -409,14 +427,15 @@ impl SnapshotRead for Snapshot {
 
 /// MySQL DDL commits on its own, so a restore loads shadow tables and swaps
 /// them in with one atomic `RENAME TABLE`; until then the target is untouched.
+/// The session holds the database's restore lock until it ends.
 struct Restore {
     conn: sqlx::mysql::MySqlConnection,
     location: String,
     existing: Vec<String>,
 }
 
-const SHADOW_NEW: &str = "_spirekeep_new_";
-const SHADOW_OLD: &str = "_spirekeep_old_";
+const SHADOW_NEW: &str = STAGING_PREFIXES[0];
+const SHADOW_OLD: &str = STAGING_PREFIXES[1];
 
 #[async_trait]
 impl RestoreWrite for Restore {
@@ -424,8 +443,12 @@ impl RestoreWrite for Restore {
         format!("{SHADOW_NEW}{table}")
     }
 
-    async fn execute(&mut self, sql: &str) -> Result<()> {
-        exec_on(&mut self.conn, sql, &self.location).await
+    async fn create_table(&mut self, source: Engine, table: &Table) -> Result<()> {
+        let staging = self.staging_name(&table.name);
+        for sql in ddl::create_statements(source, Engine::Mysql, table, &staging)? {
+            exec_on(&mut self.conn, &sql, &self.location).await?;
+        }
+        Ok(())
     }
 
     async fn insert_rows(
@@ -439,36 +462,143 @@ impl RestoreWrite for Restore {
         exec_on(&mut self.conn, "COMMIT", &self.location).await
     }
 
-    async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<()> {
-        let q = |t: &str| quote_ident(Engine::Mysql, t);
-        let mut renames: Vec<String> = self
-            .existing
-            .iter()
-            .map(|t| format!("{} TO {}", q(t), q(&format!("{SHADOW_OLD}{t}"))))
-            .collect();
-        renames.extend(tables.iter().map(|t| {
-            format!(
-                "{} TO {}",
-                q(&format!("{SHADOW_NEW}{}", t.name)),
-                q(&t.name)
-            )
-        }));
-        // One statement: MySQL applies every rename of a RENAME TABLE atomically.
-        exec_on(
+    async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome> {
+        let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+        let existing = std::mem::take(&mut self.existing);
+        let mut runner = OnConnection {
+            conn: &mut self.conn,
+            location: &self.location,
+        };
+        let outcome = swap_in(&existing, &names, &self.location, &mut runner).await?;
+        // Ending the session would release it too; say so explicitly.
+        let _ = exec_on(
             &mut self.conn,
-            &format!("RENAME TABLE {}", renames.join(", ")),
+            &format!("DO RELEASE_LOCK({RESTORE_LOCK_SQL})"),
             &self.location,
         )
-        .await?;
-        for t in &self.existing {
-            exec_on(
-                &mut self.conn,
-                &format!("DROP TABLE {}", q(&format!("{SHADOW_OLD}{t}"))),
-                &self.location,
-            )
-            .await?;
-        }
+        .await;
         // InnoDB's AUTO_INCREMENT already sits past the largest id inserted.
-        Ok(())
+        Ok(outcome)
+    }
+}
+
+/// Runs one statement (a connection, or a fake in tests).
+#[async_trait]
+trait RunStatement {
+    async fn run(&mut self, sql: String) -> Result<()>;
+}
+
+struct OnConnection<'a> {
+    conn: &'a mut sqlx::mysql::MySqlConnection,
+    location: &'a str,
+}
+
+#[async_trait]
+impl RunStatement for OnConnection<'_> {
+    async fn run(&mut self, sql: String) -> Result<()> {
+        exec_on(self.conn, &sql, self.location).await
+    }
+}
+
+/// Swaps the loaded shadow tables in with one `RENAME TABLE` (MySQL applies
+/// every rename of it atomically), then drops the replaced tables. A failure
+/// of the rename leaves the target as it was (an error); a failure after it
+/// does not undo the restore, so it is a warning that says what is left.
+async fn swap_in(
+    existing: &[String],
+    tables: &[String],
+    location: &str,
+    exec: &mut (dyn RunStatement + Send),
+) -> Result<CommitOutcome> {
+    let q = |t: &str| quote_ident(Engine::Mysql, t);
+    let mut renames: Vec<String> = existing
+        .iter()
+        .map(|t| format!("{} TO {}", q(t), q(&format!("{SHADOW_OLD}{t}"))))
+        .collect();
+    renames.extend(
+        tables
+            .iter()
+            .map(|t| format!("{} TO {}", q(&format!("{SHADOW_NEW}{t}")), q(t))),
+    );
+    exec.run(format!("RENAME TABLE {}", renames.join(", ")))
+        .await?;
+    let mut outcome = CommitOutcome::default();
+    for t in existing {
+        let old = format!("{SHADOW_OLD}{t}");
+        if let Err(e) = exec.run(format!("DROP TABLE {}", q(&old))).await {
+            outcome.warnings.push(format!(
+                "the restore into {location} is complete (the restored tables were swapped in), but the \
+                 replaced table {t} (now {old}) could not be dropped: {e}; spirekeep ignores it, and the \
+                 next restore into this database removes it"
+            ));
+        }
+    }
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records statements and fails those starting with `fail`.
+    struct Fake {
+        ran: Vec<String>,
+        fail: &'static str,
+    }
+
+    #[async_trait]
+    impl RunStatement for Fake {
+        async fn run(&mut self, sql: String) -> Result<()> {
+            self.ran.push(sql.clone());
+            if sql.starts_with(self.fail) {
+                Err(Error::Database {
+                    location: "db".into(),
+                    detail: "lock wait timeout".into(),
+                })
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    /// Regression (issue 14): an error in the DROP after the RENAME was
+    /// reported as "the target is as it was" although the swap had happened.
+    #[tokio::test]
+    async fn a_failed_drop_after_the_swap_is_reported_as_a_complete_restore() {
+        let mut fake = Fake {
+            ran: Vec::new(),
+            fail: "DROP",
+        };
+        let outcome = swap_in(
+            &["agents".to_string()],
+            &["agents".to_string()],
+            "mysql u@tcp(db:3306)/spire",
+            &mut fake,
+        )
+        .await
+        .expect("the swap happened, so the restore stands");
+        assert_eq!(
+            fake.ran,
+            vec![
+                "RENAME TABLE `agents` TO `_spirekeep_old_agents`, `_spirekeep_new_agents` TO `agents`",
+                "DROP TABLE `_spirekeep_old_agents`",
+            ]
+        );
+        assert_eq!(outcome.warnings.len(), 1);
+        let w = &outcome.warnings[0];
+        assert!(w.contains("is complete"), "{w}");
+        assert!(w.contains("_spirekeep_old_agents"), "{w}");
+        assert!(w.contains("next restore"), "{w}");
+        assert!(!w.contains("as it was"), "{w}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_rename_is_an_error() {
+        let mut fake = Fake {
+            ran: Vec::new(),
+            fail: "RENAME",
+        };
+        let result = swap_in(&[], &["agents".to_string()], "db", &mut fake).await;
+        assert!(result.is_err());
     }
 }

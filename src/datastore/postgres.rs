@@ -14,7 +14,8 @@ use super::dsn::{Engine, PostgresSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::parse_sqlite_datetime;
 use super::{
-    ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident,
+    ColumnKind, CommitOutcome, Datastore, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite, RowBatch,
+    SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
 };
 use crate::error::{Error, Result};
 
@@ -59,6 +60,10 @@ const TABLES_SQL: &str = "SELECT c.relname::text, a.attname::text, format_type(a
   LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
  WHERE c.relkind IN ('r', 'p') AND n.nspname = current_schema() \
  ORDER BY c.relname, a.attnum";
+
+/// The key of the per-database restore lock (`pg_advisory_xact_lock`):
+/// "spirekeep restore" in ASCII, cut to 64 bits.
+const RESTORE_LOCK_KEY: i64 = 0x7370_6b72_6573_746f;
 
 const INDEXES_SQL: &str = "SELECT c.relname::text, i.relname::text, ix.indisunique, ix.indisprimary, \
        array(SELECT a.attname::text FROM unnest(ix.indkey) WITH ORDINALITY k(attnum, ord) \
@@ -181,10 +186,38 @@ impl Datastore for PostgresDatastore {
             .map_err(|e| self.err(&e))?
             .detach();
         exec_on(&mut conn, "BEGIN", &self.location).await?;
-        for t in existing {
+        // One restore per database at a time (advisory locks are per
+        // database); the lock ends with the transaction or the connection.
+        let deadline = std::time::Instant::now() + RESTORE_LOCK_WAIT;
+        loop {
+            let got: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT pg_try_advisory_xact_lock({RESTORE_LOCK_KEY})"
+            )))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))?;
+            if got {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(restore_busy(&self.location));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        // Tables named like a restore's staging tables are never the user's
+        // (a snapshot taken before spirekeep left them out may have carried them).
+        let staging: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND n.nspname = current_schema()",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| self.err(&e))?;
+        let staging = staging.into_iter().filter(|t| is_staging_table(t));
+        for t in existing.iter().cloned().chain(staging) {
             exec_on(
                 &mut conn,
-                &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Postgres, t)),
+                &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Postgres, &t)),
                 &self.location,
             )
             .await?;
@@ -313,6 +346,8 @@ async fn catalogue_on(
             auto_increment: default.starts_with("nextval(") || !identity.is_empty(),
         });
     }
+    // A restore's staging tables are never the user's.
+    tables.retain(|t| !is_staging_table(&t.name));
     let idx: Vec<(String, String, bool, bool, Vec<String>)> = sqlx::query_as(INDEXES_SQL)
         .fetch_all(&mut *conn)
         .await
@@ -450,8 +485,11 @@ impl RestoreWrite for Restore {
         table.to_string()
     }
 
-    async fn execute(&mut self, sql: &str) -> Result<()> {
-        exec_on(&mut self.conn, sql, &self.location).await
+    async fn create_table(&mut self, source: Engine, table: &Table) -> Result<()> {
+        for sql in ddl::create_statements(source, Engine::Postgres, table, &table.name)? {
+            exec_on(&mut self.conn, &sql, &self.location).await?;
+        }
+        Ok(())
     }
 
     async fn insert_rows(
@@ -463,7 +501,7 @@ impl RestoreWrite for Restore {
         insert_on(&mut self.conn, table, columns, rows, &self.location).await
     }
 
-    async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<()> {
+    async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome> {
         // Rows were loaded with explicit ids: move each serial's sequence past them.
         for t in tables {
             for c in t.columns.iter().filter(|c| c.auto_increment) {
@@ -479,6 +517,7 @@ impl RestoreWrite for Restore {
                 exec_on(&mut self.conn, &sql, &self.location).await?;
             }
         }
-        exec_on(&mut self.conn, "COMMIT", &self.location).await
+        exec_on(&mut self.conn, "COMMIT", &self.location).await?;
+        Ok(CommitOutcome::default())
     }
 }

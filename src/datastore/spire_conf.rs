@@ -78,15 +78,20 @@ fn conf_err(path: &Path, message: String) -> Error {
 /// # Errors
 /// As [`load`].
 pub fn parse(text: &str) -> std::result::Result<SpireDatastoreConfig, String> {
-    // The HCL parser's messages quote the offending line, which may be the
-    // connection string with its password: keep only the position.
-    let body: Body = hcl::parse(text).map_err(|e| {
-        let msg = e.to_string();
-        let first = msg.lines().next().unwrap_or("syntax error").to_string();
-        format!(
+    // The HCL parser's full message quotes the offending line, which may be
+    // the connection string with its password: keep the position and the
+    // parser's own description of what it expected.
+    let body: Body = hcl::parse(text).map_err(|e| match &e {
+        hcl::Error::Parse(p) => format!(
+            "invalid HCL at line {}, column {}: {}",
+            p.location().line(),
+            p.location().column(),
+            p.message()
+        ),
+        other => format!(
             "invalid HCL: {}",
-            first.split(" --> ").next().unwrap_or(&first).trim()
-        )
+            other.to_string().lines().next().unwrap_or("syntax error")
+        ),
     })?;
 
     let data_dir = body
@@ -335,6 +340,17 @@ plugins {
                 .contains("database_type must be set")
         );
         let err = parse(r#"plugins { DataStore "sql" { plugin_data { database_type = "postgres" connection_string = "password=hunter2 host=x" oops } } }"#).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        // Regression (issue 14): a syntax error printed "invalid HCL: " and nothing else.
+        let err = parse(
+            "plugins {\n    DataStore \"sql\" {\n        plugin_data {\n            database_type = \"postgres\"\n            connection_string = \"password=hunter2\"\n        }\n    }\n}\nx = = 1\n",
+        )
+        .unwrap_err();
+        assert!(err.starts_with("invalid HCL at line 9, column "), "{err}");
+        assert!(
+            err.len() > "invalid HCL at line 9, column 5: ".len(),
+            "{err}"
+        );
         assert!(!err.contains("hunter2"), "{err}");
         let err = parse(
             r#"

@@ -13,7 +13,8 @@ use super::dsn::{Engine, OpenMode, SqliteSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
 use super::{
-    ColumnKind, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value, quote_ident,
+    ColumnKind, CommitOutcome, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value,
+    ddl, is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
 
@@ -174,11 +175,21 @@ impl Datastore for SqliteDatastore {
             .await
             .map_err(|e| self.err(&e))?
             .detach();
+        // The write lock: one restore (or writer) at a time.
         exec_on(&mut conn, "BEGIN IMMEDIATE", &self.location).await?;
-        for t in existing {
+        // Tables named like a restore's staging tables are never the user's
+        // (a snapshot taken before spirekeep left them out may have carried them).
+        let staging: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '\\_spirekeep\\_%' ESCAPE '\\'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| self.err(&e))?;
+        let staging = staging.into_iter().filter(|t| is_staging_table(t));
+        for t in existing.iter().cloned().chain(staging) {
             exec_on(
                 &mut conn,
-                &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Sqlite, t)),
+                &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Sqlite, &t)),
                 &self.location,
             )
             .await?;
@@ -245,7 +256,8 @@ async fn catalogue_on(
     .await
     .map_err(|e| classify(&e, location))?;
     let mut out = Vec::with_capacity(tables.len());
-    for (name, sql) in tables {
+    // A restore's staging tables are never the user's.
+    for (name, sql) in tables.into_iter().filter(|(n, _)| !is_staging_table(n)) {
         let cols: Vec<(i64, String, String, i64, Option<String>, i64)> =
             sqlx::query_as(AssertSqlSafe(format!(
                 "SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_info({})",
@@ -438,8 +450,11 @@ impl RestoreWrite for Restore {
         table.to_string()
     }
 
-    async fn execute(&mut self, sql: &str) -> Result<()> {
-        exec_on(&mut self.conn, sql, &self.location).await
+    async fn create_table(&mut self, source: Engine, table: &Table) -> Result<()> {
+        for sql in ddl::create_statements(source, Engine::Sqlite, table, &table.name)? {
+            exec_on(&mut self.conn, &sql, &self.location).await?;
+        }
+        Ok(())
     }
 
     async fn insert_rows(
@@ -451,9 +466,10 @@ impl RestoreWrite for Restore {
         insert_on(&mut self.conn, table, columns, rows, &self.location).await
     }
 
-    async fn commit(mut self: Box<Self>, _tables: &[Table]) -> Result<()> {
+    async fn commit(mut self: Box<Self>, _tables: &[Table]) -> Result<CommitOutcome> {
         // AUTOINCREMENT keeps sqlite_sequence at the largest id inserted, so
         // ids continue past the restored ones without help.
-        exec_on(&mut self.conn, "COMMIT", &self.location).await
+        exec_on(&mut self.conn, "COMMIT", &self.location).await?;
+        Ok(CommitOutcome::default())
     }
 }

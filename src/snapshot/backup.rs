@@ -9,7 +9,9 @@
 //!
 //! Nothing is a snapshot until its manifest exists. On any failure the data
 //! objects written so far are deleted (best effort; `prune` removes what a
-//! killed process leaves behind once it is older than the grace period).
+//! killed process leaves behind once it is older than the grace period) —
+//! except when the manifest write itself failed: then the manifest is read
+//! back first, and nothing is deleted unless it is surely absent.
 
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -18,10 +20,13 @@ use super::codec::{CodecOptions, TableWriter};
 use super::manifest::{
     DataFormat, DataObject, MANIFEST_FORMAT_VERSION, Manifest, SPIREKEEP_VERSION, TableData,
 };
-use crate::datastore::{Catalogue, Datastore, MigrationsRow, RowBatch, SnapshotRead, Table, Value};
+use crate::datastore::{
+    Catalogue, Datastore, MigrationsRow, RowBatch, SnapshotRead, Table, Value, ddl,
+};
 use crate::error::{Error, Result};
-use crate::store::Repository;
 use crate::store::keys::{self, SnapshotId};
+use crate::store::lock::{CommitFence, Unfenced};
+use crate::store::{Repository, StoreError};
 
 /// Row batches queued between the database read and the encoder.
 const BATCHES_IN_FLIGHT: usize = 4;
@@ -97,6 +102,22 @@ pub async fn backup(
     options: &BackupOptions,
     observer: &dyn BackupObserver,
 ) -> Result<Manifest> {
+    backup_fenced(ds, repo, options, observer, &Unfenced).await
+}
+
+/// [`backup`] for a caller that holds the repository lease: `fence` is asked
+/// right before the manifest is written, and a lease that was lost stops the
+/// backup there (no snapshot comes into existence).
+///
+/// # Errors
+/// As [`backup`], and [`Error::Lock`] when the lease was lost.
+pub async fn backup_fenced(
+    ds: &dyn Datastore,
+    repo: &Repository,
+    options: &BackupOptions,
+    observer: &dyn BackupObserver,
+    fence: &dyn CommitFence,
+) -> Result<Manifest> {
     for label in &options.labels {
         validate_label(label)?;
     }
@@ -111,7 +132,7 @@ pub async fn backup(
             return Err(e);
         }
     };
-    if let Err(e) = check_is_spire(ds, &catalogue) {
+    if let Err(e) = check_is_spire(ds, &catalogue).and_then(|()| check_restorable(ds, &catalogue)) {
         let _ = read.finish().await;
         return Err(e);
     }
@@ -128,42 +149,94 @@ pub async fn backup(
     )
     .await;
     let finished = read.finish().await;
-    let result = match (copied, finished) {
-        (Ok(copied), Ok(())) => {
-            let manifest = Manifest {
-                format_version: MANIFEST_FORMAT_VERSION,
-                snapshot_id: id,
-                spirekeep_version: SPIREKEEP_VERSION.into(),
-                engine: ds.engine(),
-                server_version,
-                source: ds.location().to_string(),
-                spire: copied.migrations,
-                started_at,
-                finished_at: OffsetDateTime::now_utc(),
-                labels: options.labels.clone(),
-                data_format: DataFormat::current(&options.codec),
-                catalogue,
-                tables: copied.tables,
-            };
-            manifest.validate().map_err(|source| {
-                Error::Integrity(format!(
-                    "the manifest of the new snapshot is inconsistent: {source}"
-                ))
-            })?;
-            manifest
-                .store(repo)
-                .await
-                .map(|_| manifest)
-                .map_err(Error::from)
+    let copied = match (copied, finished) {
+        (Ok(copied), Ok(())) => copied,
+        (Err(e), _) | (Ok(_), Err(e)) => {
+            delete_objects(repo, &written).await;
+            return Err(e);
         }
-        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
     };
-    if result.is_err() {
-        for key in written {
-            let _ = repo.delete(&key).await;
-        }
+    let manifest = Manifest {
+        format_version: MANIFEST_FORMAT_VERSION,
+        snapshot_id: id,
+        spirekeep_version: SPIREKEEP_VERSION.into(),
+        engine: ds.engine(),
+        server_version,
+        source: ds.location().to_string(),
+        spire: copied.migrations,
+        started_at,
+        finished_at: OffsetDateTime::now_utc(),
+        labels: options.labels.clone(),
+        data_format: DataFormat::current(&options.codec),
+        catalogue,
+        tables: copied.tables,
+    };
+    let ready = match manifest.validate() {
+        Ok(()) => fence.confirm().await.map_err(Error::from),
+        Err(source) => Err(Error::Integrity(format!(
+            "the manifest of the new snapshot is inconsistent: {source}"
+        ))),
+    };
+    if let Err(e) = ready {
+        delete_objects(repo, &written).await;
+        return Err(e);
     }
-    result
+    let Err(put_error) = manifest.store(repo).await else {
+        return Ok(manifest);
+    };
+    // The put's outcome may be unknown (a timeout, or a 5xx whose retry got
+    // 412 because the first attempt had in fact succeeded): the manifest is
+    // read back before anything is deleted.
+    match repo
+        .get_capped(&manifest.key(), crate::store::MAX_MANIFEST_BYTES)
+        .await
+    {
+        Ok(stored) if stored.as_ref() == manifest.to_json_pretty().as_bytes() => {
+            tracing::warn!(snapshot = %manifest.snapshot_id, error = %put_error, "the manifest write reported an error, but the manifest is stored as written: the snapshot is complete");
+            Ok(manifest)
+        }
+        Err(StoreError::NotFound { .. }) => {
+            delete_objects(repo, &written).await;
+            Err(put_error.into())
+        }
+        Ok(_) => Err(Error::Integrity(format!(
+            "writing the manifest {} failed ({put_error}) and a different manifest is stored under that \
+             key; nothing was deleted: inspect it with `spirekeep show {}`",
+            manifest.key(),
+            manifest.snapshot_id
+        ))),
+        Err(read_error) => Err(Error::Aborted(format!(
+            "writing the manifest {} failed ({put_error}) and it cannot be read back ({read_error}), so \
+             whether snapshot {} exists is unknown; nothing was deleted: run `spirekeep list` once the \
+             repository answers (a snapshot without a manifest is removed by `spirekeep prune`)",
+            manifest.key(),
+            manifest.snapshot_id
+        ))),
+    }
+}
+
+/// Removes the data objects of a backup that did not produce a snapshot (best
+/// effort: `prune` removes what is left once the grace period has passed).
+async fn delete_objects(repo: &Repository, written: &[String]) {
+    for key in written {
+        let _ = repo.delete(key).await;
+    }
+}
+
+/// Refuses, before anything is copied, a catalogue that a restore would
+/// refuse (see [`ddl::table_problems`]).
+fn check_restorable(ds: &dyn Datastore, catalogue: &Catalogue) -> Result<()> {
+    let problems = ddl::catalogue_problems(ds.engine(), catalogue);
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Error::NotSpire {
+        location: ds.location().to_string(),
+        why: format!(
+            "its catalogue holds what spirekeep cannot restore: {}",
+            problems.join("; ")
+        ),
+    })
 }
 
 fn check_is_spire(ds: &dyn Datastore, catalogue: &Catalogue) -> Result<()> {

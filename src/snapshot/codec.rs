@@ -488,6 +488,12 @@ impl<R: Read> ObjectDecoder<R> {
         self.dec.header()
     }
 
+    /// Decompressed bytes read so far.
+    #[must_use]
+    pub fn offset(&self) -> u64 {
+        self.dec.offset()
+    }
+
     /// The next row, or `None` at the (checked) end of the object.
     ///
     /// # Errors
@@ -993,12 +999,14 @@ impl TableReader {
         let (header_tx, header_rx) = oneshot::channel();
         let (rows_tx, rows_rx) = mpsc::channel(ROW_BATCHES_IN_FLIGHT);
         let key = object.key.clone();
+        let raw_size = object.raw_size;
         let reader = ChannelReader {
             rx: bytes_rx,
             current: Bytes::new(),
         };
-        let decode =
-            tokio::task::spawn_blocking(move || decode_rows(reader, &key, header_tx, &rows_tx));
+        let decode = tokio::task::spawn_blocking(move || {
+            decode_rows(reader, &key, raw_size, header_tx, &rows_tx)
+        });
         let header = if let Ok(h) = header_rx.await {
             h
         } else {
@@ -1090,9 +1098,22 @@ impl TableReader {
     }
 }
 
+/// A batch is handed on once its rows weigh this much (decoded bytes plus
+/// the in-memory size of each value), so the rows in flight stay bounded
+/// however large each row is: a few batches of this weight plus one row
+/// ([`format::MAX_ROW_LEN`]).
+pub const MAX_BATCH_WEIGHT: u64 = 8 << 20;
+
+/// What one decoded value costs in memory besides its bytes.
+const VALUE_OVERHEAD: u64 = std::mem::size_of::<Value>() as u64;
+
+/// Decodes `reader` (an object whose manifest records `raw_size`
+/// decompressed bytes) into row batches. The manifest's size is the object's
+/// limit: a stream that decompresses to more stops there, with an error.
 fn decode_rows(
     reader: ChannelReader,
     key: &str,
+    raw_size: u64,
     header_tx: oneshot::Sender<Header>,
     rows_tx: &mpsc::Sender<Vec<Vec<Value>>>,
 ) -> Result<ObjectDigest, SnapshotError> {
@@ -1104,12 +1125,28 @@ fn decode_rows(
     header_tx
         .send(dec.header().clone())
         .map_err(|_| stopped())?;
+    let per_row = VALUE_OVERHEAD * dec.header().columns.len() as u64;
     let mut batch = Vec::with_capacity(ROW_BATCH);
+    let mut weight = 0u64;
+    let mut last = dec.offset();
     while let Some(row) = dec.next_row()? {
+        let now = dec.offset();
+        if now > raw_size {
+            return Err(SnapshotError::Malformed {
+                object: key.to_owned(),
+                offset: now,
+                problem: format!(
+                    "the object decompresses to more than the {raw_size} bytes its manifest records"
+                ),
+            });
+        }
+        weight += now - last + per_row;
+        last = now;
         batch.push(row);
-        if batch.len() >= ROW_BATCH {
+        if batch.len() >= ROW_BATCH || weight >= MAX_BATCH_WEIGHT {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(ROW_BATCH));
             rows_tx.blocking_send(full).map_err(|_| stopped())?;
+            weight = 0;
         }
     }
     if !batch.is_empty() {

@@ -62,12 +62,10 @@ pub enum SnapshotError {
     #[error(transparent)]
     Store(#[from] StoreError),
 
-    #[error("manifest {key}: {source}")]
-    Manifest {
-        key: String,
-        #[source]
-        source: ManifestError,
-    },
+    /// The problem is part of the message and deliberately not a `source`:
+    /// printing the chain (`{:#}`) would repeat it.
+    #[error("manifest {key}: {problem}")]
+    Manifest { key: String, problem: ManifestError },
 }
 
 /// What is wrong with a manifest or verification record.
@@ -110,7 +108,7 @@ impl SnapshotError {
             | Self::Truncated { .. }
             | Self::Unreadable { .. }
             | Self::Mismatch { .. } => ErrorKind::Integrity,
-            Self::Manifest { source, .. } => match source {
+            Self::Manifest { problem, .. } => match problem {
                 ManifestError::TooNew { .. } | ManifestError::TooOld { .. } => ErrorKind::Usage,
                 ManifestError::Parse(_) | ManifestError::Invalid(_) => ErrorKind::Integrity,
             },

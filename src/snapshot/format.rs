@@ -46,6 +46,10 @@ pub const OLDEST_DATA_FORMAT_VERSION: u16 = 1;
 /// Longest text or bytes value (64 MiB). SPIRE's largest values (bundles,
 /// CA journals) are far smaller; a longer length field means corruption.
 pub const MAX_VALUE_LEN: usize = 64 << 20;
+/// Largest row (64 MiB over all its values' encodings): a row is held in
+/// memory whole, so a small, highly compressed object must not be able to
+/// claim more.
+pub const MAX_ROW_LEN: usize = 64 << 20;
 /// Longest table or column name (64 KiB).
 pub const MAX_NAME_LEN: usize = 64 << 10;
 /// Most columns a table may have.
@@ -318,6 +322,23 @@ impl RowEncoder {
                 });
             }
         }
+        let total: usize = row
+            .iter()
+            .map(|v| match v {
+                Value::Text(s) => s.len() + 10,
+                Value::Bytes(b) => b.len() + 10,
+                _ => 20,
+            })
+            .sum();
+        if total > MAX_ROW_LEN {
+            return Err(SnapshotError::Encode {
+                table: self.table.clone(),
+                problem: format!(
+                    "row {} holds about {total} bytes, over the format's limit of 64 MiB per row",
+                    self.rows + 1
+                ),
+            });
+        }
         out.push(ROW);
         let start = out.len();
         encode_values(out, row);
@@ -552,15 +573,33 @@ impl<R: Read> Decoder<R> {
         }
         let ncols = self.header.columns.len();
         let mut row = Vec::with_capacity(ncols);
+        let row_start = self.offset;
         for i in 0..ncols {
-            let v = self.read_value(i)?;
+            let used = usize::try_from(self.offset - row_start).unwrap_or(usize::MAX);
+            let left = MAX_ROW_LEN.saturating_sub(used);
+            let v = self.read_value(i, left)?;
             row.push(v);
+        }
+        if self.offset - row_start > MAX_ROW_LEN as u64 {
+            return Err(self.row_too_large(at));
         }
         self.rows += 1;
         Ok(Some(row))
     }
 
-    fn read_value(&mut self, col: usize) -> Result<Value, SnapshotError> {
+    fn row_too_large(&self, at: u64) -> SnapshotError {
+        self.malformed_at(
+            at,
+            format!(
+                "row {} is larger than the format's limit of {MAX_ROW_LEN} bytes per row",
+                self.rows + 1
+            ),
+        )
+    }
+
+    /// Reads one value; a text or bytes value may take at most `row_left`
+    /// bytes (what is left of the row's limit).
+    fn read_value(&mut self, col: usize, row_left: usize) -> Result<Value, SnapshotError> {
         let at = self.offset;
         let tag = self.read_u8("a value")?;
         let value = match tag {
@@ -574,12 +613,12 @@ impl<R: Read> Decoder<R> {
                 Value::Float(f64::from_bits(u64::from_le_bytes(b)))
             }
             T_TEXT => {
-                let bytes = self.read_len_prefixed("a text value", MAX_VALUE_LEN)?;
+                let bytes = self.read_value_bytes("a text value", row_left)?;
                 let s = String::from_utf8(bytes)
                     .map_err(|_| self.value_err(at, col, "text that is not valid UTF-8".into()))?;
                 Value::Text(s)
             }
-            T_BYTES => Value::Bytes(self.read_len_prefixed("a bytes value", MAX_VALUE_LEN)?),
+            T_BYTES => Value::Bytes(self.read_value_bytes("a bytes value", row_left)?),
             T_TIMESTAMP => {
                 let secs = unzigzag(self.read_uvarint("a timestamp")?);
                 let nanos = self.read_uvarint("a timestamp's nanoseconds")?;
@@ -668,6 +707,27 @@ impl<R: Read> Decoder<R> {
         Err(self.malformed_at(at, format!("{what}: varint longer than 10 bytes")))
     }
 
+    /// A text or bytes value: at most [`MAX_VALUE_LEN`], and at most
+    /// `row_left` (what is left of the row's limit) before it is read.
+    fn read_value_bytes(
+        &mut self,
+        what: &'static str,
+        row_left: usize,
+    ) -> Result<Vec<u8>, SnapshotError> {
+        let at = self.offset;
+        let len = self.read_uvarint(what)?;
+        if len > MAX_VALUE_LEN as u64 {
+            return Err(self.malformed_at(
+                at,
+                format!("{what} claims {len} bytes, over the limit of {MAX_VALUE_LEN}"),
+            ));
+        }
+        if len > row_left as u64 {
+            return Err(self.row_too_large(at));
+        }
+        self.read_body(usize::try_from(len).expect("bounded"), what)
+    }
+
     fn read_len_prefixed(
         &mut self,
         what: &'static str,
@@ -681,7 +741,10 @@ impl<R: Read> Decoder<R> {
                 format!("{what} claims {len} bytes, over the limit of {max}"),
             ));
         }
-        let len = usize::try_from(len).expect("bounded by max");
+        self.read_body(usize::try_from(len).expect("bounded by max"), what)
+    }
+
+    fn read_body(&mut self, len: usize, what: &'static str) -> Result<Vec<u8>, SnapshotError> {
         // Grow with the data actually read, never by the length field alone.
         let mut out = Vec::with_capacity(len.min(64 * 1024));
         let got = (&mut self.r)

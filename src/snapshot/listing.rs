@@ -3,22 +3,77 @@
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use super::SnapshotError;
 use super::manifest::{Manifest, VerificationRecord, list_snapshots};
 use crate::datastore::Engine;
 use crate::error::{Error, Result};
-use crate::store::Repository;
 use crate::store::keys::{SnapshotId, VerifyKind};
+use crate::store::{Repository, StoreError};
 
-/// Resolves `latest` (the newest snapshot whose manifest exists) or a snapshot id.
+/// What reading a snapshot's manifest gave.
+#[derive(Debug, Clone)]
+pub enum ManifestRead {
+    /// It reads and is consistent: the snapshot can be restored.
+    Readable(Box<Manifest>),
+    /// It cannot be read or trusted (the message says why): the snapshot
+    /// cannot be restored.
+    Damaged(String),
+    /// It disappeared since the listing (a prune deleted the snapshot).
+    Gone,
+}
+
+/// Reads the manifest of `id`, telling a damaged manifest (which leaves the
+/// snapshot unrestorable, but must not hide the others) from a storage failure.
 ///
 /// # Errors
-/// A malformed id, a snapshot that does not exist, or an empty repository.
+/// Storage failures other than the manifest's absence or size.
+pub async fn read_manifest(repo: &Repository, id: &SnapshotId) -> Result<ManifestRead> {
+    match Manifest::load(repo, id).await {
+        Ok(m) => Ok(ManifestRead::Readable(Box::new(m))),
+        Err(SnapshotError::Store(StoreError::NotFound { .. })) => Ok(ManifestRead::Gone),
+        Err(
+            e
+            @ (SnapshotError::Manifest { .. } | SnapshotError::Store(StoreError::TooLarge { .. })),
+        ) => Ok(ManifestRead::Damaged(e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Resolves `latest` (the newest snapshot that can be restored: its manifest
+/// exists and reads; newer damaged ones are named in a warning) or a snapshot id.
+///
+/// # Errors
+/// A malformed id, a snapshot that does not exist, or a repository without a
+/// restorable snapshot.
 pub async fn resolve(repo: &Repository, reference: &str) -> Result<SnapshotId> {
     let ids = list_snapshots(repo).await?;
     if reference == "latest" {
-        return ids.last().cloned().ok_or_else(|| {
+        let mut damaged = Vec::new();
+        for id in ids.iter().rev() {
+            match read_manifest(repo, id).await? {
+                ManifestRead::Readable(_) => {
+                    if !damaged.is_empty() {
+                        tracing::warn!(
+                            "`latest` is snapshot {id}: the newer snapshot(s) {} have a damaged manifest \
+                             and cannot be restored (see `spirekeep list`)",
+                            damaged.join(", ")
+                        );
+                    }
+                    return Ok(id.clone());
+                }
+                ManifestRead::Damaged(_) => damaged.push(id.to_string()),
+                ManifestRead::Gone => {}
+            }
+        }
+        return Err(if damaged.is_empty() {
             Error::NotFound(format!(
                 "{repo} holds no snapshots yet; take one with `spirekeep backup`"
+            ))
+        } else {
+            Error::Integrity(format!(
+                "{repo} holds no restorable snapshot: the manifest of each of its {} snapshot(s) is \
+                 damaged (see `spirekeep list`)",
+                damaged.len()
             ))
         });
     }
@@ -120,17 +175,74 @@ impl SnapshotSummary {
     }
 }
 
-/// Summaries of every snapshot, oldest first. A manifest that cannot be read
-/// is reported as an error naming it: a damaged repository must be noticed.
+/// A snapshot whose manifest cannot be read: listed, never hidden, but it
+/// cannot be restored.
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedSnapshot {
+    pub id: SnapshotId,
+    /// When it was taken, from its id.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// Why its manifest cannot be read.
+    pub damaged: String,
+    /// Always false.
+    pub restorable: bool,
+}
+
+/// One line of `spirekeep list`: a readable snapshot or a damaged one.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum ListedSnapshot {
+    Readable(Box<SnapshotSummary>),
+    Damaged(DamagedSnapshot),
+}
+
+impl ListedSnapshot {
+    /// The snapshot's id.
+    #[must_use]
+    pub fn id(&self) -> &SnapshotId {
+        match self {
+            Self::Readable(s) => &s.id,
+            Self::Damaged(d) => &d.id,
+        }
+    }
+}
+
+/// Every snapshot, oldest first. A snapshot whose manifest cannot be read is
+/// listed as damaged (it must be noticed, and must not hide the others).
 ///
 /// # Errors
-/// Storage failures, or an unreadable manifest.
-pub async fn summaries(repo: &Repository) -> Result<Vec<SnapshotSummary>> {
+/// Storage failures.
+pub async fn summaries(repo: &Repository) -> Result<Vec<ListedSnapshot>> {
     let mut out = Vec::new();
     for id in list_snapshots(repo).await? {
-        let manifest = Manifest::load(repo, &id).await?;
-        let records = VerificationRecord::load_all(repo, &id).await?;
-        out.push(SnapshotSummary::new(&manifest, &records));
+        let manifest = match read_manifest(repo, &id).await? {
+            ManifestRead::Readable(m) => m,
+            ManifestRead::Damaged(why) => {
+                out.push(ListedSnapshot::Damaged(DamagedSnapshot {
+                    started_at: id.time(),
+                    id,
+                    damaged: why,
+                    restorable: false,
+                }));
+                continue;
+            }
+            ManifestRead::Gone => continue,
+        };
+        // A damaged verification record must not hide the snapshot either.
+        let records = match VerificationRecord::load_all(repo, &id).await {
+            Ok(r) => r,
+            Err(SnapshotError::Store(e)) if !matches!(e, StoreError::TooLarge { .. }) => {
+                return Err(SnapshotError::Store(e).into());
+            }
+            Err(e) => {
+                tracing::warn!(snapshot = %id, error = %e, "a verification record cannot be read");
+                Vec::new()
+            }
+        };
+        out.push(ListedSnapshot::Readable(Box::new(SnapshotSummary::new(
+            &manifest, &records,
+        ))));
     }
     Ok(out)
 }

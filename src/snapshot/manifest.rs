@@ -23,12 +23,16 @@ use super::error::ManifestError;
 use super::format;
 use crate::datastore::{Catalogue, Engine, MigrationsRow};
 use crate::store::keys::{self, SnapshotId, VerifyKind};
-use crate::store::{Repository, StoreError};
+use crate::store::{MAX_MANIFEST_BYTES, MAX_RECORD_BYTES, Repository, StoreError};
 
 /// The manifest and verification-record format this spirekeep writes.
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
 /// The oldest format this spirekeep reads.
 pub const OLDEST_MANIFEST_FORMAT_VERSION: u32 = 1;
+/// The largest decompressed size a data object may record: backups start a
+/// new object every 512 MiB of rows, so anything near this is not one of ours
+/// (and decoding is bounded by it).
+pub const MAX_OBJECT_RAW_BYTES: u64 = 4 << 30;
 /// This spirekeep's version, as recorded in what it writes.
 pub const SPIREKEEP_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -283,6 +287,13 @@ impl Manifest {
                         o.key, t.name
                     ));
                 }
+                if o.raw_size > MAX_OBJECT_RAW_BYTES {
+                    p.push(format!(
+                        "object {}: raw_size {} is over the limit of {MAX_OBJECT_RAW_BYTES} bytes \
+                         (backups split tables into objects of about 512 MiB)",
+                        o.key, o.raw_size
+                    ));
+                }
                 if !seen.insert(o.key.as_str()) {
                     p.push(format!("object {} is listed twice", o.key));
                 }
@@ -347,9 +358,9 @@ impl Manifest {
     /// snapshot already has a manifest; any store failure.
     pub async fn store(&self, repo: &Repository) -> Result<String, SnapshotError> {
         let key = self.key();
-        self.validate().map_err(|source| SnapshotError::Manifest {
+        self.validate().map_err(|problem| SnapshotError::Manifest {
             key: key.clone(),
-            source,
+            problem,
         })?;
         repo.put_create(&key, self.to_json_pretty().into()).await?;
         Ok(key)
@@ -362,10 +373,10 @@ impl Manifest {
     /// [`ManifestError`] (wrapped with the key).
     pub async fn load(repo: &Repository, id: &SnapshotId) -> Result<Self, SnapshotError> {
         let key = keys::manifest(id);
-        let bytes = repo.get(&key).await?;
-        let wrap = |source| SnapshotError::Manifest {
+        let bytes = repo.get_capped(&key, MAX_MANIFEST_BYTES).await?;
+        let wrap = |problem| SnapshotError::Manifest {
             key: key.clone(),
-            source,
+            problem,
         };
         let manifest = Self::from_json(&bytes).map_err(wrap)?;
         if &manifest.snapshot_id != id {
@@ -480,10 +491,10 @@ impl VerificationRecord {
     pub async fn load_all(repo: &Repository, id: &SnapshotId) -> Result<Vec<Self>, SnapshotError> {
         let mut out = Vec::new();
         for meta in repo.list(&keys::verifications_prefix(id)).await? {
-            let bytes = repo.get(&meta.key).await?;
-            let record = Self::from_json(&bytes).map_err(|source| SnapshotError::Manifest {
+            let bytes = repo.get_capped(&meta.key, MAX_RECORD_BYTES).await?;
+            let record = Self::from_json(&bytes).map_err(|problem| SnapshotError::Manifest {
                 key: meta.key.clone(),
-                source,
+                problem,
             })?;
             out.push(record);
         }

@@ -108,10 +108,15 @@ async fn read_pins(repo: &Repository, prefix: &str) -> Result<Vec<Pin>> {
         let Some((id, holder)) = keys::pin_of_key(&meta.key) else {
             continue;
         };
-        let bytes = match repo.get(&meta.key).await {
+        let bytes = match repo
+            .get_capped(&meta.key, crate::store::MAX_CONTROL_BYTES)
+            .await
+        {
             Ok(b) => b,
             // Unpinned between the listing and the read.
             Err(StoreError::NotFound { .. }) => continue,
+            // Not a pin spirekeep wrote; it still holds the snapshot.
+            Err(StoreError::TooLarge { .. }) => bytes::Bytes::new(),
             Err(e) => return Err(e.into()),
         };
         let pin = match serde_json::from_slice::<Pin>(&bytes) {

@@ -23,7 +23,8 @@ use serde::Serialize;
 use time::{Duration, OffsetDateTime};
 
 use super::backup::delete_snapshot;
-use super::manifest::{Manifest, VerificationRecord};
+use super::listing::{ManifestRead, read_manifest};
+use super::manifest::VerificationRecord;
 use super::pins::{Pin, list_pins, pins_of};
 use super::retention::{RetentionPolicy, SnapshotFacts, plan_prune};
 use crate::error::{Error, Result};
@@ -216,23 +217,25 @@ pub async fn plan(repo: &Repository, options: &PruneOptions) -> Result<PrunePlan
             .get(id)
             .map(|ps| ps.iter().map(|p| p.describe()).collect())
             .unwrap_or_default();
-        if !options.pin_labels.is_empty() {
-            match Manifest::load(repo, id).await {
-                Ok(m) => {
-                    for label in m.labels.iter().filter(|l| options.pin_labels.contains(l)) {
-                        pinned.push(format!("label {label} (--pin-label)"));
-                    }
+        // Every manifest is read: only snapshots whose manifest reads count
+        // for the rules (a damaged one is kept for inspection, never counted).
+        let damaged = match read_manifest(repo, id).await? {
+            ManifestRead::Readable(m) => {
+                for label in m.labels.iter().filter(|l| options.pin_labels.contains(l)) {
+                    pinned.push(format!("label {label} (--pin-label)"));
                 }
-                Err(e) => pinned.push(format!(
-                    "its manifest cannot be read ({e}); inspect it with `spirekeep show`"
-                )),
+                None
             }
-        }
+            ManifestRead::Damaged(why) => Some(why),
+            // Deleted since the listing: nothing left to decide.
+            ManifestRead::Gone => continue,
+        };
         facts.push(SnapshotFacts {
             id: id.to_string(),
             taken_at: id.time(),
             pinned_by: (!pinned.is_empty()).then(|| pinned.join("; ")),
             verified: newest_verification_ok(repo, records).await?,
+            damaged,
         });
         let (mut objects, mut bytes) = (0u64, 0u64);
         for m in folder.objects.iter().chain(records.into_iter().flatten()) {
@@ -370,9 +373,12 @@ async fn newest_verification_ok(
     let Some(newest) = records.and_then(|r| r.iter().max_by(|a, b| a.key.cmp(&b.key))) else {
         return Ok(false);
     };
-    match repo.get(&newest.key).await {
+    match repo
+        .get_capped(&newest.key, crate::store::MAX_RECORD_BYTES)
+        .await
+    {
         Ok(bytes) => Ok(VerificationRecord::from_json(&bytes).is_ok_and(|r| r.ok)),
-        Err(StoreError::NotFound { .. }) => Ok(false),
+        Err(StoreError::NotFound { .. } | StoreError::TooLarge { .. }) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

@@ -54,20 +54,17 @@ use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, SPIREKEEP_VERSION};
 use super::verify::{check_every_stored_object, read_every_object};
 use crate::datastore::{
     Column, ColumnKind, Datastore, Engine, RestoreWrite, RowBatch, SnapshotRead, Table, Value, ddl,
-    quote_ident,
+    is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
 use crate::store::Repository;
 use crate::store::keys::{self, SnapshotId};
+use crate::store::lock::{CommitFence, Unfenced};
 
 /// At most this many changes are listed one by one (in the plan, the output
 /// and the record); beyond it they are counted per table, column and kind,
 /// and covered by the digest.
 pub const MAX_LISTED_CHANGES: usize = 10_000;
-
-/// Tables with these prefixes are a MySQL restore's shadow tables (see
-/// `datastore::mysql`): never part of the datastore, removed by the next restore.
-const SHADOW_PREFIXES: [&str; 2] = ["_spirekeep_new_", "_spirekeep_old_"];
 
 /// How a restore may proceed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -294,6 +291,10 @@ pub struct RestoreReport {
     /// Why the record could not be written (the restore itself stands).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record_error: Option<String>,
+    /// What went wrong after the restore became visible (the restore stands),
+    /// e.g. replaced tables that could not be dropped.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// `restores/<snapshot-id>/<time>.json`: who got what from which snapshot.
@@ -351,6 +352,7 @@ pub async fn restore(
             seconds: 0.0,
             record_key: None,
             record_error: None,
+            warnings: Vec::new(),
         });
     }
     execute(repo, manifest, target, &plan, observer).await
@@ -405,6 +407,7 @@ async fn plan_inner(
                 .catalogue
                 .tables
                 .iter()
+                .filter(|t| !is_staging_table(&t.name))
                 .map(|t| {
                     (
                         t.name.as_str(),
@@ -482,6 +485,26 @@ async fn plan_inner(
 
     let preflight = tally.finish(adapting);
     let mut refusals = Vec::new();
+    // The DDL is generated from the catalogue; names and types outside what
+    // spirekeep renders are refused before anything is touched.
+    let unrestorable: Vec<String> = manifest
+        .catalogue
+        .tables
+        .iter()
+        .filter(|t| !is_staging_table(&t.name))
+        .flat_map(|t| ddl::table_problems(source_engine, t))
+        .collect();
+    if !unrestorable.is_empty() {
+        refusals.push(Refusal {
+            reason: RefusalReason::Damaged,
+            message: format!(
+                "the snapshot's catalogue in {} cannot be restored: {}; the target was not touched (the \
+                 manifest may have been altered): restore from another snapshot",
+                manifest.key(),
+                unrestorable.join("; ")
+            ),
+        });
+    }
     if !problems.is_empty() {
         refusals.push(Refusal {
             reason: RefusalReason::Damaged,
@@ -528,9 +551,12 @@ async fn plan_inner(
         });
     }
 
+    // A restore's staging tables are never the user's: a snapshot taken
+    // before spirekeep left them out may carry some, and they are not restored.
     let tables: Vec<PlannedTable> = manifest
         .tables
         .iter()
+        .filter(|t| !is_staging_table(&t.name))
         .map(|t| PlannedTable {
             name: t.name.clone(),
             rows: t.rows,
@@ -545,7 +571,7 @@ async fn plan_inner(
         target_engine,
         target: target.location().to_string(),
         existing_tables: existing,
-        rows: manifest.total_rows(),
+        rows: tables.iter().map(|t| t.rows).sum(),
         tables,
         hash_check,
         problems,
@@ -571,7 +597,24 @@ pub async fn execute(
     plan: &RestorePlan,
     observer: &dyn RestoreObserver,
 ) -> Result<RestoreReport> {
-    let report = execute_inner(repo, manifest, target, plan, observer, true).await?;
+    execute_fenced(repo, manifest, target, plan, observer, &Unfenced).await
+}
+
+/// [`execute`] for a caller that holds the repository lease: `fence` is
+/// asked right before the commit, and a lease that was lost stops the restore
+/// there, with the target as it was.
+///
+/// # Errors
+/// As [`execute`], and [`Error::Lock`] when the lease was lost.
+pub async fn execute_fenced(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &dyn Datastore,
+    plan: &RestorePlan,
+    observer: &dyn RestoreObserver,
+    fence: &dyn CommitFence,
+) -> Result<RestoreReport> {
+    let report = execute_inner(repo, manifest, target, plan, observer, true, fence).await?;
     if report.ok {
         Ok(report)
     } else {
@@ -598,7 +641,7 @@ pub(crate) async fn execute_unrecorded(
     plan: &RestorePlan,
     observer: &dyn RestoreObserver,
 ) -> Result<RestoreReport> {
-    execute_inner(repo, manifest, target, plan, observer, false).await
+    execute_inner(repo, manifest, target, plan, observer, false, &Unfenced).await
 }
 
 async fn execute_inner(
@@ -608,6 +651,7 @@ async fn execute_inner(
     plan: &RestorePlan,
     observer: &dyn RestoreObserver,
     write_record: bool,
+    fence: &dyn CommitFence,
 ) -> Result<RestoreReport> {
     if let Some(e) = plan.refusal_error() {
         return Err(e);
@@ -636,7 +680,7 @@ async fn execute_inner(
     }
     tracing::info!(snapshot = %plan.snapshot_id, target = %plan.target, replace = !existing.is_empty(), "restore starts");
     observer.stage("loading");
-    let loaded = load(repo, manifest, target, plan, &existing, observer)
+    let loaded = load(repo, manifest, target, plan, &existing, observer, fence)
         .await
         .inspect_err(|e| {
             tracing::error!(error = %e, "restore failed before its commit; the target is as it was");
@@ -673,7 +717,11 @@ async fn execute_inner(
         seconds: clock.elapsed().as_secs_f64(),
         record_key: None,
         record_error: None,
+        warnings: loaded.warnings.clone(),
     };
+    for w in &report.warnings {
+        tracing::warn!("{w}");
+    }
     if write_record {
         let record = RestoreRecord {
             format_version: MANIFEST_FORMAT_VERSION,
@@ -720,6 +768,7 @@ struct LoadedTable {
 struct Loaded {
     tables: Vec<LoadedTable>,
     changes: u64,
+    warnings: Vec<String>,
 }
 
 async fn load(
@@ -729,14 +778,22 @@ async fn load(
     plan: &RestorePlan,
     existing: &[String],
     observer: &dyn RestoreObserver,
+    fence: &dyn CommitFence,
 ) -> Result<Loaded> {
     let source_engine = manifest.engine;
     let target_engine = target.engine();
     let adapting = needs_preflight(source_engine, target_engine);
+    let restored: Vec<Table> = manifest
+        .catalogue
+        .tables
+        .iter()
+        .filter(|t| !is_staging_table(&t.name))
+        .cloned()
+        .collect();
     let mut session = target.begin_restore(existing).await?;
     let mut applied = ChangeTally::default();
-    let mut tables = Vec::with_capacity(manifest.catalogue.tables.len());
-    for table in &manifest.catalogue.tables {
+    let mut tables = Vec::with_capacity(restored.len());
+    for table in &restored {
         let data = manifest.table(&table.name).ok_or_else(|| {
             Error::Integrity(format!(
                 "manifest {}: table {} has no data",
@@ -747,9 +804,7 @@ async fn load(
         tracing::info!(table = %table.name, rows = data.rows, "loading table");
         observer.table_started(&table.name, data.rows);
         let staging = session.staging_name(&table.name);
-        for sql in ddl::create_statements(source_engine, target_engine, table, &staging) {
-            session.execute(&sql).await?;
-        }
+        session.create_table(source_engine, table).await?;
         let columns: Vec<(String, ColumnKind)> = table
             .columns
             .iter()
@@ -799,15 +854,21 @@ async fn load(
             applied.total, plan.preflight.total
         )));
     }
+    // A run that lost its repository lease stops here, before anything is visible.
+    fence.confirm().await?;
     observer.stage("committing");
-    commit(session, &manifest.catalogue.tables).await?;
+    let outcome = commit(session, &restored).await?;
     Ok(Loaded {
         tables,
         changes: applied.total,
+        warnings: outcome.warnings,
     })
 }
 
-async fn commit(session: Box<dyn RestoreWrite>, tables: &[Table]) -> Result<()> {
+async fn commit(
+    session: Box<dyn RestoreWrite>,
+    tables: &[Table],
+) -> Result<crate::datastore::CommitOutcome> {
     session.commit(tables).await
 }
 
@@ -951,7 +1012,12 @@ async fn check_sequences(
         None
     };
     let mut out = Vec::new();
-    for table in &manifest.catalogue.tables {
+    for table in manifest
+        .catalogue
+        .tables
+        .iter()
+        .filter(|t| !is_staging_table(&t.name))
+    {
         for c in table.columns.iter().filter(|c| c.auto_increment) {
             let max_id = max_ids.get(&format!("{}\0{}", table.name, c.name)).copied();
             let mut check = SequenceCheck {
@@ -1043,7 +1109,7 @@ pub fn needs_preflight(source: Engine, target: Engine) -> bool {
     target == Engine::Mysql || (source != target && target != Engine::Sqlite)
 }
 
-/// The datastore's tables, without a MySQL restore's leftover shadow tables.
+/// The datastore's tables (its catalogue never lists a restore's staging tables).
 pub(crate) async fn user_tables(ds: &dyn Datastore) -> Result<Vec<String>> {
     Ok(ds
         .catalogue()
@@ -1051,7 +1117,6 @@ pub(crate) async fn user_tables(ds: &dyn Datastore) -> Result<Vec<String>> {
         .tables
         .into_iter()
         .map(|t| t.name)
-        .filter(|n| !SHADOW_PREFIXES.iter().any(|p| n.starts_with(p)))
         .collect())
 }
 
@@ -1078,7 +1143,8 @@ fn target_shape(source: Engine, target: Engine, table: &Table) -> Table {
     if source == target {
         return shape;
     }
-    let statements = ddl::create_statements(source, target, table, &table.name);
+    // A catalogue the DDL refuses is refused by the manifest check first.
+    let statements = ddl::create_statements(source, target, table, &table.name).unwrap_or_default();
     if let Some(create) = statements.first() {
         for c in &mut shape.columns {
             if let Some(t) = declared_type_in(create, target, &c.name) {

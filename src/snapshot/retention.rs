@@ -6,9 +6,11 @@
 //! the same plan. The rules follow restic's `forget`: within each rule,
 //! snapshots are walked newest first and the newest one of each distinct
 //! period (hour, day, ISO week, month, in UTC) is kept until the rule's count
-//! runs out. On top of the rules, two things are never deleted: a pinned
-//! snapshot (e.g. the `pre-upgrade` snapshot of an unfinished plan) and the
-//! newest verified snapshot.
+//! runs out. The rules count only snapshots whose manifest can be read. On top
+//! of the rules, these are never deleted: a pinned snapshot (e.g. the
+//! `pre-upgrade` snapshot of an unfinished plan), the newest verified
+//! snapshot, the newest restorable one (whose manifest reads), and a snapshot
+//! whose manifest cannot be read (kept for inspection, never counted).
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -46,6 +48,11 @@ pub struct SnapshotFacts {
     pub pinned_by: Option<String>,
     /// Whether a verification of it succeeded.
     pub verified: bool,
+    /// Why its manifest cannot be read, if it cannot: such a snapshot cannot
+    /// be restored, no rule counts it, and it is never deleted (it is kept for
+    /// inspection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }
 
 /// One snapshot's fate.
@@ -76,8 +83,14 @@ pub fn plan_prune(policy: &RetentionPolicy, snapshots: &[SnapshotFacts]) -> Prun
     let mut sorted: Vec<&SnapshotFacts> = snapshots.iter().collect();
     sorted.sort_by(|a, b| b.taken_at.cmp(&a.taken_at).then_with(|| b.id.cmp(&a.id)));
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); sorted.len()];
+    let restorable = |s: &&SnapshotFacts| s.damaged.is_none();
 
-    for (i, _) in sorted.iter().enumerate().take(policy.keep_last as usize) {
+    for (i, _) in sorted
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| restorable(s))
+        .take(policy.keep_last as usize)
+    {
         reasons[i].push(format!("last {}", policy.keep_last));
     }
     let rules: [(u32, &str, BucketOf); 4] = [
@@ -104,7 +117,7 @@ pub fn plan_prune(policy: &RetentionPolicy, snapshots: &[SnapshotFacts]) -> Prun
     for (count, name, bucket) in rules {
         let mut left = count;
         let mut last: Option<String> = None;
-        for (i, s) in sorted.iter().enumerate() {
+        for (i, s) in sorted.iter().enumerate().filter(|(_, s)| restorable(s)) {
             if left == 0 {
                 break;
             }
@@ -121,8 +134,23 @@ pub fn plan_prune(policy: &RetentionPolicy, snapshots: &[SnapshotFacts]) -> Prun
             reasons[i].push(format!("pinned: {pin}"));
         }
     }
-    if let Some(i) = sorted.iter().position(|s| s.verified) {
+    if let Some(i) = sorted.iter().position(|s| s.verified && restorable(s)) {
         reasons[i].push("newest verified snapshot".into());
+    }
+    // Every rule keeps it already; this holds even for a policy without rules.
+    if let Some(i) = sorted.iter().position(restorable)
+        && reasons[i].is_empty()
+    {
+        reasons[i].push("newest restorable snapshot".into());
+    }
+    for (i, s) in sorted.iter().enumerate() {
+        if let Some(why) = &s.damaged {
+            reasons[i].push(format!(
+                "damaged: {why}; not counted by any rule and never deleted by prune (inspect it, then \
+                 remove snapshots/{}/ by hand)",
+                s.id
+            ));
+        }
     }
 
     let mut plan = PrunePlan::default();
@@ -156,6 +184,7 @@ mod tests {
             taken_at: at(hours_ago),
             pinned_by: None,
             verified: false,
+            damaged: None,
         }
     }
 
@@ -229,6 +258,41 @@ mod tests {
             &snaps,
         );
         assert_eq!(ids(&plan.delete), ["old-verified"]);
+    }
+
+    /// Regression (issue 14): with a damaged manifest on the newest of two
+    /// snapshots, `--keep-last 1` kept the damaged one and deleted the only
+    /// restorable one.
+    #[test]
+    fn damaged_snapshots_are_not_counted_and_the_newest_restorable_is_kept() {
+        let mut snaps = vec![snap("good", 2), snap("damaged", 1)];
+        snaps[1].damaged = Some("manifest unreadable".into());
+        let plan = plan_prune(
+            &RetentionPolicy {
+                keep_last: 1,
+                ..Default::default()
+            },
+            &snaps,
+        );
+        assert_eq!(ids(&plan.keep), ["damaged", "good"]);
+        assert!(plan.delete.is_empty());
+        assert_eq!(plan.keep[1].reasons, ["last 1"]);
+        let plan = plan_prune(&RetentionPolicy::default(), &snaps);
+        assert_eq!(ids(&plan.keep), ["damaged", "good"]);
+        assert_eq!(plan.keep[1].reasons, ["newest restorable snapshot"]);
+        assert!(plan.keep[0].reasons[0].starts_with("damaged: "));
+        // A rule reaching past the newest restorable one still keeps it.
+        let mut snaps = vec![snap("good", 30), snap("newer", 2), snap("damaged", 1)];
+        snaps[2].damaged = Some("x".into());
+        let plan = plan_prune(
+            &RetentionPolicy {
+                keep_last: 1,
+                ..Default::default()
+            },
+            &snaps,
+        );
+        assert_eq!(ids(&plan.keep), ["damaged", "newer"]);
+        assert_eq!(ids(&plan.delete), ["good"]);
     }
 
     #[test]

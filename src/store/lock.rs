@@ -49,7 +49,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::keys::REPOSITORY_LOCK;
-use super::{ObjectMeta, ObjectVersion, Repository, StoreError};
+use super::{MAX_CONTROL_BYTES, ObjectMeta, ObjectVersion, Repository, StoreError};
 
 /// Format version of [`LeaseRecord`].
 pub const LEASE_FORMAT_VERSION: u32 = 1;
@@ -242,6 +242,35 @@ impl LockError {
     }
 }
 
+/// Asked right before work under the lease commits (a manifest put, a
+/// restore's swap): a run that lost its lease must stop there.
+#[async_trait::async_trait]
+pub trait CommitFence: Send + Sync {
+    /// `Ok` when the work may commit now.
+    ///
+    /// # Errors
+    /// [`LockError::Lost`] when the lease is no longer surely ours.
+    async fn confirm(&self) -> Result<(), LockError>;
+}
+
+/// No lease: commit whenever the work is done (tests, callers without a lock).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unfenced;
+
+#[async_trait::async_trait]
+impl CommitFence for Unfenced {
+    async fn confirm(&self) -> Result<(), LockError> {
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl CommitFence for RepositoryLock {
+    async fn confirm(&self) -> Result<(), LockError> {
+        RepositoryLock::confirm(self).await
+    }
+}
+
 /// The state the renewal task and the handle share.
 struct Shared {
     /// The version we last wrote and the record in it.
@@ -252,6 +281,8 @@ struct Shared {
     lost: watch::Sender<Option<String>>,
     /// Whether the store has conditional updates (false: local filesystem).
     conditional: Mutex<bool>,
+    /// One renewal at a time (the background task, or [`RepositoryLock::confirm`]).
+    renewing: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -322,7 +353,10 @@ impl RepositoryLock {
             ours.renewed_at = now;
             ours.expires_at = now + options.ttl;
             let write_started = Instant::now();
-            let existing = match repo.get_with_meta(REPOSITORY_LOCK).await {
+            let existing = match repo
+                .get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+                .await
+            {
                 Ok(found) => Some(found),
                 Err(StoreError::NotFound { .. }) => None,
                 Err(e) => return Err(e.into()),
@@ -439,6 +473,7 @@ impl RepositoryLock {
             held_until: Mutex::new(write_started + ttl - ttl / 6),
             lost,
             conditional: Mutex::new(conditional),
+            renewing: tokio::sync::Mutex::new(()),
         });
         let renewer = tokio::spawn(renew_loop(repo.clone(), Arc::clone(&shared), ttl));
         Self {
@@ -478,6 +513,30 @@ impl RepositoryLock {
             return Err(self.lost_error(why));
         }
         Ok(())
+    }
+
+    /// Proves the lease is still ours right now, by renewing it (bounded by
+    /// the time it is surely held). Call it right before committing work done
+    /// under the lease: a lease broken or taken over meanwhile is noticed here
+    /// even if the background renewal has not run since.
+    ///
+    /// # Errors
+    /// [`LockError::Lost`] when the lease was broken, taken or could not be
+    /// renewed before it was due to lapse.
+    pub async fn confirm(&self) -> Result<(), LockError> {
+        self.check()?;
+        match renew_bounded(&self.repo, &self.shared, self.ttl).await {
+            Ok(()) => Ok(()),
+            Err(Renewal::Lost(why)) => {
+                self.shared.mark_lost(why.clone());
+                Err(self.lost_error(why))
+            }
+            // A transient failure: the last renewal still holds it for a while.
+            Err(Renewal::Retry(why)) => {
+                tracing::warn!(repo = %self.repo.location(), why, "could not renew the repository lease before committing");
+                self.check()
+            }
+        }
     }
 
     /// Resolves when the lease is lost (never, while it is held).
@@ -528,7 +587,11 @@ impl RepositoryLock {
             }
         }
         // No conditional writes: delete it if the record is still ours.
-        match self.repo.get(REPOSITORY_LOCK).await {
+        match self
+            .repo
+            .get_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+            .await
+        {
             Ok(bytes) => {
                 if LeaseRecord::parse(&bytes).is_some_and(|r| r.holder == record.holder) {
                     self.repo.delete(REPOSITORY_LOCK).await?;
@@ -552,7 +615,7 @@ async fn renew_loop(repo: Repository, shared: Arc<Shared>, ttl: Duration) {
             shared.mark_lost("it could not be renewed in time".into());
             return;
         }
-        match renew_once(&repo, &shared, ttl).await {
+        match renew_bounded(&repo, &shared, ttl).await {
             Ok(()) => wait = every,
             Err(Renewal::Lost(why)) => {
                 tracing::error!(repo = %repo.location(), why, "lost the repository lock");
@@ -572,6 +635,25 @@ enum Renewal {
     Retry(String),
 }
 
+/// One renewal, given up when the lease is due to lapse: object_store retries
+/// a failing request for minutes, longer than the lease lasts, and a holder
+/// waiting that long would go on working without a lease.
+async fn renew_bounded(repo: &Repository, shared: &Shared, ttl: Duration) -> Result<(), Renewal> {
+    let _one = shared.renewing.lock().await;
+    let held_until = *lock_unpoisoned(&shared.held_until);
+    let left = held_until.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(Renewal::Lost("it could not be renewed in time".into()));
+    }
+    match tokio::time::timeout(left, renew_once(repo, shared, ttl)).await {
+        Ok(result) => result,
+        Err(_) => Err(Renewal::Lost(format!(
+            "renewing it took longer than the {} s it was still held",
+            left.as_secs()
+        ))),
+    }
+}
+
 async fn renew_once(repo: &Repository, shared: &Shared, ttl: Duration) -> Result<(), Renewal> {
     let (version, mut record) = lock_unpoisoned(&shared.current).clone();
     record.renewed_at = OffsetDateTime::now_utc();
@@ -587,7 +669,10 @@ async fn renew_once(repo: &Repository, shared: &Shared, ttl: Duration) -> Result
             Err(StoreError::Conflict { .. }) => {
                 // Either someone else wrote it, or our own retried request
                 // already succeeded: read it to know which.
-                match repo.get_with_meta(REPOSITORY_LOCK).await {
+                match repo
+                    .get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+                    .await
+                {
                     Ok((bytes, meta)) => match LeaseRecord::parse(&bytes) {
                         Some(r) if r == record => Ok(meta.object_version()),
                         Some(r) if r.holder == record.holder && r.released => {
@@ -630,7 +715,7 @@ async fn renew_by_overwrite(
     repo: &Repository,
     record: &LeaseRecord,
 ) -> Result<ObjectVersion, Renewal> {
-    match repo.get(REPOSITORY_LOCK).await {
+    match repo.get_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES).await {
         Ok(bytes) => match LeaseRecord::parse(&bytes) {
             Some(r) if r.holder == record.holder && !r.released => {}
             Some(r) if r.holder == record.holder => {
@@ -676,7 +761,7 @@ async fn takeover_without_conditional_put(
     }
     let result = async {
         // Still the lease we judged expired?
-        match repo.get(REPOSITORY_LOCK).await {
+        match repo.get_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES).await {
             Ok(now) if now == *expired => {}
             Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(LockError::from(e)),
@@ -698,7 +783,10 @@ async fn takeover_without_conditional_put(
 /// # Errors
 /// A storage failure.
 pub async fn inspect(repo: &Repository) -> Result<Option<LeaseStatus>, LockError> {
-    let (bytes, meta) = match repo.get_with_meta(REPOSITORY_LOCK).await {
+    let (bytes, meta) = match repo
+        .get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+        .await
+    {
         Ok(found) => found,
         Err(StoreError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -754,7 +842,10 @@ pub struct BreakOutcome {
 /// [`LockError::Held`] for a live lease without `force`; storage failures.
 pub async fn break_lease(repo: &Repository, force: bool) -> Result<BreakOutcome, LockError> {
     for _ in 0..5 {
-        let (bytes, meta) = match repo.get_with_meta(REPOSITORY_LOCK).await {
+        let (bytes, meta) = match repo
+            .get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+            .await
+        {
             Ok(found) => found,
             Err(StoreError::NotFound { .. }) => {
                 return Ok(BreakOutcome {
@@ -955,5 +1046,127 @@ mod tests {
             inspect(&repo).await.unwrap().is_none(),
             "released by deletion"
         );
+    }
+
+    /// A store whose puts hang forever once `hang` is set (object_store
+    /// retrying a failing request for minutes looks like this to the caller).
+    #[derive(Debug)]
+    struct HangingStore {
+        inner: object_store::memory::InMemory,
+        hang: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for HangingStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("HangingStore")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for HangingStore {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// Regression (issue 14): a renewal that hung (object_store retries for
+    /// minutes) was waited for without a limit, so the holder never learnt
+    /// that its lease had lapsed. It gives up when the lease is due to lapse.
+    #[tokio::test]
+    async fn a_hanging_renewal_loses_the_lease_in_time() {
+        let store = Arc::new(HangingStore {
+            inner: object_store::memory::InMemory::new(),
+            hang: std::sync::atomic::AtomicBool::new(false),
+        });
+        let repo = Repository::from_object_store(store.clone(), "", "hanging://").unwrap();
+        let a = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        store.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        let lost = tokio::time::timeout(Duration::from_secs(4), a.lost())
+            .await
+            .expect("lost within the TTL, not after the hung request");
+        assert!(lost.to_string().contains("lock was lost"), "{lost}");
+        // And a commit fence says so at once.
+        let err = tokio::time::timeout(Duration::from_secs(1), a.confirm())
+            .await
+            .expect("confirm does not hang")
+            .unwrap_err();
+        assert!(err.to_string().contains("lock was lost"), "{err}");
+    }
+
+    /// A fence confirms a live lease (renewing it) and refuses a broken one
+    /// at once, before the background renewal notices.
+    #[tokio::test]
+    async fn confirm_renews_a_live_lease_and_refuses_a_broken_one() {
+        let repo = Repository::in_memory();
+        let mut long = opts(0);
+        long.ttl = Duration::from_secs(600);
+        let a = RepositoryLock::acquire(&repo, &long).await.unwrap();
+        let before = a.record().renewed_at;
+        a.confirm().await.unwrap();
+        assert!(a.record().renewed_at >= before);
+        break_lease(&repo, true).await.unwrap();
+        a.check().unwrap(); // the background renewal has not run yet
+        let err = a.confirm().await.unwrap_err();
+        assert!(err.to_string().contains("broken"), "{err}");
+        assert!(a.check().is_err());
     }
 }

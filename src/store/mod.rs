@@ -55,6 +55,14 @@ pub const PART_SIZE: usize = 5 * 1024 * 1024;
 /// PART_SIZE` bytes (25 MiB), however large the object.
 pub const MAX_PARTS_IN_FLIGHT: usize = 4;
 
+/// The largest manifest spirekeep reads (a manifest lists a few hundred
+/// bytes per data object: this is far beyond any real one).
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+/// The largest verification or restore record spirekeep reads.
+pub const MAX_RECORD_BYTES: u64 = 4 << 20;
+/// The largest lease, pin or other small control object spirekeep reads.
+pub const MAX_CONTROL_BYTES: u64 = 64 << 10;
+
 /// Result type of this module.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -150,6 +158,12 @@ pub enum StoreError {
         key: String,
         detail: String,
     },
+
+    #[error(
+        "{key} in {repo} is larger than the {max} bytes spirekeep reads for such an object; spirekeep \
+         never writes one that large: inspect the object (it may have been replaced) and remove it"
+    )]
+    TooLarge { repo: String, key: String, max: u64 },
 }
 
 impl StoreError {
@@ -161,7 +175,7 @@ impl StoreError {
                 ErrorKind::Usage
             }
             Self::Denied { .. } => ErrorKind::Auth,
-            Self::NotFound { .. } => ErrorKind::Integrity,
+            Self::NotFound { .. } | Self::TooLarge { .. } => ErrorKind::Integrity,
             Self::AlreadyExists { .. } | Self::Conflict { .. } | Self::Backend { .. } => {
                 ErrorKind::Backend
             }
@@ -499,6 +513,48 @@ impl Repository {
         let meta = convert_meta(key.to_owned(), &result.meta);
         let bytes = result.bytes().await.map_err(|e| self.map_err(key, e))?;
         Ok((bytes, meta))
+    }
+
+    /// Reads a whole object of at most `max` bytes (manifests, records, the
+    /// lease, pins): a larger one is refused before it is held in memory.
+    ///
+    /// # Errors
+    /// [`StoreError::TooLarge`], [`StoreError::NotFound`] or any store failure.
+    pub async fn get_capped(&self, key: &str, max: u64) -> Result<Bytes> {
+        Ok(self.get_with_meta_capped(key, max).await?.0)
+    }
+
+    /// [`Self::get_with_meta`] of an object of at most `max` bytes.
+    ///
+    /// # Errors
+    /// As [`Self::get_capped`].
+    pub async fn get_with_meta_capped(&self, key: &str, max: u64) -> Result<(Bytes, ObjectMeta)> {
+        let path = self.path(key)?;
+        let result = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| self.map_err(key, e))?;
+        let too_large = || StoreError::TooLarge {
+            repo: self.display.to_string(),
+            key: key.to_owned(),
+            max,
+        };
+        if result.meta.size > max {
+            return Err(too_large());
+        }
+        let meta = convert_meta(key.to_owned(), &result.meta);
+        // The size the store announced is not trusted: count while reading.
+        let mut stream = result.into_stream();
+        let mut out = Vec::with_capacity(usize::try_from(meta.size).unwrap_or(0));
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.map_err(key, e))?;
+            if (out.len() + chunk.len()) as u64 > max {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok((Bytes::from(out), meta))
     }
 
     /// Streams an object's bytes in the store's chunk sizes.

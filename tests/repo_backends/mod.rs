@@ -261,6 +261,109 @@ impl ObjectStore for FaultyStore {
     }
 }
 
+/// A store whose create-only puts of keys ending in `suffix` report an
+/// error: after the write happened (`write_first`: the caller cannot tell
+/// whether it did, as after a 5xx whose retry got 412, or a timeout), or
+/// instead of it.
+#[derive(Debug)]
+pub struct PutThenFailStore {
+    pub inner: Arc<InMemory>,
+    pub suffix: &'static str,
+    pub write_first: bool,
+}
+
+impl PutThenFailStore {
+    /// Writes, then reports that the object already exists (a retried 412).
+    pub fn in_memory(suffix: &'static str) -> (Arc<InMemory>, Repository) {
+        Self::make(suffix, true)
+    }
+
+    /// Fails without writing.
+    pub fn failing(suffix: &'static str) -> (Arc<InMemory>, Repository) {
+        Self::make(suffix, false)
+    }
+
+    fn make(suffix: &'static str, write_first: bool) -> (Arc<InMemory>, Repository) {
+        let inner = Arc::new(InMemory::new());
+        let store = Self {
+            inner: inner.clone(),
+            suffix,
+            write_first,
+        };
+        let repo = Repository::from_object_store(Arc::new(store), "", "put-then-fail://").unwrap();
+        (inner, repo)
+    }
+}
+
+impl fmt::Display for PutThenFailStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PutThenFailStore({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for PutThenFailStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let create = matches!(opts.mode, object_store::PutMode::Create);
+        if !(create && location.as_ref().ends_with(self.suffix)) {
+            return self.inner.put_opts(location, payload, opts).await;
+        }
+        if !self.write_first {
+            return Err(injected("create-only put"));
+        }
+        self.inner.put_opts(location, payload, opts).await?;
+        Err(object_store::Error::AlreadyExists {
+            path: location.to_string(),
+            source: "injected: the first attempt's answer was lost and its retry got 412".into(),
+        })
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so tests need no RNG state.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut s = seed | 1;

@@ -3,12 +3,13 @@
 use clap::Args;
 
 use super::exit;
-use super::output::print_json;
+use super::output::{print_failure, print_json};
+use super::progress::Progress;
 use super::repo::RepoArgs;
 use crate::datastore::{self, OpenMode, dsn};
 use crate::error::Error;
 use crate::snapshot::listing::{human_bytes, resolve};
-use crate::snapshot::verify::{VerifyMode, VerifyReport, verify_snapshot};
+use crate::snapshot::verify::{VerifyMode, VerifyReport, verify_snapshot_observed};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -42,16 +43,34 @@ pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
     };
     let repo = args.repo.open()?;
     let id = resolve(&repo, &args.snapshot).await?;
+    let progress = Progress::new("verify", json);
     let report = match &scratch_spec {
         Some(spec) => {
             let ds = datastore::open(spec, OpenMode::Create).await?;
-            let r = verify_snapshot(&repo, &id, VerifyMode::DeepInto(ds.as_ref())).await;
+            let r =
+                verify_snapshot_observed(&repo, &id, VerifyMode::DeepInto(ds.as_ref()), &progress)
+                    .await;
             ds.close().await;
-            r?
+            r
         }
-        None if args.deep => verify_snapshot(&repo, &id, VerifyMode::Deep).await?,
-        None => verify_snapshot(&repo, &id, VerifyMode::Shallow).await?,
+        None if args.deep => {
+            verify_snapshot_observed(&repo, &id, VerifyMode::Deep, &progress).await
+        }
+        None => verify_snapshot_observed(&repo, &id, VerifyMode::Shallow, &progress).await,
     };
+    progress.clear();
+    let report = report?;
+    tracing::info!(
+        event = "verify_finished",
+        snapshot_id = %report.snapshot_id,
+        kind = report.kind.as_str(),
+        ok = report.ok,
+        rows = report.rows,
+        bytes = report.stored_bytes,
+        duration_seconds = report.seconds,
+        "verification {}",
+        if report.ok { "passed" } else { "FAILED" }
+    );
     if json {
         print_json(&report)?;
     } else {
@@ -60,11 +79,14 @@ pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
     if report.ok {
         Ok(exit::OK)
     } else {
-        eprintln!(
-            "error: snapshot {} failed verification ({} problem(s)); do not restore it: {}",
-            report.snapshot_id,
-            report.problems.len(),
-            report.problems.first().map_or("", String::as_str)
+        print_failure(
+            &format!(
+                "snapshot {} failed verification ({} problem(s)); do not restore it: {}",
+                report.snapshot_id,
+                report.problems.len(),
+                report.problems.first().map_or("", String::as_str)
+            ),
+            exit::CHECK_FAILED,
         );
         Ok(exit::CHECK_FAILED)
     }

@@ -563,3 +563,23 @@ fn a_closed_stderr_does_not_stop_a_backup() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn apply_events_carry_the_plan_id() {
+    // Even a plan file apply refuses to read names its plan in the log.
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.json");
+    std::fs::write(&plan, r#"{"plan_id": "p-logscan-7"}"#).unwrap();
+    let out = spirekeep(
+        &["--log-format", "json", "apply", plan.to_str().unwrap()],
+        &[],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let events = json_lines(&stderr(&out));
+    let failed = events
+        .iter()
+        .find(|e| e["event"] == "command_failed")
+        .unwrap_or_else(|| panic!("no command_failed event: {events:#?}"));
+    assert_eq!(failed["plan_id"], "p-logscan-7", "{failed}");
+    assert_eq!(failed["command"], "apply", "{failed}");
+}

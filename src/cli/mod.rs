@@ -191,7 +191,13 @@ pub async fn run(cli: Cli) -> u8 {
     use tracing::Instrument as _;
     let name = cli.command.name();
     let started = std::time::Instant::now();
-    let span = tracing::info_span!("command", command = name);
+    let span = tracing::info_span!("command", command = name, plan_id = tracing::field::Empty);
+    // `apply` events (its steps) carry the plan they belong to.
+    if let Command::Apply(args) = &cli.command
+        && let Some(id) = saved_plan_id(&args.plan)
+    {
+        span.record("plan_id", id.as_str());
+    }
     let result = async {
         match &cli.command {
             Command::Inspect(args) => inspect::run(args, cli.json).await,
@@ -235,6 +241,14 @@ pub async fn run(cli: Cli) -> u8 {
             code
         }
     }
+}
+
+/// The `plan_id` of a saved plan file, for the log context (`None` when it
+/// cannot be read: `apply` itself then says why).
+fn saved_plan_id(path: &std::path::Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let plan: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    plan.get("plan_id")?.as_str().map(str::to_owned)
 }
 
 impl Command {

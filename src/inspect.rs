@@ -7,6 +7,7 @@
 
 use serde::Serialize;
 
+use crate::compat::{AgentCount, MigrationRow};
 use crate::datastore::{Catalogue, Datastore, Engine, MigrationsRow, Value};
 use crate::error::{Error, Result};
 
@@ -71,6 +72,158 @@ pub struct VersionCount {
     pub count: u64,
 }
 
+/// What SPIRE's start-up rules and skew policy depend on, read one way for
+/// `check`, `plan` and `inspect` ([`read_spire_facts`]), so they cannot
+/// disagree about the same datastore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpireFacts {
+    /// The `migrations` table as found.
+    pub migrations: MigrationsState,
+    /// Attested agents by `agent_version`, sorted by version. NULL and the
+    /// empty string are one group, `""`: an agent that did not report a
+    /// version (before SPIRE 1.14.3). `None` when the column does not exist
+    /// (schema < 24).
+    pub agents: Option<Vec<AgentCount>>,
+    /// Every attested agent (0 when `attested_node_entries` is absent).
+    pub agents_total: u64,
+    /// SPIRE's known tables present, `migrations` included.
+    pub spire_tables: Vec<String>,
+    /// The newest schema whose shape the tables have (25: `additional_attributes`,
+    /// 24: `agent_version`, 23: `ca_journals`); `None` when older than 23.
+    pub schema_by_shape: Option<i64>,
+}
+
+/// The `migrations` table of a datastore that has SPIRE's tables.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum MigrationsState {
+    /// The first row by id (what SPIRE reads), and how many rows there are.
+    Row { row: MigrationRow, rows: usize },
+    /// The table exists with no row: SPIRE's `FirstOrCreate` would make a
+    /// `(0, "")` row, which no release since 1.2.0 migrates from.
+    Empty,
+    /// SPIRE's tables without a `migrations` table: SPIRE never finished
+    /// creating the datastore (initDB writes the row last).
+    Missing,
+}
+
+impl SpireFacts {
+    /// The row, when there is one.
+    #[must_use]
+    pub fn row(&self) -> Option<&MigrationRow> {
+        match &self.migrations {
+            MigrationsState::Row { row, .. } => Some(row),
+            MigrationsState::Empty | MigrationsState::Missing => None,
+        }
+    }
+
+    /// Agents for the skew rules: by version where recorded, else every
+    /// attested agent as not reported.
+    #[must_use]
+    pub fn agent_counts(&self) -> Vec<AgentCount> {
+        match &self.agents {
+            Some(list) => list.clone(),
+            None if self.agents_total > 0 => vec![AgentCount {
+                version: String::new(),
+                count: self.agents_total,
+            }],
+            None => Vec::new(),
+        }
+    }
+
+    /// One line on a datastore without a `migrations` row: what it holds and
+    /// why SPIRE cannot run on it. `None` when the row is there.
+    #[must_use]
+    pub fn incomplete(&self, location: &str) -> Option<String> {
+        let what = match self.migrations {
+            MigrationsState::Row { .. } => return None,
+            MigrationsState::Empty => {
+                "its `migrations` table is empty (SPIRE would read schema 0 and refuse to start)"
+            }
+            MigrationsState::Missing => {
+                "it has no `migrations` table (SPIRE would try to create its schema over the existing tables)"
+            }
+        };
+        let shape = match self.schema_by_shape {
+            Some(25) => "the shape of schema 25 (SPIRE 1.15.x)".to_owned(),
+            Some(24) => "the shape of schema 24 (SPIRE 1.14.3-1.14.7)".to_owned(),
+            Some(23) => "the shape of schema 23 (SPIRE 1.8.0-1.14.2)".to_owned(),
+            Some(n) => format!("the shape of schema {n}"),
+            None => "a shape older than schema 23".to_owned(),
+        };
+        Some(format!(
+            "the datastore at {location} is a SPIRE datastore SPIRE never finished creating: {what}; it holds {} of SPIRE's {} tables, with {shape}, and {} attested agents",
+            self.spire_tables.len(),
+            KNOWN_SPIRE_TABLES.len(),
+            self.agents_total
+        ))
+    }
+}
+
+/// Reads the SPIRE facts: the `migrations` row as SPIRE reads it and the
+/// agents by reported version.
+///
+/// # Errors
+/// A database with no tables, or none of SPIRE's, is not a SPIRE datastore;
+/// database errors.
+pub async fn read_spire_facts(ds: &dyn Datastore, catalogue: &Catalogue) -> Result<SpireFacts> {
+    let spire_tables: Vec<String> = catalogue
+        .tables
+        .iter()
+        .map(|t| t.name.clone())
+        .filter(|n| KNOWN_SPIRE_TABLES.contains(&n.as_str()))
+        .collect();
+    let migrations = if catalogue.table("migrations").is_none()
+        && spire_tables.iter().any(|t| t != "migrations")
+    {
+        MigrationsState::Missing
+    } else {
+        match read_migrations(ds, catalogue).await? {
+            (Some(r), rows) => MigrationsState::Row {
+                row: MigrationRow::new(r.schema_version, r.code_version),
+                rows,
+            },
+            (None, _) => MigrationsState::Empty,
+        }
+    };
+    let (agents, agents_total) = if catalogue.table(NODES).is_none() {
+        (None, 0)
+    } else if catalogue.has_column(NODES, "agent_version") {
+        let mut list: Vec<AgentCount> = Vec::new();
+        for (version, count) in ds.count_by(NODES, "agent_version").await? {
+            // NULL (never reported) and "" are the same fact to SPIRE's rules.
+            let version = version.unwrap_or_default();
+            match list.iter_mut().find(|a| a.version == version) {
+                Some(a) => a.count += count,
+                None => list.push(AgentCount { version, count }),
+            }
+        }
+        list.sort_by(|a, b| a.version.cmp(&b.version));
+        let total = list.iter().map(|a| a.count).sum();
+        (Some(list), total)
+    } else {
+        (None, ds.count_rows(NODES).await?)
+    };
+    let schema_by_shape = if catalogue.has_column("registered_entries", "additional_attributes") {
+        Some(25)
+    } else if catalogue.has_column(NODES, "agent_version") {
+        Some(24)
+    } else if catalogue.table("ca_journals").is_some() {
+        Some(23)
+    } else {
+        None
+    };
+    Ok(SpireFacts {
+        migrations,
+        agents,
+        agents_total,
+        spire_tables,
+        schema_by_shape,
+    })
+}
+
+const NODES: &str = "attested_node_entries";
+
 /// Reads the `migrations` row the way SPIRE does: the first row by id.
 ///
 /// # Errors
@@ -132,15 +285,18 @@ pub async fn read_migrations(
 pub async fn inspect(ds: &dyn Datastore) -> Result<InspectReport> {
     let server_version = ds.server_version().await?;
     let catalogue = ds.catalogue().await?;
-    let (migrations, migration_rows) = read_migrations(ds, &catalogue).await?;
+    let facts = read_spire_facts(ds, &catalogue).await?;
     let mut notes = Vec::new();
-    if migration_rows > 1 {
-        notes.push(format!(
-            "`migrations` has {migration_rows} rows; SPIRE reads the first and updates all of them"
-        ));
-    }
-    if migrations.is_none() {
-        notes.push("`migrations` is empty: SPIRE will treat the schema as unknown".into());
+    match &facts.migrations {
+        MigrationsState::Row { rows, .. } if *rows > 1 => notes.push(format!(
+            "`migrations` has {rows} rows; SPIRE reads the first and updates all of them"
+        )),
+        MigrationsState::Row { .. } => {}
+        MigrationsState::Empty | MigrationsState::Missing => {
+            if let Some(line) = facts.incomplete(ds.location()) {
+                notes.push(line);
+            }
+        }
     }
     let mut tables = Vec::with_capacity(catalogue.tables.len());
     for t in &catalogue.tables {
@@ -158,32 +314,24 @@ pub async fn inspect(ds: &dyn Datastore) -> Result<InspectReport> {
         });
     }
     let rows_of = |name: &str| tables.iter().find(|t| t.name == name).map_or(0, |t| t.rows);
-    let by_version = if catalogue.has_column("attested_node_entries", "agent_version") {
-        let counts = ds
-            .count_by("attested_node_entries", "agent_version")
-            .await?;
-        Some(
-            counts
-                .into_iter()
-                .map(|(v, count)| VersionCount {
-                    version: v.unwrap_or_default(),
-                    count,
-                })
-                .collect(),
-        )
-    } else {
-        None
-    };
     let agents = AgentSummary {
-        total: rows_of("attested_node_entries"),
-        by_version,
+        total: facts.agents_total,
+        by_version: facts.agents.as_ref().map(|list| {
+            list.iter()
+                .map(|a| VersionCount {
+                    version: a.version.clone(),
+                    count: a.count,
+                })
+                .collect()
+        }),
     };
+    let migrations = facts.row();
     Ok(InspectReport {
         datastore: ds.location().to_string(),
         engine: ds.engine(),
         server_version,
-        schema_version: migrations.as_ref().map(|m| m.schema_version),
-        code_version: migrations.map(|m| m.code_version),
+        schema_version: migrations.map(|m| m.schema),
+        code_version: migrations.map(|m| m.code_version.clone()),
         entries: rows_of("registered_entries"),
         bundles: rows_of("bundles"),
         join_tokens: rows_of("join_tokens"),

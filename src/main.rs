@@ -3,25 +3,21 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use spirekeep::cli::logging::LogFormat;
 use spirekeep::cli::{Cli, run};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.verbose {
-        // A long-running agent logs each job.
+        // A long-running agent logs each job; JSON logs are read by machines
+        // that want every event.
         0 if matches!(cli.command, spirekeep::cli::Command::Agent(_)) => "info",
+        0 if cli.log_format == LogFormat::Json => "info",
         0 => "warn",
         1 => "info",
         _ => "debug",
     };
-    let filter =
-        EnvFilter::try_from_env("SPIREKEEP_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    spirekeep::cli::logging::init(cli.log_format, default_level);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -26,6 +26,15 @@
 //! | `spirekeep_verify_failures_total{kind}` | counter | failed verifications by kind (agent) |
 //! | `spirekeep_prune_failures_total{kind}` | counter | failed prunes by kind (agent) |
 //! | `spirekeep_build_info{version}` | gauge | always 1 |
+//! | `spirekeep_lock_held{host,purpose}` | gauge | 1 while a process holds the repository lock (who and what for), 0 when free |
+//! | `spirekeep_lock_expires_timestamp_seconds` | gauge | when the held lease expires unless renewed |
+//! | `spirekeep_upgrade_steps_done{plan_id}` | gauge | steps the newest staged upgrade (its journal in the repository) completed |
+//! | `spirekeep_upgrade_step_failures{plan_id}` | gauge | step failures recorded in that journal |
+//! | `spirekeep_upgrade_running{plan_id}` | gauge | 1 until the journal records the end |
+//! | `spirekeep_upgrade_current_step{plan_id,step}` | gauge | 1 for the step in progress |
+//! | `spirekeep_upgrade_rolling_back{plan_id}` | gauge | 1 once a rollback began |
+//! | `spirekeep_upgrade_outcome{plan_id,outcome}` | gauge | 1 for how it ended (completed, refused, stopped, rolled_back, rollback_failed) |
+//! | `spirekeep_upgrade_last_event_timestamp_seconds{plan_id}` | gauge | when the journal was last written |
 //!
 //! Every series carries `repository`: the repository URL without credentials.
 
@@ -274,6 +283,91 @@ pub struct RepoFacts {
     pub last_verified: Option<SnapshotPoint>,
     /// The newest verification of any existing snapshot: (passed, when).
     pub last_verification: Option<(bool, OffsetDateTime)>,
+    /// The repository lock; `None` when it could not be read.
+    pub lock: Option<LockFact>,
+    /// The newest staged upgrade's journal mirror, if any.
+    pub upgrade: Option<UpgradeFact>,
+}
+
+/// Who holds the repository lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LockFact {
+    /// Held and not expired.
+    pub held: bool,
+    /// `host:pid` of the holder (empty when free).
+    pub holder: String,
+    /// What the holder does (`backup`, `agent verify`, ...).
+    pub purpose: String,
+    /// When the lease expires unless renewed (Unix seconds; 0 when free).
+    pub expires_at: i64,
+}
+
+/// Where the newest staged upgrade stands, from its journal mirror.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UpgradeFact {
+    pub plan_id: String,
+    pub steps_done: u64,
+    pub step_failures: u64,
+    /// The step that started and has not ended.
+    pub current_step: Option<String>,
+    pub rolling_back: bool,
+    /// How it ended, once it did.
+    pub outcome: Option<String>,
+    /// When the last record was written (Unix seconds).
+    pub last_event_at: i64,
+}
+
+/// The lock, as the metrics report it.
+async fn lock_fact(repo: &Repository) -> Option<LockFact> {
+    use crate::store::lock::{LeaseState, inspect};
+    let status = inspect(repo).await.ok()?;
+    Some(match status {
+        Some(s) if s.state == LeaseState::Held => match s.record {
+            Some(r) => LockFact {
+                held: true,
+                holder: format!("{}:{}", r.host, r.pid),
+                purpose: r.purpose,
+                expires_at: r.expires_at.unix_timestamp(),
+            },
+            // Held, but its record does not parse.
+            None => LockFact {
+                held: true,
+                holder: "unknown".into(),
+                purpose: "unknown".into(),
+                expires_at: 0,
+            },
+        },
+        _ => LockFact::default(),
+    })
+}
+
+/// The newest journal mirror (`journal/<plan-id>.json`) replayed.
+async fn upgrade_fact(repo: &Repository) -> Option<UpgradeFact> {
+    use crate::plan::journal::{Event, State, read_mirror};
+    let newest = repo
+        .list(keys::JOURNAL)
+        .await
+        .ok()?
+        .into_iter()
+        .filter(|m| m.key.ends_with(".json"))
+        .max_by_key(|m| m.last_modified)?;
+    let plan_id = file_name(&newest.key).strip_suffix(".json")?.to_owned();
+    let mirror = read_mirror(repo, &plan_id).await.ok()??;
+    let state = State::of(&mirror.records);
+    let step_failures = mirror
+        .records
+        .iter()
+        .filter(|r| matches!(r.event, Event::StepFailed { .. }))
+        .count();
+    Some(UpgradeFact {
+        plan_id,
+        steps_done: u64::try_from(state.done.len()).unwrap_or(u64::MAX),
+        step_failures: u64::try_from(step_failures).unwrap_or(u64::MAX),
+        current_step: state.interrupted.clone(),
+        rolling_back: state.rollback.is_some(),
+        outcome: state.finished.as_ref().map(|(o, _)| o.as_str().to_owned()),
+        last_event_at: mirror.records.last().map_or(0, |r| r.at.unix_timestamp()),
+    })
 }
 
 /// Reads what the metrics need from the repository: one listing of
@@ -285,6 +379,8 @@ pub async fn repo_facts(repo: &Repository) -> Result<RepoFacts> {
     let ids = crate::snapshot::manifest::list_snapshots(repo).await?;
     let mut facts = RepoFacts {
         snapshots: u64::try_from(ids.len()).unwrap_or(u64::MAX),
+        lock: lock_fact(repo).await,
+        upgrade: upgrade_fact(repo).await,
         ..RepoFacts::default()
     };
     // The newest snapshot that can be restored: a damaged manifest on a newer
@@ -473,6 +569,80 @@ impl MetricsReport {
             "Failed prunes by kind (since this process started).",
             self.prune_failures.as_ref(),
         );
+        if let Some(lock) = self.facts.as_ref().and_then(|f| f.lock.as_ref()) {
+            let _ = writeln!(
+                out,
+                "# HELP spirekeep_lock_held 1 while a process holds the repository lock (host:pid and purpose), 0 when free.\n\
+                 # TYPE spirekeep_lock_held gauge\n\
+                 spirekeep_lock_held{{{repo},host=\"{}\",purpose=\"{}\"}} {}",
+                escape_label(&lock.holder),
+                escape_label(&lock.purpose),
+                u8::from(lock.held)
+            );
+            if lock.held {
+                let _ = writeln!(
+                    out,
+                    "# HELP spirekeep_lock_expires_timestamp_seconds When the held lease expires unless renewed (Unix seconds).\n\
+                     # TYPE spirekeep_lock_expires_timestamp_seconds gauge\n\
+                     spirekeep_lock_expires_timestamp_seconds{{{repo}}} {}",
+                    lock.expires_at
+                );
+            }
+        }
+        if let Some(u) = self.facts.as_ref().and_then(|f| f.upgrade.as_ref()) {
+            let plan = format!("{repo},plan_id=\"{}\"", escape_label(&u.plan_id));
+            let mut upgrade_gauge = |name: &str, help: &str, labels: &str, value: String| {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} gauge");
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            };
+            upgrade_gauge(
+                "spirekeep_upgrade_steps_done",
+                "Steps the newest staged upgrade completed (from its journal in the repository).",
+                &plan,
+                u.steps_done.to_string(),
+            );
+            upgrade_gauge(
+                "spirekeep_upgrade_step_failures",
+                "Step failures recorded in the newest staged upgrade's journal.",
+                &plan,
+                u.step_failures.to_string(),
+            );
+            upgrade_gauge(
+                "spirekeep_upgrade_running",
+                "1 until the newest staged upgrade's journal records its end.",
+                &plan,
+                u8::from(u.outcome.is_none()).to_string(),
+            );
+            upgrade_gauge(
+                "spirekeep_upgrade_rolling_back",
+                "1 once the newest staged upgrade began a rollback.",
+                &plan,
+                u8::from(u.rolling_back).to_string(),
+            );
+            upgrade_gauge(
+                "spirekeep_upgrade_last_event_timestamp_seconds",
+                "When the newest staged upgrade's journal was last written (Unix seconds).",
+                &plan,
+                u.last_event_at.to_string(),
+            );
+            if let Some(step) = &u.current_step {
+                upgrade_gauge(
+                    "spirekeep_upgrade_current_step",
+                    "1 for the step of the newest staged upgrade that is in progress.",
+                    &format!("{plan},step=\"{}\"", escape_label(step)),
+                    "1".into(),
+                );
+            }
+            if let Some(outcome) = &u.outcome {
+                upgrade_gauge(
+                    "spirekeep_upgrade_outcome",
+                    "1 for how the newest staged upgrade ended.",
+                    &format!("{plan},outcome=\"{}\"", escape_label(outcome)),
+                    "1".into(),
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP spirekeep_build_info The running spirekeep version.\n# TYPE spirekeep_build_info gauge\n\
@@ -671,6 +841,105 @@ mod tests {
             pushgateway_url("http://pg:9091/", "s3://b/p"),
             "http://pg:9091/metrics/job/spirekeep/repository@base64/czM6Ly9iL3A="
         );
+    }
+
+    #[tokio::test]
+    async fn lock_holder_and_upgrade_progress_come_from_the_repository() {
+        use crate::plan::journal::{Event, Journal};
+        use crate::store::lock::{LockOptions, RepositoryLock};
+        let repo = Repository::in_memory();
+        let render = |facts: RepoFacts| {
+            MetricsReport {
+                repository: "mem".into(),
+                facts: Some(facts),
+                ..MetricsReport::default()
+            }
+            .render()
+        };
+        // Nothing yet: the lock is free, no upgrade family.
+        let text = render(repo_facts(&repo).await.unwrap());
+        assert!(
+            text.contains("spirekeep_lock_held{repository=\"mem\",host=\"\",purpose=\"\"} 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("spirekeep_upgrade_"), "{text}");
+
+        let lock = RepositoryLock::acquire(&repo, &LockOptions::new("backup"))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(
+            &dir.path().join("p.journal.jsonl"),
+            "p-42",
+            Some(repo.clone()),
+        )
+        .unwrap();
+        journal
+            .append(Event::ApplyStarted {
+                plan_id: "p-42".into(),
+                fingerprint: "sha256:x".into(),
+                resume: false,
+                pid: 1,
+            })
+            .await
+            .unwrap();
+        journal
+            .append(Event::StepStarted {
+                step: "snapshot".into(),
+                attempt: 1,
+            })
+            .await
+            .unwrap();
+        journal
+            .append(Event::StepDone {
+                step: "snapshot".into(),
+                detail: "ok".into(),
+                data: serde_json::Value::Null,
+            })
+            .await
+            .unwrap();
+        journal
+            .append(Event::StepStarted {
+                step: "server-1".into(),
+                attempt: 1,
+            })
+            .await
+            .unwrap();
+        journal
+            .append(Event::StepFailed {
+                step: "server-1".into(),
+                error: "gate".into(),
+                rollback: false,
+            })
+            .await
+            .unwrap();
+        journal
+            .append(Event::StepStarted {
+                step: "server-1".into(),
+                attempt: 2,
+            })
+            .await
+            .unwrap();
+
+        let text = render(repo_facts(&repo).await.unwrap());
+        let host = crate::store::lock::host_name();
+        assert!(
+            text.contains(&format!("spirekeep_lock_held{{repository=\"mem\",host=\"{host}:{}\",purpose=\"backup\"}} 1\n", std::process::id())),
+            "{text}"
+        );
+        assert!(
+            text.contains("spirekeep_lock_expires_timestamp_seconds{"),
+            "{text}"
+        );
+        for line in [
+            "spirekeep_upgrade_steps_done{repository=\"mem\",plan_id=\"p-42\"} 1\n",
+            "spirekeep_upgrade_step_failures{repository=\"mem\",plan_id=\"p-42\"} 1\n",
+            "spirekeep_upgrade_running{repository=\"mem\",plan_id=\"p-42\"} 1\n",
+            "spirekeep_upgrade_current_step{repository=\"mem\",plan_id=\"p-42\",step=\"server-1\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        lock.release().await.unwrap();
     }
 
     #[test]

@@ -21,7 +21,7 @@ use spirekeep::datastore::testkit::Population;
 
 /// Runs `spirekeep --json check --target <target> <args>` and returns the
 /// exit code and the report, after checking that the exit code matches the
-/// verdict (0: ok / needs_steps, 1: refused) and nothing went to stderr.
+/// verdict (0: ok, 6: needs_steps, 1: refused) and nothing went to stderr.
 fn check(target: &str, args: &[&str]) -> (i32, Json) {
     let mut all = vec!["--json", "check", "--target", target];
     all.extend_from_slice(args);
@@ -35,7 +35,8 @@ fn check(target: &str, args: &[&str]) -> (i32, Json) {
     let report: Json = serde_json::from_str(&stdout(&out))
         .unwrap_or_else(|e| panic!("check {all:?}: not JSON ({e}):\n{}", stdout(&out)));
     let expected_code = match report["verdict"].as_str() {
-        Some("ok" | "needs_steps") => 0,
+        Some("ok") => 0,
+        Some("needs_steps") => 6,
         Some("refused") => 1,
         other => panic!("verdict {other:?} in {report:#}"),
     };
@@ -495,8 +496,19 @@ async fn agents_out_of_skew(engine: Engine) {
     let r = check_ds(&fx, "1.14.7", &[]);
     assert_eq!(verdict(&r), "needs_steps", "{r:#}");
     assert!(hops(&r).is_empty());
-    assert_eq!(r["path"]["agents_last"]["required"], true);
-    assert_eq!(r["path"]["agents_last"]["to"], "1.14.7");
+    // Only the three 1.12 agents break the skew; the two 1.13 ones are one
+    // minor behind, within it, and are not counted (issue 13).
+    assert_eq!(
+        r["path"]["agents_last"],
+        serde_json::json!({"count": 3, "from_lines": ["1.12.x"], "to": "1.14.7", "required": true})
+    );
+    let url = fx.url();
+    let out = spirekeep(&["check", "--datastore", &url, "--target", "1.14.7"], &[]);
+    assert!(
+        stdout(&out).contains("1. agents  move 3 agents (1.12.x) to 1.14.7\n"),
+        "{}",
+        stdout(&out)
+    );
     let r = check_ds(&fx, "1.14.7", &["--allow", "agent_skew"]);
     let f = finding(&r, "agent_skew");
     assert!(
@@ -509,7 +521,7 @@ async fn agents_out_of_skew(engine: Engine) {
     // The human report says what to do, in order.
     let url = fx.url();
     let out = spirekeep(&["check", "--datastore", &url, "--target", "1.15.3"], &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     let text = stdout(&out);
     for needle in [
         "Verdict: NEEDS STEPS",
@@ -660,36 +672,69 @@ async fn migrations_rows_as_found() {
     assert_eq!(verdict(&r), "ok", "{r:#}");
     assert_eq!(r["source"]["servers"], "flags");
     fx.cleanup().await;
+}
 
-    // An empty migrations table: SPIRE creates (0, "") and cannot migrate it.
-    let fx = with_row(23, "DELETE FROM migrations;").await;
-    let r = check_ds(&fx, "1.15.3", UNKNOWN_OK);
-    assert_eq!(r["current"]["datastore"]["schema"], 0, "{r:#}");
-    assert_eq!(verdict(&r), "refused", "{r:#}");
-    assert_eq!(findings(&r)[0], "current_version_unknown", "{r:#}");
-    assert!(
-        r["notes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n.as_str().unwrap().contains("`migrations` is empty")),
-        "{r:#}"
-    );
-    // With the servers named (1.13.6, minimum schema 23): no release on the
-    // way can migrate schema 0, a mandatory finding.
-    let r = check_ds(
-        &fx,
-        "1.15.3",
-        &[
-            "--allow",
-            "agent_version_unknown",
-            "--server-version",
-            "1.13.6",
-        ],
-    );
-    assert_eq!(verdict(&r), "refused", "{r:#}");
-    assert_eq!(finding(&r, "no_upgrade_path")["severity"], "mandatory");
-    fx.cleanup().await;
+/// A datastore SPIRE never finished creating (issue 13): SPIRE's tables with
+/// an empty or missing `migrations` table. `check` used to plan from an
+/// invented (0, "") row; it must say what the datastore is and refuse.
+#[tokio::test(flavor = "multi_thread")]
+async fn incomplete_datastores_are_described_and_refused() {
+    for (what, sql) in [
+        ("empty", "DELETE FROM migrations;"),
+        ("missing", "DROP TABLE migrations;"),
+    ] {
+        let fx = with_row(23, sql).await;
+        for extra in [
+            &[][..],
+            &["--server-version", "1.13.6"][..],
+            &["--allow", "current_version_unknown,agent_version_unknown"][..],
+        ] {
+            let r = check_ds(&fx, "1.15.3", extra);
+            assert_eq!(verdict(&r), "refused", "{what} {extra:?}: {r:#}");
+            assert_eq!(
+                findings(&r),
+                ["incomplete_datastore"],
+                "{what} {extra:?}: {r:#}"
+            );
+            assert!(
+                r["path"].is_null(),
+                "{what}: no path from an invented row: {r:#}"
+            );
+            assert!(r["current"]["datastore"].is_null(), "{r:#}");
+            let f = finding(&r, "incomplete_datastore");
+            assert_eq!(f["severity"], "mandatory");
+            let message = f["message"].as_str().unwrap();
+            for needle in [
+                "SPIRE never finished creating",
+                "the shape of schema 23",
+                "12 attested agents",
+            ] {
+                assert!(
+                    message.contains(needle),
+                    "{what}: {needle:?} not in {message}"
+                );
+            }
+            let tables = if what == "empty" {
+                "13 of SPIRE's 13 tables"
+            } else {
+                "12 of SPIRE's 13 tables"
+            };
+            assert!(message.contains(tables), "{what}: {message}");
+            assert!(
+                f["way_out"].as_str().unwrap().contains("spirekeep restore"),
+                "{f}"
+            );
+        }
+        // The human report says so in one finding, with no path, exit 1.
+        let url = fx.url();
+        let out = spirekeep(&["check", "--datastore", &url, "--target", "1.15.3"], &[]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.contains("Verdict: REFUSED"), "{text}");
+        assert!(text.contains("mandatory  incomplete_datastore"), "{text}");
+        assert!(!text.contains("\nPath\n"), "{text}");
+        fx.cleanup().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -869,7 +914,8 @@ fn human_output_of_the_example_datastore() {
         ],
         &[],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // NEEDS STEPS: exit 6, so `check && upgrade` does not go ahead.
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     let text = stdout(&out);
     for needle in [
         "SPIRE compatibility check, target 1.14.7",
@@ -1061,5 +1107,115 @@ fn help_lists_every_finding_code() {
             "{code} missing from --help:\n{text}"
         );
     }
-    assert!(text.contains("Exit codes: 0 ok or needs steps"), "{text}");
+    assert!(
+        text.contains("Exit codes: 0 ok (deploy the target directly), 6 needs steps"),
+        "{text}"
+    );
+}
+
+// ------------------------------------------- one reading of the SPIRE facts
+
+/// `check`, `plan` and `inspect` read the same facts from the same datastore
+/// (issue 13): NULL and empty agent versions are one "not reported" group,
+/// an empty `migrations` table is no row for all three.
+async fn check_plan_and_inspect_agree(engine: Engine) {
+    let Some(fx) = fixture(engine, "agree", &population(24, "1.14.7")).await else {
+        return;
+    };
+    exec(
+        &fx,
+        "UPDATE attested_node_entries SET agent_version = NULL WHERE id <= 2;\n\
+         UPDATE attested_node_entries SET agent_version = '' WHERE id > 2 AND id <= 5;\n\
+         UPDATE attested_node_entries SET agent_version = '1.13.6' WHERE id > 5 AND id <= 7;\n\
+         UPDATE attested_node_entries SET agent_version = '1.14.7' WHERE id > 7;\n",
+    )
+    .await;
+    let plan_facts = {
+        let ds = fx.open().await;
+        let facts = spirekeep::plan::facts::read_datastore_from(ds.as_ref(), false)
+            .await
+            .unwrap();
+        ds.close().await;
+        facts
+    };
+    // plan: one "" group of 5 (2 NULL + 3 empty), then the versions.
+    let plan_agents: Vec<(String, u64)> = plan_facts
+        .agents
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.version, a.count))
+        .collect();
+    assert_eq!(
+        plan_agents,
+        [
+            (String::new(), 5),
+            ("1.13.6".to_owned(), 2),
+            ("1.14.7".to_owned(), 5)
+        ]
+    );
+    assert_eq!(plan_facts.agents_total, 12);
+    // check: the same groups, the "" one as agents without a version.
+    let r = check_ds(&fx, "1.14.7", UNKNOWN_OK);
+    assert_eq!(
+        agents(&r),
+        (vec![("1.13.6".into(), 2), ("1.14.7".into(), 5)], 5)
+    );
+    let row = plan_facts.row.clone().unwrap();
+    assert_eq!(r["current"]["datastore"]["schema"], row.schema);
+    assert_eq!(
+        r["current"]["datastore"]["code_version"],
+        row.code_version.as_str()
+    );
+    // inspect: the same groups too.
+    let url = fx.url();
+    let out = spirekeep(&["--json", "inspect", "--datastore", &url], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Json = serde_json::from_str(&stdout(&out)).unwrap();
+    let inspect_agents: Vec<(String, u64)> = report["agents"]["by_version"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["version"].as_str().unwrap().to_owned(),
+                a["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(inspect_agents, plan_agents);
+    assert_eq!(report["schema_version"], row.schema);
+
+    // An empty migrations table: no row for plan (which then refuses to
+    // plan), a refusal for check, no schema for inspect.
+    exec(&fx, "DELETE FROM migrations;").await;
+    let ds = fx.open().await;
+    let plan_facts = spirekeep::plan::facts::read_datastore_from(ds.as_ref(), false)
+        .await
+        .unwrap();
+    ds.close().await;
+    assert_eq!(plan_facts.row, None);
+    let r = check_ds(&fx, "1.14.7", UNKNOWN_OK);
+    assert_eq!(verdict(&r), "refused");
+    assert_eq!(findings(&r), ["incomplete_datastore"]);
+    let out = spirekeep(&["--json", "inspect", "--datastore", &url], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Json = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(report["schema_version"].is_null(), "{report:#}");
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_check_plan_and_inspect_agree() {
+    check_plan_and_inspect_agree(Engine::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_check_plan_and_inspect_agree() {
+    check_plan_and_inspect_agree(Engine::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_check_plan_and_inspect_agree() {
+    check_plan_and_inspect_agree(Engine::Mysql).await;
 }

@@ -188,6 +188,7 @@ impl Agent {
             stop_rx.clone(),
         ));
         tracing::info!(
+            event = "agent_started",
             listen = %bound,
             repository = %self.config.repo,
             schedule = %self.config.schedule,
@@ -280,7 +281,7 @@ impl Agent {
         err: &Error,
     ) {
         let kind = FailureKind::of(err);
-        tracing::error!(kind = kind.as_str(), error = %err, "{what} failed");
+        tracing::error!(event = "job_failed", job = what, kind = kind.as_str(), error = %err, "{what} failed");
         let all = {
             let mut inner = self.state.inner();
             counters(&mut inner).inc(kind);
@@ -366,10 +367,11 @@ impl Agent {
                 match result {
                     Ok(m) => {
                         tracing::info!(
-                            snapshot = %m.snapshot_id,
+                            event = "backup_finished",
+                            snapshot_id = %m.snapshot_id,
                             rows = m.total_rows(),
                             bytes = m.total_size(),
-                            seconds = (m.finished_at - m.started_at).as_seconds_f64(),
+                            duration_seconds = (m.finished_at - m.started_at).as_seconds_f64(),
                             "scheduled backup written"
                         );
                         self.state.inner().last_error = None;
@@ -421,6 +423,7 @@ impl Agent {
         };
         let outcome = LeaseRun::new(lock).run(work).await?;
         tracing::info!(
+            event = "prune_finished",
             snapshots = outcome.snapshots_deleted.len(),
             leftovers = outcome.leftovers_deleted.len(),
             objects = outcome.objects_deleted,
@@ -450,7 +453,8 @@ impl Agent {
                     }
                     Ok(outcome) if outcome.problems.is_empty() => {
                         tracing::info!(
-                            snapshot = outcome.snapshot.as_deref().unwrap_or_default(),
+                            event = "verify_finished",
+                            snapshot_id = outcome.snapshot.as_deref().unwrap_or_default(),
                             deep = self.config.deep_verify,
                             "verification passed"
                         );

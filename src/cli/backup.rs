@@ -1,17 +1,16 @@
 //! `spirekeep backup`
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::time::Instant;
 
 use clap::Args;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::lock::{Held, LockArgs};
-use super::output::print_json;
+use super::output::{print_json, print_warning};
+use super::progress::{Mode, Progress, Unit, rows_and_bytes};
 use super::repo::RepoArgs;
 use super::{DatastoreArgs, exit};
-use crate::datastore::{self, OpenMode, Table};
+use crate::datastore::{self, Datastore, OpenMode, Table};
 use crate::metrics::{FailureCounters, FailureKind, MetricsReport};
 use crate::snapshot::backup::{BackupObserver, BackupOptions, backup_fenced};
 use crate::snapshot::listing::{SnapshotSummary, human_bytes, rfc3339};
@@ -107,7 +106,7 @@ impl OneShotMetricsArgs {
         let facts = match crate::metrics::repo_facts(repo).await {
             Ok(f) => Some(f),
             Err(e) => {
-                eprintln!("warning: cannot read {repo} for the metrics: {e}");
+                print_warning(&format!("cannot read {repo} for the metrics: {e}"));
                 None
             }
         };
@@ -129,15 +128,15 @@ impl OneShotMetricsArgs {
         if let Some(path) = &self.metrics_textfile
             && let Err(e) = crate::metrics::write_textfile(path, &text, !known)
         {
-            eprintln!(
-                "warning: cannot write the metrics to {}: {e}",
+            print_warning(&format!(
+                "cannot write the metrics to {}: {e}",
                 path.display()
-            );
+            ));
         }
         if let Some(url) = &self.pushgateway
             && let Err(e) = crate::metrics::push(url, &repository, &text, known).await
         {
-            eprintln!("warning: {e}");
+            print_warning(&e.to_string());
         }
     }
 }
@@ -169,7 +168,7 @@ async fn take(
         },
         ..BackupOptions::default()
     };
-    let progress = TerminalProgress::new(!json && std::io::stderr().is_terminal());
+    let progress = BackupProgress::new(json, ds.as_ref()).await;
     let held = match Held::acquire(repo, &args.lock, "backup").await {
         Ok(held) => held,
         Err(e) => {
@@ -186,6 +185,7 @@ async fn take(
     ds.close().await;
     progress.clear();
     let manifest = result?;
+    progress.finished(&manifest);
     let summary = SnapshotSummary::new(&manifest, &[]);
     if json {
         print_json(&summary)?;
@@ -210,63 +210,77 @@ async fn take(
     Ok(exit::OK)
 }
 
-/// One progress line per table on a terminal; nothing otherwise.
-struct TerminalProgress {
-    multi: Option<MultiProgress>,
-    bars: Mutex<HashMap<String, ProgressBar>>,
+/// Backup progress: a bar per table on a terminal (rows, rate, and an ETA
+/// from a row count taken before the snapshot), one line per table otherwise.
+struct BackupProgress {
+    progress: Progress,
+    /// Rows per table counted before the backup (terminal only), for the ETA.
+    expected: HashMap<String, u64>,
+    started: Instant,
 }
 
-impl TerminalProgress {
-    fn new(enabled: bool) -> Self {
+impl BackupProgress {
+    async fn new(json: bool, ds: &dyn Datastore) -> Self {
+        let progress = Progress::new("backup", json);
+        let mut expected = HashMap::new();
+        // Counting costs a scan per table: only worth it for a person watching.
+        if progress.mode() == Mode::Bars
+            && let Ok(catalogue) = ds.catalogue().await
+        {
+            for t in &catalogue.tables {
+                if let Ok(n) = ds.count_rows(&t.name).await {
+                    expected.insert(t.name.clone(), n);
+                }
+            }
+        }
         Self {
-            multi: enabled.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
-            bars: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn bar(&self, table: &str) -> Option<ProgressBar> {
-        let multi = self.multi.as_ref()?;
-        let mut bars = self.bars.lock().ok()?;
-        Some(
-            bars.entry(table.to_string())
-                .or_insert_with(|| {
-                    let bar = multi.add(ProgressBar::new_spinner());
-                    let style = ProgressStyle::with_template(
-                        "{spinner} {prefix:<32} {pos:>10} rows {per_sec:>12}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner());
-                    bar.set_style(style);
-                    bar.set_prefix(table.to_string());
-                    bar
-                })
-                .clone(),
-        )
-    }
-
-    fn clear(&self) {
-        if let Some(multi) = &self.multi {
-            let _ = multi.clear();
+            progress,
+            expected,
+            started: Instant::now(),
         }
     }
 }
 
-impl BackupObserver for TerminalProgress {
-    fn started(&self, id: &SnapshotId, _tables: &[Table]) {
-        if let Some(multi) = &self.multi {
-            let _ = multi.println(format!("snapshot {id}: one consistent read of every table"));
+impl BackupObserver for BackupProgress {
+    fn started(&self, id: &SnapshotId, tables: &[Table]) {
+        self.progress.stage(&format!(
+            "snapshot {id}: one consistent read of {} tables",
+            tables.len()
+        ));
+        for t in tables {
+            self.progress
+                .start(&t.name, self.expected.get(&t.name).copied(), Unit::Rows);
         }
     }
 
     fn rows(&self, table: &str, copied: u64) {
-        if let Some(bar) = self.bar(table) {
-            bar.set_position(copied);
-        }
+        self.progress.set(table, copied);
     }
 
     fn table_done(&self, table: &TableData) {
-        if let Some(bar) = self.bar(&table.name) {
-            bar.set_position(table.rows);
-            bar.finish();
-        }
+        let stored = table.objects.iter().map(|o| o.size).sum();
+        self.progress.finish(
+            &table.name,
+            table.rows,
+            &format!("{} stored", rows_and_bytes(table.rows, stored)),
+        );
+    }
+}
+
+impl BackupProgress {
+    fn clear(&self) {
+        self.progress.clear();
+    }
+
+    fn finished(&self, manifest: &crate::snapshot::Manifest) {
+        tracing::info!(
+            event = "backup_finished",
+            snapshot_id = %manifest.snapshot_id,
+            rows = manifest.total_rows(),
+            bytes = manifest.total_size(),
+            tables = manifest.tables.len(),
+            duration_seconds = self.started.elapsed().as_secs_f64(),
+            "snapshot written"
+        );
     }
 }

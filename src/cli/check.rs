@@ -4,11 +4,11 @@
 //! `attested_node_entries.agent_version`, `disable_migration` from
 //! server.conf) or from flags; the decision is [`crate::compat::check`].
 //!
-//! Exit codes: 0 when the verdict is `ok` or `needs_steps` (the target can be
-//! reached, directly or through the printed path), 1 when it is `refused`
-//! (a mandatory finding, or a skippable one that was not allowed), 2 for bad
-//! input (flags, config, not a SPIRE datastore), 4 when the datastore cannot
-//! be reached.
+//! Exit codes: 0 only when the verdict is `ok` (the target can be deployed
+//! directly, so `check && upgrade` is safe), 6 for `needs_steps` (reachable
+//! only through the printed path), 1 when it is `refused` (a mandatory
+//! finding, or a skippable one that was not allowed), 2 for bad input (flags,
+//! config, not a SPIRE datastore), 4 when the datastore cannot be reached.
 
 use std::fmt::Write as _;
 
@@ -17,11 +17,10 @@ use serde::Serialize;
 
 use super::output::print_json;
 use super::{DatastoreArgs, exit};
-use crate::compat::{
-    self, AgentCount, CheckInput, CheckReport, FindingCode, MigrationRow, Severity, Verdict,
-};
+use crate::compat::{self, AgentCount, CheckInput, CheckReport, FindingCode, Severity, Verdict};
 use crate::datastore::{self, Datastore, OpenMode};
 use crate::error::Error;
+use crate::inspect::{MigrationsState, SpireFacts, read_spire_facts};
 
 #[derive(Debug, Args)]
 #[command(after_long_help = codes_help())]
@@ -73,7 +72,7 @@ fn codes_help() -> String {
         let _ = writeln!(s, "  {:<26} {severity:<9}  {}", code.as_str(), code.about());
     }
     s.push_str(
-        "\nExit codes: 0 ok or needs steps (follow the path), 1 refused, 2 bad input, 4 datastore unreachable.",
+        "\nExit codes: 0 ok (deploy the target directly), 6 needs steps (follow the path), 1 refused, 2 bad input, 4 datastore unreachable.",
     );
     s
 }
@@ -102,9 +101,7 @@ struct CheckOutput<'a> {
 /// What the datastore says.
 struct DatastoreFacts {
     location: String,
-    row: MigrationRow,
-    agents: Vec<AgentCount>,
-    notes: Vec<String>,
+    facts: SpireFacts,
     disable_migration: bool,
 }
 
@@ -154,18 +151,32 @@ pub(crate) async fn run(args: &CheckArgs, json: bool) -> anyhow::Result<u8> {
         },
     };
     let mut notes = Vec::new();
+    let mut incomplete = None;
     if let Some(f) = facts {
-        input.datastore = Some(f.row);
+        input.datastore = f.facts.row().cloned();
         if agents_from_flags.is_none() {
-            input.agents = f.agents;
+            input.agents = f.facts.agent_counts();
         }
         if f.disable_migration && !args.disable_migration {
             input.disable_migration = true;
             sources.disable_migration = "server.conf";
         }
-        notes = f.notes;
+        if let MigrationsState::Row { rows, .. } = f.facts.migrations
+            && rows > 1
+        {
+            notes.push(format!(
+                "`migrations` has {rows} rows; SPIRE reads the first and updates all of them"
+            ));
+        }
+        incomplete = f.facts.incomplete(&f.location);
     }
-    let mut report = compat::check(&input).map_err(|e| Error::Unsupported(e.to_string()))?;
+    // A datastore SPIRE never finished creating has no row to start a path
+    // from: say what it is and refuse, rather than plan from an invented row.
+    let mut report = match &incomplete {
+        Some(description) => compat::check_incomplete_datastore(&input, description),
+        None => compat::check(&input),
+    }
+    .map_err(|e| Error::Unsupported(e.to_string()))?;
     report.notes.extend(notes);
 
     if json {
@@ -176,10 +187,17 @@ pub(crate) async fn run(args: &CheckArgs, json: bool) -> anyhow::Result<u8> {
     } else {
         print!("{}", render(&report, &sources));
     }
-    Ok(match report.verdict {
-        Verdict::Ok | Verdict::NeedsSteps => exit::OK,
+    Ok(exit_code(report.verdict))
+}
+
+/// Only `ok` is success: a script running `check && upgrade` must not go
+/// ahead when stepping stones are needed.
+fn exit_code(verdict: Verdict) -> u8 {
+    match verdict {
+        Verdict::Ok => exit::OK,
+        Verdict::NeedsSteps => exit::NEEDS_STEPS,
         Verdict::Refused => exit::CHECK_FAILED,
-    })
+    }
 }
 
 /// `VERSION[=COUNT]` flags, normalised (no leading `v`); `None` when none given.
@@ -223,62 +241,17 @@ async fn read_datastore(args: &DatastoreArgs) -> anyhow::Result<DatastoreFacts> 
     let location = ds.location().to_owned();
     let facts = read_facts(ds.as_ref()).await;
     ds.close().await;
-    let (row, agents, notes) = facts?;
     Ok(DatastoreFacts {
         location,
-        row,
-        agents,
-        notes,
+        facts: facts?,
         disable_migration: resolved.disable_migration,
     })
 }
 
-const NODES: &str = "attested_node_entries";
-
-/// The `migrations` row as SPIRE reads it, and the agents by reported version.
-async fn read_facts(
-    ds: &dyn Datastore,
-) -> crate::Result<(MigrationRow, Vec<AgentCount>, Vec<String>)> {
+/// The one reading of the SPIRE facts that `plan` and `inspect` share.
+async fn read_facts(ds: &dyn Datastore) -> crate::Result<SpireFacts> {
     let catalogue = ds.catalogue().await?;
-    let (row, rows) = crate::inspect::read_migrations(ds, &catalogue).await?;
-    let mut notes = Vec::new();
-    if rows > 1 {
-        notes.push(format!(
-            "`migrations` has {rows} rows; SPIRE reads the first and updates all of them"
-        ));
-    }
-    // An empty table: SPIRE's FirstOrCreate makes a (0, "") row.
-    let row = row.map_or_else(
-        || {
-            notes.push(
-                "`migrations` is empty: SPIRE's FirstOrCreate makes a (0, \"\") row, so servers see schema 0, which no release since 1.2.0 migrates from; restore the row from a backup".into(),
-            );
-            MigrationRow::new(0, "")
-        },
-        |r| MigrationRow::new(r.schema_version, r.code_version),
-    );
-    let agents = if catalogue.has_column(NODES, "agent_version") {
-        ds.count_by(NODES, "agent_version")
-            .await?
-            .into_iter()
-            .map(|(version, count)| AgentCount {
-                version: version.unwrap_or_default(),
-                count,
-            })
-            .collect()
-    } else if catalogue.table(NODES).is_some() {
-        // Before schema 24 no agent reports a version.
-        match ds.count_rows(NODES).await? {
-            0 => Vec::new(),
-            count => vec![AgentCount {
-                version: String::new(),
-                count,
-            }],
-        }
-    } else {
-        Vec::new()
-    };
-    Ok((row, agents, notes))
+    read_spire_facts(ds, &catalogue).await
 }
 
 /// The human report, with a `source` line in the current state.

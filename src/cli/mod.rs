@@ -8,9 +8,11 @@ mod check;
 mod inspect;
 mod list;
 mod lock;
+pub mod logging;
 mod output;
 mod pin;
 mod plan;
+mod progress;
 mod prune;
 mod repo;
 mod restore;
@@ -26,11 +28,12 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{DatastoreSource, ResolvedDatastore, resolve_datastore};
 use crate::error::{Error, ErrorKind};
 
-/// Exit codes, documented in the README.
+/// Exit codes, one table for every command: [`EXIT_CODES_HELP`] (printed by
+/// `--help`) and the README's "Output and exit codes" section.
 pub mod exit {
-    /// Success.
+    /// Success; `check`: the target can be deployed directly (verdict `ok`).
     pub const OK: u8 = 0;
-    /// A check found problems (incompatible upgrade, failed verification).
+    /// A check found problems (`check` verdict `refused`, a failed verification).
     pub const CHECK_FAILED: u8 = 1;
     /// Bad input: flags, connection string, config file, not a SPIRE datastore.
     pub const USAGE: u8 = 2;
@@ -52,11 +55,28 @@ pub mod exit {
     pub const NOTHING_TO_DO: u8 = 9;
 }
 
+/// The exit-code table every command follows, shown at the end of `--help`.
+/// The README's "Output and exit codes" section carries the same table; a
+/// test keeps the two in step.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes (every command):
+  0  success; check: the target can be deployed directly (verdict ok); apply: done
+  1  a check found problems: check verdict refused, a failed verify
+  2  bad input: flags, connection string, server.conf, plan file, not a SPIRE datastore
+  3  apply: failed and rolled back (everything is back where it started)
+  4  a server could not be reached, or refused the credentials
+  5  any other failure (database or storage error)
+  6  check: verdict needs_steps (reachable only through the stepping-stone releases it prints)
+  7  apply: failed and could NOT roll back: an operator must act (the journal says where)
+  8  plan/apply: refused before touching anything (stale plan, blocking finding, failed preflight)
+  9  plan/apply: nothing to do (everything is already at the target)";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "spirekeep",
     version,
-    about = "Snapshots, verified restores and staged upgrades for SPIRE server datastores"
+    about = "Snapshots, verified restores and staged upgrades for SPIRE server datastores",
+    after_help = EXIT_CODES_HELP
 )]
 pub struct Cli {
     /// Print machine-readable JSON instead of text.
@@ -66,6 +86,17 @@ pub struct Cli {
     /// More log output (-v info, -vv debug). Logs go to stderr.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Log format on stderr: text for people, json for Loki/Vector (one object per line:
+    /// time, level, event, message, snapshot_id/plan_id/step, duration_seconds).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SPIREKEEP_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: logging::LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
@@ -157,27 +188,88 @@ impl DatastoreArgs {
 
 /// Runs a parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> u8 {
-    let result = match &cli.command {
-        Command::Inspect(args) => inspect::run(args, cli.json).await,
-        Command::Check(args) => check::run(args, cli.json).await,
-        Command::Backup(args) => backup::run(args, cli.json).await,
-        Command::List(args) => list::list(args, cli.json).await,
-        Command::Show(args) => list::show(args, cli.json).await,
-        Command::Prune(args) => prune::run(args, cli.json).await,
-        Command::Agent(args) => agent::run(args).await,
-        Command::Lock(args) => lock::run(args, cli.json).await,
-        Command::Pin(args) => pin::run(args, cli.json).await,
-        Command::Verify(args) => verify::run(args, cli.json).await,
-        Command::Restore(args) => restore::run(args, cli.json).await,
-        Command::Plan(args) => plan::run(args, cli.json).await,
-        Command::Apply(args) => apply::run(args, cli.json).await,
-        Command::Status(args) => status::run(args, cli.json).await,
-    };
+    use tracing::Instrument as _;
+    let name = cli.command.name();
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!("command", command = name, plan_id = tracing::field::Empty);
+    // `apply` events (its steps) carry the plan they belong to.
+    if let Command::Apply(args) = &cli.command
+        && let Some(id) = saved_plan_id(&args.plan)
+    {
+        span.record("plan_id", id.as_str());
+    }
+    let result = async {
+        match &cli.command {
+            Command::Inspect(args) => inspect::run(args, cli.json).await,
+            Command::Check(args) => check::run(args, cli.json).await,
+            Command::Backup(args) => backup::run(args, cli.json).await,
+            Command::List(args) => list::list(args, cli.json).await,
+            Command::Show(args) => list::show(args, cli.json).await,
+            Command::Prune(args) => prune::run(args, cli.json).await,
+            Command::Agent(args) => agent::run(args).await,
+            Command::Lock(args) => lock::run(args, cli.json).await,
+            Command::Pin(args) => pin::run(args, cli.json).await,
+            Command::Verify(args) => verify::run(args, cli.json).await,
+            Command::Restore(args) => restore::run(args, cli.json).await,
+            Command::Plan(args) => plan::run(args, cli.json).await,
+            Command::Apply(args) => apply::run(args, cli.json).await,
+            Command::Status(args) => status::run(args, cli.json).await,
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    let _entered = span.enter();
+    let duration_seconds = started.elapsed().as_secs_f64();
     match result {
-        Ok(code) => code,
+        Ok(code) => {
+            tracing::info!(
+                event = "command_finished",
+                exit_code = code,
+                duration_seconds,
+                "{name} finished"
+            );
+            code
+        }
         Err(err) => {
-            output::print_error(&err, cli.json);
-            exit_code_for(&err)
+            let code = exit_code_for(&err);
+            if cli.log_format == logging::LogFormat::Json {
+                // stderr stays all JSON lines; --json still prints the error on stdout.
+                output::print_error_json_log(&err, cli.json, code, duration_seconds);
+            } else {
+                output::print_error(&err, cli.json);
+            }
+            code
+        }
+    }
+}
+
+/// The `plan_id` of a saved plan file, for the log context (`None` when it
+/// cannot be read: `apply` itself then says why).
+fn saved_plan_id(path: &std::path::Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let plan: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    plan.get("plan_id")?.as_str().map(str::to_owned)
+}
+
+impl Command {
+    /// The subcommand's name, as typed.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Inspect(_) => "inspect",
+            Self::Check(_) => "check",
+            Self::Backup(_) => "backup",
+            Self::List(_) => "list",
+            Self::Show(_) => "show",
+            Self::Prune(_) => "prune",
+            Self::Agent(_) => "agent",
+            Self::Lock(_) => "lock",
+            Self::Pin(_) => "pin",
+            Self::Verify(_) => "verify",
+            Self::Restore(_) => "restore",
+            Self::Plan(_) => "plan",
+            Self::Apply(_) => "apply",
+            Self::Status(_) => "status",
         }
     }
 }

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use super::exit;
 use super::lock::{Held, LockArgs};
 use super::output::print_json;
+use super::progress::{Mode, Progress, Unit};
 use super::repo::RepoArgs;
 use crate::snapshot::backup::validate_label;
 use crate::snapshot::listing::{human_bytes, rfc3339};
@@ -113,17 +114,55 @@ pub(crate) async fn run(args: &PruneArgs, json: bool) -> anyhow::Result<u8> {
         return Ok(exit::OK);
     }
     let held = Held::acquire(&repo, &args.lock, "prune").await?;
+    let progress = Progress::new("prune", json);
+    let started = std::time::Instant::now();
     let result = held
         .guard(async {
             // Planned under the lock: no backup is writing now.
             options.now = OffsetDateTime::now_utc();
+            progress.stage("planning under the repository lock");
             let plan = prune::plan(&repo, &options).await?;
-            let outcome = prune::execute(&repo, &plan, held.lock()).await?;
+            let (objects, bytes) = plan.deleted_totals();
+            progress.stage(&format!(
+                "deleting {} snapshots and {} leftover groups: {objects} objects, {}",
+                plan.delete.len(),
+                plan.leftovers.iter().filter(|l| l.delete).count(),
+                human_bytes(bytes)
+            ));
+            progress.start("deleting", Some(bytes), Unit::Bytes);
+            let done = std::sync::atomic::AtomicU64::new(0);
+            let deleted = |what: &str, size: u64| {
+                let total = done.fetch_add(size, std::sync::atomic::Ordering::Relaxed) + size;
+                progress.set("deleting", total);
+                if progress.mode() != Mode::Bars {
+                    progress.stage(&format!("deleted {what} ({})", human_bytes(size)));
+                }
+            };
+            let outcome = prune::execute_observed(&repo, &plan, held.lock(), &deleted).await?;
+            progress.finish(
+                "deleting",
+                outcome.bytes_deleted,
+                &format!(
+                    "{} objects, {} deleted",
+                    outcome.objects_deleted,
+                    human_bytes(outcome.bytes_deleted)
+                ),
+            );
             Ok((plan, outcome))
         })
         .await;
     held.release().await;
+    progress.clear();
     let (plan, outcome) = result?;
+    tracing::info!(
+        event = "prune_finished",
+        snapshots = outcome.snapshots_deleted.len(),
+        leftovers = outcome.leftovers_deleted.len(),
+        objects = outcome.objects_deleted,
+        bytes = outcome.bytes_deleted,
+        duration_seconds = started.elapsed().as_secs_f64(),
+        "pruned"
+    );
     if json {
         print_json(&PruneJson {
             dry_run: false,

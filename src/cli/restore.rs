@@ -1,13 +1,9 @@
 //! `spirekeep restore`
 
-use std::collections::HashMap;
-use std::io::IsTerminal;
-use std::sync::Mutex;
-
 use clap::Args;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::output::print_json;
+use super::output::{print_failure, print_json};
+use super::progress::Progress;
 use super::repo::RepoArgs;
 use super::{DatastoreArgs, exit};
 use crate::datastore::dsn::ConnectionSpec;
@@ -16,9 +12,7 @@ use crate::error::{Error, ErrorKind};
 use crate::snapshot::Manifest;
 use crate::snapshot::adapt::ChangeKind;
 use crate::snapshot::listing::{human_bytes, resolve, rfc3339};
-use crate::snapshot::restore::{
-    RestoreObserver, RestoreOptions, RestorePlan, RestoreReport, execute_fenced, plan,
-};
+use crate::snapshot::restore::{RestoreOptions, RestorePlan, RestoreReport, execute_fenced, plan};
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
@@ -67,7 +61,9 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
         _ => None,
     };
     let target = datastore::open(&resolved.spec, OpenMode::Create).await?;
-    let progress = TerminalProgress::new(!json && std::io::stderr().is_terminal());
+    // Stages, and per table the rows of the snapshot's count loaded (bars
+    // with rate and ETA on a terminal, one line each otherwise).
+    let progress = Progress::new("restore", json);
     let planned = plan(&repo, &manifest, target.as_ref(), &options, &progress).await;
     // Nothing is written before execute: a SQLite file opened (and so
     // created) only to be planned against is removed again.
@@ -106,11 +102,12 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
                 exit::OK
             }
             Some(e) => {
-                eprintln!("error: {e}");
-                match e.kind() {
+                let code = match e.kind() {
                     ErrorKind::Usage | ErrorKind::NotSpire => exit::USAGE,
                     _ => exit::CHECK_FAILED,
-                }
+                };
+                print_failure(&e.to_string(), code);
+                code
             }
         });
     }
@@ -306,61 +303,5 @@ fn print_report(r: &RestoreReport) {
         (Some(k), _) => println!("  recorded in {k}"),
         (None, Some(e)) => println!("  warning: the restore record could not be written: {e}"),
         _ => {}
-    }
-}
-
-/// One progress line per table on a terminal; nothing otherwise.
-struct TerminalProgress {
-    multi: Option<MultiProgress>,
-    bars: Mutex<HashMap<String, ProgressBar>>,
-}
-
-impl TerminalProgress {
-    fn new(enabled: bool) -> Self {
-        Self {
-            multi: enabled.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
-            bars: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn clear(&self) {
-        if let Some(multi) = &self.multi {
-            let _ = multi.clear();
-        }
-    }
-}
-
-impl RestoreObserver for TerminalProgress {
-    fn stage(&self, stage: &str) {
-        if let Some(multi) = &self.multi {
-            let _ = multi.println(stage);
-        }
-    }
-
-    fn table_started(&self, table: &str, rows: u64) {
-        let Some(multi) = &self.multi else { return };
-        let bar = multi.add(ProgressBar::new(rows));
-        let style = ProgressStyle::with_template(
-            "{prefix:<32} {bar:30} {pos:>10}/{len} rows {per_sec:>12}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
-        bar.set_style(style);
-        bar.set_prefix(table.to_string());
-        if let Ok(mut bars) = self.bars.lock() {
-            bars.insert(table.to_string(), bar);
-        }
-    }
-
-    fn rows(&self, table: &str, loaded: u64) {
-        if let Some(bar) = self.bars.lock().ok().and_then(|b| b.get(table).cloned()) {
-            bar.set_position(loaded);
-        }
-    }
-
-    fn table_done(&self, table: &str, rows: u64) {
-        if let Some(bar) = self.bars.lock().ok().and_then(|b| b.get(table).cloned()) {
-            bar.set_position(rows);
-            bar.finish();
-        }
     }
 }

@@ -3,13 +3,14 @@
 use clap::Args;
 
 use super::exit;
-use super::output::print_json;
+use super::output::{print_failure, print_json};
+use super::progress::Progress;
 use super::repo::RepoArgs;
 use crate::datastore::{self, OpenMode, dsn};
 use crate::error::Error;
 use crate::rehearse::{RehearsalOptions, RehearsalReport, Scratch};
 use crate::snapshot::listing::{human_bytes, resolve};
-use crate::snapshot::verify::{VerifyMode, VerifyReport, verify_snapshot};
+use crate::snapshot::verify::{VerifyMode, VerifyReport, verify_snapshot_observed};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -81,22 +82,43 @@ pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
     // while they are read (a verify racing a prune would report a damaged
     // snapshot that was only being deleted).
     let held = super::lock::Held::acquire(&repo, &args.lock, "verify").await?;
+    let progress = Progress::new("verify", json);
     let work = async {
         let id = resolve(&repo, &args.snapshot).await?;
         Ok(match &scratch_spec {
             Some(spec) => {
                 let ds = datastore::open(spec, OpenMode::Create).await?;
-                let r = verify_snapshot(&repo, &id, VerifyMode::DeepInto(ds.as_ref())).await;
+                let r = verify_snapshot_observed(
+                    &repo,
+                    &id,
+                    VerifyMode::DeepInto(ds.as_ref()),
+                    &progress,
+                )
+                .await;
                 ds.close().await;
                 r?
             }
-            None if args.deep => verify_snapshot(&repo, &id, VerifyMode::Deep).await?,
-            None => verify_snapshot(&repo, &id, VerifyMode::Shallow).await?,
+            None if args.deep => {
+                verify_snapshot_observed(&repo, &id, VerifyMode::Deep, &progress).await?
+            }
+            None => verify_snapshot_observed(&repo, &id, VerifyMode::Shallow, &progress).await?,
         })
     };
     let report = held.guard(work).await;
     held.release().await;
+    progress.clear();
     let report = report?;
+    tracing::info!(
+        event = "verify_finished",
+        snapshot_id = %report.snapshot_id,
+        kind = report.kind.as_str(),
+        ok = report.ok,
+        rows = report.rows,
+        bytes = report.stored_bytes,
+        duration_seconds = report.seconds,
+        "verification {}",
+        if report.ok { "passed" } else { "FAILED" }
+    );
     if json {
         print_json(&report)?;
     } else {
@@ -105,11 +127,14 @@ pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
     if report.ok {
         Ok(exit::OK)
     } else {
-        eprintln!(
-            "error: snapshot {} failed verification ({} problem(s)); do not restore it: {}",
-            report.snapshot_id,
-            report.problems.len(),
-            report.problems.first().map_or("", String::as_str)
+        print_failure(
+            &format!(
+                "snapshot {} failed verification ({} problem(s)); do not restore it: {}",
+                report.snapshot_id,
+                report.problems.len(),
+                report.problems.first().map_or("", String::as_str)
+            ),
+            exit::CHECK_FAILED,
         );
         Ok(exit::CHECK_FAILED)
     }

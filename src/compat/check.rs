@@ -119,6 +119,8 @@ macro_rules! finding_codes {
 finding_codes! {
     UnknownRelease => "unknown_release", Mandatory,
         "The target is not in spirekeep's release table.";
+    IncompleteDatastore => "incomplete_datastore", Mandatory,
+        "SPIRE's tables without a `migrations` row: SPIRE never finished creating the datastore.";
     BadCodeVersion => "bad_code_version", Mandatory,
         "`migrations.code_version` does not parse; every SPIRE server refuses to start.";
     NoUpgradePath => "no_upgrade_path", Mandatory,
@@ -297,6 +299,38 @@ pub fn check_with(table: &ReleaseTable, input: &CheckInput) -> Result<CheckRepor
         notes: Vec::new(),
     }
     .run(given_servers))
+}
+
+/// The report for a datastore that has SPIRE's tables but no `migrations`
+/// row (an empty or missing table): no path is computed, because any path
+/// from an invented row would be fiction; the verdict is `refused` with one
+/// mandatory finding. `description` says what the datastore is.
+///
+/// # Errors
+///
+/// As [`check`], for the target, server versions and `allow` codes.
+pub fn check_incomplete_datastore(
+    input: &CheckInput,
+    description: &str,
+) -> Result<CheckReport, CheckError> {
+    let mut report = check(&CheckInput {
+        datastore: None,
+        ..input.clone()
+    })?;
+    report.current.datastore = None;
+    report.current.datastore_assumed = false;
+    report.current.schema_written_by = None;
+    report.verdict = Verdict::Refused;
+    report.path = None;
+    report.notes.clear();
+    report.findings = vec![Finding {
+        code: FindingCode::IncompleteDatastore,
+        severity: Severity::Mandatory,
+        message: description.to_owned(),
+        way_out: "restore the newest snapshot taken before this happened (spirekeep restore ID --replace, servers stopped), or if you know the release that last ran on it, write its row (INSERT INTO migrations (id, version, code_version) VALUES (1, SCHEMA, 'VERSION')) and run check again".to_owned(),
+        allowed: false,
+    }];
+    Ok(report)
 }
 
 /// Versions typed by a person: strict semver, with a tolerated leading `v`
@@ -917,7 +951,11 @@ pub fn render_human(report: &CheckReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "SPIRE compatibility check, target {}", report.target);
     out.push('\n');
-    render_current(&mut out, &report.current);
+    let incomplete = report
+        .findings
+        .iter()
+        .any(|f| f.code == FindingCode::IncompleteDatastore);
+    render_current(&mut out, &report.current, incomplete);
     out.push('\n');
 
     let verdict = match report.verdict {
@@ -979,9 +1017,12 @@ pub fn render_human(report: &CheckReport) -> String {
     out
 }
 
-fn render_current(out: &mut String, c: &CurrentState) {
+fn render_current(out: &mut String, c: &CurrentState, incomplete: bool) {
     out.push_str("Current state\n");
     let datastore = match &c.datastore {
+        None if incomplete => {
+            "SPIRE's tables without a migrations row (never finished creating)".to_owned()
+        }
         None => "fresh (no migrations row)".to_owned(),
         Some(row) => {
             let mut s = format!("schema {}, code_version {:?}", row.schema, row.code_version);

@@ -36,7 +36,7 @@ pub mod version;
 
 pub use check::{
     AgentCount, CheckError, CheckInput, CheckReport, CurrentState, Finding, FindingCode, Severity,
-    Verdict, check, check_with, render_human,
+    Verdict, check, check_incomplete_datastore, check_with, render_human,
 };
 pub use path::{
     AgentMove, AgentSkew, Direction, Hop, HopKind, Path, PathError, PathOptions, PathStart,

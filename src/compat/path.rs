@@ -617,11 +617,18 @@ impl<'t> Planner<'t> {
             self.agent_skew.push(AgentSkew {
                 before_hop: self.hops.len(),
                 count: outside_count,
-                from_lines: outside_lines,
+                from_lines: outside_lines.clone(),
                 servers_at: target.clone(),
                 unavoidable: false,
             });
         }
+        // A required move names only the agents that break the skew; the
+        // ones already within it may follow at leisure (issue 13).
+        let (count, from_lines) = if required {
+            (outside_count, outside_lines)
+        } else {
+            (count, from_lines)
+        };
         Some(AgentMove {
             count,
             from_lines,
@@ -942,6 +949,36 @@ mod tests {
             (52, v("1.15.3"), false)
         );
         assert!(path.agent_skew.is_empty());
+    }
+
+    #[test]
+    fn required_last_move_counts_only_the_agents_outside_the_skew() {
+        // Servers at the target 1.14.7: the 1.12 agents break the skew (two
+        // minors behind), the 1.13 ones are within it and must not be counted.
+        let mut s = start("1.14.7", 24, "1.14.7");
+        s.agents = vec![(v("1.12.4"), 3), (v("1.13.6"), 2), (v("1.14.7"), 7)];
+        let path = plan(&s, "1.14.7").unwrap();
+        assert_eq!(
+            path.agents_last,
+            Some(AgentMove {
+                count: 3,
+                from_lines: vec!["1.12.x".into()],
+                to: v("1.14.7"),
+                required: true
+            })
+        );
+        // Nobody outside: the usual recommended move of everyone behind.
+        s.agents = vec![(v("1.13.6"), 2), (v("1.14.7"), 7)];
+        let path = plan(&s, "1.14.7").unwrap();
+        assert_eq!(
+            path.agents_last,
+            Some(AgentMove {
+                count: 2,
+                from_lines: vec!["1.13.x".into()],
+                to: v("1.14.7"),
+                required: false
+            })
+        );
     }
 
     #[test]

@@ -145,10 +145,15 @@ pub fn parse(text: &str) -> std::result::Result<SpireDatastoreConfig, String> {
         Some(_) => return Err("connection_string must be a string".into()),
         None => return Err("connection_string must be set".into()),
     };
-    let disable_migration = matches!(
-        plugin_data.iter().find(|(k, _)| k == "disable_migration"),
-        Some((_, Setting::Value(Expression::Bool(true))))
-    );
+    let disable_migration = match plugin_data.iter().find(|(k, _)| k == "disable_migration") {
+        None => false,
+        Some((_, Setting::Value(e))) => hcl1_bool(e).ok_or_else(|| {
+            "disable_migration must be true or false (SPIRE also reads \"true\", \"false\", 1 and 0); SPIRE refuses any other value".to_string()
+        })?,
+        Some((_, Setting::Block(_))) => {
+            return Err("disable_migration must be true or false, not a block".into());
+        }
+    };
     Ok(SpireDatastoreConfig {
         database_type,
         connection_string,
@@ -193,6 +198,24 @@ fn plugin_data(body: &Body) -> Option<Vec<(String, Setting)>> {
                 })
                 .collect(),
         ),
+        _ => None,
+    }
+}
+
+/// A bool as SPIRE's HCL v1 decoder reads it (`decodeBool`): a bool, a
+/// string or a number whose text, quotes removed and lower-cased, is `true`
+/// or `1` (true), `false` or `0` (false). HCL users often write
+/// `disable_migration = "true"`; SPIRE honours it, so must we.
+fn hcl1_bool(e: &Expression) -> Option<bool> {
+    let text = match e {
+        Expression::Bool(b) => return Some(*b),
+        Expression::String(s) => s.replace('"', "").to_lowercase(),
+        Expression::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    match text.as_str() {
+        "true" | "1" => Some(true),
+        "false" | "0" => Some(false),
         _ => None,
     }
 }
@@ -324,6 +347,50 @@ plugins {
             c.connection(Path::new("/")).unwrap().engine(),
             Engine::Mysql
         );
+    }
+
+    fn with_disable_migration(value: &str) -> std::result::Result<SpireDatastoreConfig, String> {
+        parse(&format!(
+            r#"
+plugins {{
+    DataStore "sql" {{
+        plugin_data {{
+            database_type = "sqlite3"
+            connection_string = "./.data/datastore.sqlite3"
+            disable_migration = {value}
+        }}
+    }}
+}}"#
+        ))
+    }
+
+    #[test]
+    fn disable_migration_is_read_as_spire_reads_it() {
+        // HCL v1's decodeBool accepts quoted and numeric forms (issue 13:
+        // `"true"` used to be read as false).
+        for (value, expected) in [
+            ("true", true),
+            ("false", false),
+            ("\"true\"", true),
+            ("\"TRUE\"", true),
+            ("\"True\"", true),
+            ("\"false\"", false),
+            ("\"1\"", true),
+            ("\"0\"", false),
+            ("1", true),
+            ("0", false),
+        ] {
+            let c = with_disable_migration(value).unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(c.disable_migration, expected, "disable_migration = {value}");
+        }
+        // What SPIRE refuses, spirekeep refuses too, rather than guessing.
+        for value in ["\"yes\"", "2", "\"\"", "[true]"] {
+            let err = with_disable_migration(value).unwrap_err();
+            assert!(
+                err.contains("disable_migration must be true or false"),
+                "{value}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::compat::{AgentCount, MigrationRow};
 use crate::config::resolve_datastore;
 use crate::datastore::{self, Datastore, Engine, OpenMode};
 use crate::error::{Error, Result};
-use crate::inspect::read_migrations;
+use crate::inspect::read_spire_facts;
 use crate::snapshot::codec::sha256_hex;
 
 /// What the datastore says.
@@ -238,28 +238,12 @@ pub async fn read_datastore_from(
     ds: &dyn Datastore,
     disable_migration: bool,
 ) -> Result<DatastoreFacts> {
+    // The one reading `check` and `inspect` share: an empty or missing
+    // `migrations` table is no row; NULL and empty agent versions are one group.
     let catalogue = ds.catalogue().await?;
-    let (row, _) = read_migrations(ds, &catalogue).await?;
-    let row = row.map(|r| MigrationRow::new(r.schema_version, r.code_version));
-    let (agents, agents_total) = if catalogue.table("attested_node_entries").is_none() {
-        (None, 0)
-    } else if catalogue.has_column("attested_node_entries", "agent_version") {
-        let by = ds
-            .count_by("attested_node_entries", "agent_version")
-            .await?;
-        let total = by.iter().map(|(_, n)| *n).sum();
-        let mut list: Vec<AgentCount> = Vec::new();
-        for (v, n) in by {
-            let version = v.unwrap_or_default();
-            match list.iter_mut().find(|a| a.version == version) {
-                Some(a) => a.count += n,
-                None => list.push(AgentCount { version, count: n }),
-            }
-        }
-        (Some(list), total)
-    } else {
-        (None, ds.count_rows("attested_node_entries").await?)
-    };
+    let facts = read_spire_facts(ds, &catalogue).await?;
+    let row = facts.row().cloned();
+    let (agents, agents_total) = (facts.agents, facts.agents_total);
     Ok(DatastoreFacts {
         location: ds.location().to_owned(),
         engine: ds.engine(),

@@ -394,6 +394,20 @@ pub async fn execute(
     plan: &PrunePlan,
     lock: &RepositoryLock,
 ) -> Result<PruneOutcome> {
+    execute_observed(repo, plan, lock, &|_: &str, _: u64| {}).await
+}
+
+/// [`execute`], calling `deleted(what, bytes)` after each snapshot or
+/// leftover group is gone, for progress.
+///
+/// # Errors
+/// As [`execute`].
+pub async fn execute_observed(
+    repo: &Repository,
+    plan: &PrunePlan,
+    lock: &RepositoryLock,
+    deleted: &(dyn Fn(&str, u64) + Send + Sync),
+) -> Result<PruneOutcome> {
     let mut out = PruneOutcome::default();
     for d in &plan.delete {
         lock.check()?;
@@ -411,6 +425,7 @@ pub async fn execute(
         out.objects_deleted += objects;
         out.bytes_deleted += d.bytes;
         out.snapshots_deleted.push(d.id.clone());
+        deleted(&format!("snapshot {}", d.id), d.bytes);
     }
     for l in plan.leftovers.iter().filter(|l| l.delete) {
         lock.check()?;
@@ -429,6 +444,7 @@ pub async fn execute(
         }
         out.bytes_deleted += l.bytes;
         out.leftovers_deleted.push(l.prefix.clone());
+        deleted(&l.prefix, l.bytes);
     }
     Ok(out)
 }

@@ -678,14 +678,14 @@ async fn execute_inner(
             name_list(&existing)
         )));
     }
-    tracing::info!(snapshot = %plan.snapshot_id, target = %plan.target, replace = !existing.is_empty(), "restore starts");
+    tracing::info!(event = "restore_started", snapshot_id = %plan.snapshot_id, target = %plan.target, replace = !existing.is_empty(), "restore starts");
     observer.stage("loading");
     let loaded = load(repo, manifest, target, plan, &existing, observer, fence)
         .await
         .inspect_err(|e| {
             tracing::error!(error = %e, "restore failed before its commit; the target is as it was");
         })?;
-    tracing::info!(snapshot = %plan.snapshot_id, "restore committed; reading it back");
+    tracing::info!(event = "restore_committed", snapshot_id = %plan.snapshot_id, "restore committed; reading it back");
     if target.engine() == Engine::Sqlite {
         // SPIRE opens its SQLite datastore in WAL mode (spire-reference §8);
         // a restored file starts out in it too.
@@ -753,7 +753,7 @@ async fn execute_inner(
             }
         }
     }
-    tracing::info!(snapshot = %plan.snapshot_id, rows = report.rows, ok = report.ok, seconds = report.seconds, "restore finished");
+    tracing::info!(event = "restore_finished", snapshot_id = %plan.snapshot_id, rows = report.rows, ok = report.ok, duration_seconds = report.seconds, "restore finished");
     Ok(report)
 }
 

@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use super::SnapshotError;
 use super::codec::{TableReader, check_stored_bytes};
 use super::manifest::{Manifest, VerificationRecord};
-use super::restore::{self, RestoreOptions};
+use super::restore::{self, RestoreObserver, RestoreOptions};
 use crate::datastore::{self, Datastore, OpenMode, Table, Value, dsn, quote_ident};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::keys::{SnapshotId, VerifyKind};
@@ -134,10 +134,51 @@ pub async fn verify(
     manifest: &Manifest,
     mode: VerifyMode<'_>,
 ) -> Result<VerifyReport> {
+    verify_observed(repo, manifest, mode, &restore::Quiet).await
+}
+
+/// [`verify`], telling `observer` the stages and the rows read per table
+/// (and, for a deep verify, the restore drill's own progress).
+///
+/// # Errors
+/// As [`verify`].
+pub async fn verify_observed(
+    repo: &Repository,
+    manifest: &Manifest,
+    mode: VerifyMode<'_>,
+    observer: &dyn RestoreObserver,
+) -> Result<VerifyReport> {
     let clock = Instant::now();
     let kind = mode.kind();
-    tracing::info!(snapshot = %manifest.snapshot_id, kind = kind.as_str(), "verifying every object");
-    let read = read_every_object(repo, manifest, |_, _| {}).await?;
+    tracing::info!(event = "verify_started", snapshot_id = %manifest.snapshot_id, kind = kind.as_str(), "verifying every object");
+    observer.stage(&format!(
+        "snapshot {}: reading every object of {} tables",
+        manifest.snapshot_id,
+        manifest.tables.len()
+    ));
+    let mut current: Option<(String, u64)> = None;
+    let read = read_every_object(repo, manifest, |table, batch| {
+        if current.as_ref().is_none_or(|(name, _)| *name != table.name) {
+            if let Some((name, rows)) = current.take() {
+                observer.table_done(&name, rows);
+            }
+            let expected = manifest
+                .tables
+                .iter()
+                .find(|t| t.name == table.name)
+                .map_or(0, |t| t.rows);
+            observer.table_started(&table.name, expected);
+            current = Some((table.name.clone(), 0));
+        }
+        if let Some((name, rows)) = current.as_mut() {
+            *rows += batch.len() as u64;
+            observer.rows(name, *rows);
+        }
+    })
+    .await?;
+    if let Some((name, rows)) = current.take() {
+        observer.table_done(&name, rows);
+    }
     let mut report = VerifyReport {
         snapshot_id: manifest.snapshot_id.clone(),
         kind,
@@ -155,9 +196,12 @@ pub async fn verify(
     };
     if kind == VerifyKind::Deep {
         if report.problems.is_empty() {
+            observer.stage("restore drill: restoring into a scratch datastore and comparing");
             match mode {
-                VerifyMode::DeepInto(ds) => drill_into(repo, manifest, ds, &mut report).await?,
-                _ => drill_in_temporary_sqlite(repo, manifest, &mut report).await?,
+                VerifyMode::DeepInto(ds) => {
+                    drill_into(repo, manifest, ds, &mut report, observer).await?;
+                }
+                _ => drill_in_temporary_sqlite(repo, manifest, &mut report, observer).await?,
             }
         } else {
             report.notes.push(
@@ -181,8 +225,21 @@ pub async fn verify_snapshot(
     id: &SnapshotId,
     mode: VerifyMode<'_>,
 ) -> Result<VerifyReport> {
+    verify_snapshot_observed(repo, id, mode, &restore::Quiet).await
+}
+
+/// [`verify_snapshot`] with progress (see [`verify_observed`]).
+///
+/// # Errors
+/// As [`verify_snapshot`].
+pub async fn verify_snapshot_observed(
+    repo: &Repository,
+    id: &SnapshotId,
+    mode: VerifyMode<'_>,
+    observer: &dyn RestoreObserver,
+) -> Result<VerifyReport> {
     match Manifest::load(repo, id).await {
-        Ok(manifest) => verify(repo, &manifest, mode).await,
+        Ok(manifest) => verify_observed(repo, &manifest, mode, observer).await,
         Err(SnapshotError::Store(StoreError::NotFound { .. })) => Err(Error::NotFound(format!(
             "snapshot {id} does not exist in {repo} (no manifest); see `spirekeep list`"
         ))),
@@ -254,6 +311,7 @@ async fn drill_in_temporary_sqlite(
     repo: &Repository,
     manifest: &Manifest,
     report: &mut VerifyReport,
+    observer: &dyn RestoreObserver,
 ) -> Result<()> {
     let suffix: u32 = rand::random();
     let dir = TempDir(std::env::temp_dir().join(format!(
@@ -269,7 +327,7 @@ async fn drill_in_temporary_sqlite(
     let path = dir.0.join("scratch.sqlite3");
     let spec = dsn::ConnectionSpec::Sqlite(dsn::SqliteSpec { path });
     let ds = datastore::open(&spec, OpenMode::Create).await?;
-    let outcome = drill(repo, manifest, ds.as_ref(), report).await;
+    let outcome = drill(repo, manifest, ds.as_ref(), report, observer).await;
     ds.close().await;
     report.scratch = Some(format!("{} (temporary, deleted)", ds.location()));
     outcome
@@ -280,6 +338,7 @@ async fn drill_into(
     manifest: &Manifest,
     ds: &dyn Datastore,
     report: &mut VerifyReport,
+    observer: &dyn RestoreObserver,
 ) -> Result<()> {
     let existing = restore::user_tables(ds).await?;
     if !existing.is_empty() {
@@ -292,7 +351,7 @@ async fn drill_into(
         )));
     }
     report.scratch = Some(ds.location().to_string());
-    let outcome = drill(repo, manifest, ds, report).await;
+    let outcome = drill(repo, manifest, ds, report, observer).await;
     // Leave the scratch datastore empty again, for the next drill.
     for table in &manifest.catalogue.tables {
         let sql = format!(
@@ -315,8 +374,9 @@ async fn drill(
     manifest: &Manifest,
     ds: &dyn Datastore,
     report: &mut VerifyReport,
+    observer: &dyn RestoreObserver,
 ) -> Result<()> {
-    tracing::info!(snapshot = %manifest.snapshot_id, scratch = %ds.location(), "restore drill");
+    tracing::info!(event = "restore_drill", snapshot_id = %manifest.snapshot_id, scratch = %ds.location(), "restore drill");
     // A scratch datastore may take whatever changes its engine needs; they are
     // noted, and the comparison is with the adapted rows.
     let options = RestoreOptions {
@@ -342,7 +402,7 @@ async fn drill(
             ds.engine()
         ));
     }
-    match restore::execute_unrecorded(repo, manifest, ds, &plan, &restore::Quiet).await {
+    match restore::execute_unrecorded(repo, manifest, ds, &plan, observer).await {
         Ok(restored) => {
             for t in &restored.tables {
                 if let Some(check) = report.tables.iter_mut().find(|c| c.table == t.name) {

@@ -38,7 +38,7 @@ pub enum Scratch {
     /// afterwards.
     Given {
         connection_string: String,
-        spec: ConnectionSpec,
+        spec: Box<ConnectionSpec>,
     },
 }
 
@@ -130,7 +130,7 @@ pub async fn rehearse(
         Scratch::Given {
             connection_string,
             spec,
-        } => (spec.clone(), connection_string.clone()),
+        } => ((**spec).clone(), connection_string.clone()),
     };
     let scratch_display = match &options.scratch {
         Scratch::TemporarySqlite => format!("{} (temporary, deleted)", spec.redacted()),

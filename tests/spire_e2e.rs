@@ -834,10 +834,7 @@ fn scraped_names(scrape: &str) -> std::collections::BTreeSet<String> {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
     {
-        let name = line
-            .split(|c: char| c == '{' || c == ' ')
-            .next()
-            .unwrap_or("");
+        let name = line.split(['{', ' ']).next().unwrap_or("");
         names.insert(name.to_string());
         for suffix in ["_sum", "_count", "_bucket"] {
             if let Some(base) = name.strip_suffix(suffix) {

@@ -149,7 +149,7 @@ async fn rehearse(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
             let spec = dsn::parse(s, None, &cwd)?;
             Scratch::Given {
                 connection_string: dsn::spire_connection_string(s, &spec)?,
-                spec,
+                spec: Box::new(spec),
             }
         }
         None => Scratch::TemporarySqlite,

@@ -712,6 +712,11 @@ pub async fn recreate_database(db: &TestDatabase) {
     }
 }
 
+/// MariaDB's information_schema text, read as bytes (its VARBINARY-ish
+/// columns do not always decode as String).
+type BinaryColumnDefault = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+type BinaryTableOptions = (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// `table.column` → the column's default as the engine reports it.
 pub async fn column_defaults(
     url: &str,
@@ -746,7 +751,7 @@ pub async fn column_defaults(
         }
         Engine::Mysql => {
             let pool = sqlx::MySqlPool::connect(url).await.unwrap();
-            let rows: Vec<(Vec<u8>, Vec<u8>, Option<Vec<u8>>)> = sqlx::query_as(
+            let rows: Vec<BinaryColumnDefault> = sqlx::query_as(
                 "SELECT CAST(table_name AS BINARY), CAST(column_name AS BINARY), CAST(column_default AS BINARY) \
                  FROM information_schema.columns WHERE table_schema = DATABASE()",
             )
@@ -774,7 +779,7 @@ pub async fn table_options(
         return std::collections::BTreeMap::new();
     }
     let pool = sqlx::MySqlPool::connect(url).await.unwrap();
-    let rows: Vec<(Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(
+    let rows: Vec<BinaryTableOptions> = sqlx::query_as(
         "SELECT CAST(table_name AS BINARY), CAST(engine AS BINARY), CAST(row_format AS BINARY), \
          CAST(table_collation AS BINARY) FROM information_schema.tables WHERE table_schema = DATABASE()",
     )

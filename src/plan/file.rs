@@ -64,6 +64,41 @@ pub struct PlanFile {
     /// The clock-skew preflight.
     #[serde(default)]
     pub clock: ClockConfig,
+    /// An upgrade rehearsal before the first hop (`spirekeep verify --rehearse`).
+    #[serde(default)]
+    pub rehearsal: Option<RehearsalConfig>,
+}
+
+/// `[rehearsal]`: before anything changes, restore the pre-upgrade snapshot
+/// into a scratch datastore and start the first hop's `spire-server` on it;
+/// a release that refuses the data stops the plan before it touches anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RehearsalConfig {
+    /// The first hop's `spire-server` binary; `{version}` is replaced by its
+    /// release (e.g. `/opt/spire/{version}/bin/spire-server`).
+    pub spire_server: String,
+    /// An environment variable holding an empty scratch database, written as
+    /// SPIRE takes it. Default: a temporary SQLite file.
+    pub scratch_env: Option<String>,
+    /// How long the rehearsal server may take to become healthy (default 90s).
+    pub timeout: Option<String>,
+}
+
+/// A validated `[rehearsal]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rehearsal {
+    pub spire_server: String,
+    pub scratch_env: Option<String>,
+    pub timeout: Duration,
+}
+
+impl Rehearsal {
+    /// The binary for release `version`.
+    #[must_use]
+    pub fn binary_for(&self, version: &str) -> PathBuf {
+        PathBuf::from(self.spire_server.replace("{version}", version))
+    }
 }
 
 /// What a failed post-check (after every member moved) does.
@@ -415,6 +450,8 @@ pub struct Plan {
     pub on_post_check_failure: PostCheckFailure,
     /// The largest clock offset accepted for a member.
     pub max_clock_skew: Duration,
+    /// The rehearsal before the first hop, when asked for.
+    pub rehearsal: Option<Rehearsal>,
 }
 
 impl Plan {
@@ -685,9 +722,36 @@ impl PlanFile {
             Some(v) => parse_duration(v).map_err(|e| format!("clock.max_skew: {e}"))?,
             None => svid_ttl / 10,
         };
+        let rehearsal = match &self.rehearsal {
+            None => None,
+            Some(r) => {
+                if r.spire_server.replace("{version}", "").contains(['{', '}']) {
+                    return Err(format!(
+                        "rehearsal.spire_server: only {{version}} can be replaced in {:?}",
+                        r.spire_server
+                    ));
+                }
+                if r.spire_server.trim().is_empty() {
+                    return Err(
+                        "rehearsal.spire_server: the path of a spire-server binary is needed"
+                            .into(),
+                    );
+                }
+                let timeout = match &r.timeout {
+                    Some(v) => parse_duration(v).map_err(|e| format!("rehearsal.timeout: {e}"))?,
+                    None => Duration::from_secs(90),
+                };
+                Some(Rehearsal {
+                    spire_server: r.spire_server.clone(),
+                    scratch_env: r.scratch_env.clone(),
+                    timeout,
+                })
+            }
+        };
         Ok(Plan {
             on_post_check_failure: self.on_post_check_failure,
             max_clock_skew,
+            rehearsal,
             name: self.name.clone(),
             target,
             order: self.order,

@@ -280,3 +280,74 @@ mod tests {
         assert_ne!(one, other);
     }
 }
+
+/// The plan's rehearsal before its first hop: the pre-upgrade snapshot
+/// restored into a scratch datastore and `release`'s `spire-server` started
+/// on it. `Ok(detail)` when that release accepts the data; `Err(why)` when it
+/// refuses it (SPIRE's own error) or the rehearsal could not run: either way
+/// nothing of the deployment was changed.
+pub async fn rehearse_first_hop(
+    plan: &Plan,
+    repo: &Repository,
+    snapshot_id: &SnapshotId,
+    release: &str,
+) -> std::result::Result<Option<String>, String> {
+    use crate::rehearse::{RehearsalOptions, Scratch, rehearse};
+    let Some(r) = &plan.rehearsal else {
+        return Ok(None);
+    };
+    let scratch = match &r.scratch_env {
+        None => Scratch::TemporarySqlite,
+        Some(var) => {
+            let value = std::env::var(var).map_err(|_| {
+                format!("rehearsal.scratch_env: the environment variable {var} is not set")
+            })?;
+            let spec = crate::datastore::dsn::parse(&value, None, &plan.spire_workdir)
+                .map_err(|e| format!("rehearsal scratch ({var}): {e}"))?;
+            Scratch::Given {
+                connection_string: crate::datastore::dsn::spire_connection_string(&value, &spec)
+                    .map_err(|e| format!("rehearsal scratch ({var}): {e}"))?,
+                spec: Box::new(spec),
+            }
+        }
+    };
+    let binary = r.binary_for(release);
+    let options = RehearsalOptions {
+        spire_server: binary.clone(),
+        scratch,
+        trust_domain: None,
+        timeout: r.timeout,
+    };
+    let report = rehearse(repo, snapshot_id, &options)
+        .await
+        .map_err(|e| format!("the rehearsal with {} could not run: {e}", binary.display()))?;
+    let row = |s: &Option<crate::rehearse::SchemaRow>| {
+        s.as_ref().map_or_else(
+            || "no migrations row".to_string(),
+            |s| {
+                format!(
+                    "(schema {}, code_version {})",
+                    s.schema_version, s.code_version
+                )
+            },
+        )
+    };
+    if report.accepted {
+        Ok(Some(format!(
+            "rehearsal: {} ({}) accepts the snapshot and leaves {}",
+            binary.display(),
+            report.spire_version,
+            row(&report.schema_after)
+        )))
+    } else {
+        Err(format!(
+            "rehearsal: {} ({}) refuses the snapshot: {}",
+            binary.display(),
+            report.spire_version,
+            report
+                .spire_error
+                .as_deref()
+                .unwrap_or("it did not become healthy")
+        ))
+    }
+}

@@ -103,6 +103,15 @@ pub async fn dry_run(saved: &SavedPlan, check_facts: bool) -> Result<DryRun> {
                     snapshots::plan_label(&saved.plan_id),
                     saved.plan_id
                 ));
+                if let (Some(r), Some(first)) = (&plan.rehearsal, saved.hops.first()) {
+                    commands.push(format!(
+                        "rehearse: restore the snapshot into {}, start {} on it, refuse the plan if it does not accept the data",
+                        r.scratch_env
+                            .as_deref()
+                            .map_or_else(|| "a temporary SQLite file".to_string(), |v| format!("the scratch database in ${v}")),
+                        r.binary_for(&first.to).display()
+                    ));
+                }
             }
             StepKind::Server { member, to, .. } => {
                 if let (Some(m), Ok(to)) = (plan.member(member), Version::parse(to)) {

@@ -241,6 +241,25 @@ impl Runner<'_> {
         })?;
         let id = manifest.snapshot_id.to_string();
         self.snapshot_id = Some(id.clone());
+        // The rehearsal, when the plan asks for it: the first hop's release
+        // must accept this very snapshot before anything changes.
+        let mut detail = detail;
+        if let Some(first) = self.saved.hops.first() {
+            match snapshots::rehearse_first_hop(
+                &self.plan,
+                &self.repo,
+                &manifest.snapshot_id,
+                &first.to,
+            )
+            .await
+            {
+                Ok(Some(rehearsed)) => detail = format!("{detail}; {rehearsed}"),
+                Ok(None) => {}
+                Err(why) => {
+                    return Err(Failure::Refused(format!("{why}; nothing was changed")));
+                }
+            }
+        }
         Ok((
             detail,
             serde_json::json!({

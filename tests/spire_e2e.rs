@@ -1186,6 +1186,11 @@ timeout = "5s"
 interval = "200ms"
 retries = 1
 
+# Before the first hop, the release itself must accept the pre-upgrade
+# snapshot (the test has one release; a real plan names each hop's binary).
+[rehearsal]
+spire_server = "{rehearsal_bin}"
+
 [[agents]]
 name = "nodes"
 batch = 1
@@ -1209,6 +1214,7 @@ retries = 20
         fleet = fleet.display(),
         agent_bin = agent_bin.display(),
         agent_socket = agent.socket.display(),
+        rehearsal_bin = server_bin.display(),
     );
     let plan_path = dir.path().join("plan.toml");
     std::fs::write(&plan_path, plan).unwrap();
@@ -1252,6 +1258,54 @@ retries = 20
         text.contains("gate command"),
         "the deliberate gate failed:\n{text}"
     );
+    assert!(
+        text.contains("accepts the snapshot"),
+        "the plan's rehearsal ran before the first hop:\n{text}"
+    );
+
+    if engine == Engine::Sqlite {
+        // A release that cannot run the data stops the plan before anything changes (exit 8).
+        let refused_plan = std::fs::read_to_string(&plan_path).unwrap().replace(
+            &format!("spire_server = \"{}\"", server_bin.display()),
+            "spire_server = \"/nonexistent/spire-{version}/spire-server\"",
+        );
+        let refused_path = dir.path().join("refused.toml");
+        std::fs::write(&refused_path, refused_plan).unwrap();
+        let refused_saved = dir.path().join("refused.json");
+        let out = spirekeep(
+            &[
+                "plan",
+                refused_path.to_str().unwrap(),
+                "--out",
+                refused_saved.to_str().unwrap(),
+            ],
+            &env,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let entries_before = server.state().entries;
+        let out = spirekeep(&["apply", refused_saved.to_str().unwrap()], &env);
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(8),
+            "a failed rehearsal refuses the plan:\n{said}"
+        );
+        assert!(
+            said.contains("/nonexistent/spire-1.14.7/spire-server"),
+            "{said}"
+        );
+        assert_eq!(server.state().entries, entries_before, "nothing changed");
+        let version = std::fs::read_to_string(fleet.join("server-1").join("version")).unwrap();
+        assert_eq!(version.trim(), "1.13.3");
+    }
 
     // Everything is back: the real server serves exactly what it did before
     // the upgrade, and the agent still gets its SVID.

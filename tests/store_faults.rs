@@ -377,7 +377,7 @@ async fn a_failed_backup_aborts_its_upload_and_lists_nothing() {
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(
             list_snapshots(&repo).await.unwrap(),
-            [manifest.snapshot_id.clone()],
+            std::slice::from_ref(&manifest.snapshot_id),
             "{name}"
         );
         cleanup(&plain).await;
@@ -660,9 +660,7 @@ async fn the_s3_server_killed_mid_upload() {
         .await
         .expect("the backup hung after the server died")
         .unwrap();
-    let err = result
-        .err()
-        .expect("a backup into a dead server cannot succeed");
+    let err = result.expect_err("a backup into a dead server cannot succeed");
     let text = err.to_string();
     assert!(!text.contains('\n'), "{text}");
     assert!(
@@ -735,4 +733,32 @@ fn backup_to_a_dead_s3_endpoint_prints_one_error_line() {
         "took {:?} to give up",
         started.elapsed()
     );
+}
+
+/// Regression: a failed part used to leave the abort to a task spawned on
+/// drop, which a process about to exit never ran. The abort now happens
+/// before the error is returned (a current-thread runtime, so a spawned task
+/// could not have run yet).
+#[tokio::test]
+async fn a_failed_part_is_aborted_before_the_error_is_returned() {
+    let faults = FaultStore::new(Arc::new(InMemory::new()));
+    faults.inject(Op::Part, 2..=usize::MAX, Fault::Error);
+    let repo = faults.repo(quick_retries());
+    let mut upload = repo.upload("data/t.0.spkd.zst").unwrap();
+    let piece = Bytes::from(noise(1024 * 1024, 4));
+    let mut failed = None;
+    for _ in 0..64 {
+        if let Err(e) = upload.write(piece.clone()).await {
+            failed = Some(e);
+            break;
+        }
+    }
+    let err = failed.expect("the failing part surfaces as a write error");
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert_eq!(
+        faults.count(Op::Abort),
+        1,
+        "aborted before the error was returned"
+    );
+    drop(upload);
 }

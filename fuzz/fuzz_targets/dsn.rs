@@ -1,7 +1,7 @@
 //! Every connection-string form (SQLite paths and file: URIs, lib/pq keywords
 //! and URLs, go-sql-driver DSNs), with and without a declared engine: an error
 //! or a connection, never a panic, and a password never shows in the redacted
-//! form unless it is also the user, host or database name.
+//! form unless it is also the user, host, socket or database name.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -16,16 +16,18 @@ fn shown_fields(spec: &ConnectionSpec) -> String {
     match spec {
         ConnectionSpec::Sqlite(s) => s.path.display().to_string(),
         ConnectionSpec::Postgres(p) => format!(
-            "{} {} {:?}",
+            "{} {} {:?} {:?}",
             p.options.get_username(),
             p.options.get_host(),
-            p.options.get_database()
+            p.options.get_database(),
+            p.options.get_socket()
         ),
         ConnectionSpec::Mysql(m) => format!(
-            "{} {} {:?}",
+            "{} {} {:?} {:?}",
             m.options.get_username(),
             m.options.get_host(),
-            m.options.get_database()
+            m.options.get_database(),
+            m.options.get_socket()
         ),
     }
 }

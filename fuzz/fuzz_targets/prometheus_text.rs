@@ -12,6 +12,10 @@ fuzz_target!(|data: &[u8]| {
     };
     for sample in parse_samples(text) {
         assert!(!sample.name.is_empty());
-        assert!(!sample.name.contains(char::is_whitespace), "{:?}", sample.name);
+        assert!(
+            !sample.name.contains(char::is_whitespace),
+            "{:?}",
+            sample.name
+        );
     }
 });

@@ -113,3 +113,94 @@ export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-eas
 # Tests fail, rather than skip, when a service is missing.
 export SPIREKEEP_TEST_REQUIRE_SERVICES=1
 log "ready: PostgreSQL, MariaDB, S3 at $SPIREKEEP_TEST_S3_ENDPOINT"
+
+# --- Cloud storage emulators for gs:// and az:// repositories (issue 15) ------
+# fake-gcs-server (Go module, built with `go install`) and Azurite (npm), each
+# installed once into a cache folder named after its version and reused, then
+# started on 127.0.0.1. The tests get explicit endpoints and credentials
+# (SPIREKEEP_TEST_GCS_*, SPIREKEEP_TEST_AZURE_*), so object_store never asks a
+# cloud address. Set SPIREKEEP_SKIP_CLOUD_EMULATORS=1 to leave them out (the
+# gs:// and az:// tests then fail under SPIREKEEP_TEST_REQUIRE_SERVICES=1).
+if [ "${SPIREKEEP_SKIP_CLOUD_EMULATORS:-0}" != "1" ]; then
+  emulator_cache="${XDG_CACHE_HOME:-$HOME/.cache}/spirekeep"
+  FAKE_GCS_VERSION="${FAKE_GCS_VERSION:-v1.56.1}"
+  AZURITE_VERSION="${AZURITE_VERSION:-3.35.0}"   # 3.36+ needs Node 21 or newer
+  SPIREKEEP_GCS_PORT="${SPIREKEEP_GCS_PORT:-9108}"
+  SPIREKEEP_AZURE_PORT="${SPIREKEEP_AZURE_PORT:-9109}"
+  SPIREKEEP_GCS_BUCKET="${SPIREKEEP_GCS_BUCKET:-spirekeep-test}"
+  SPIREKEEP_AZURE_CONTAINER="${SPIREKEEP_AZURE_CONTAINER:-spirekeep-test}"
+  # Azurite's one account and its published key: a fixed emulator credential, not a secret.
+  azurite_account=devstoreaccount1
+  azurite_key='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
+
+  fake_gcs_bin="$emulator_cache/fake-gcs-server-$FAKE_GCS_VERSION/bin/fake-gcs-server"
+  if [ ! -x "$fake_gcs_bin" ]; then
+    command -v go >/dev/null 2>&1 || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; }
+    log "building fake-gcs-server $FAKE_GCS_VERSION with go install (a few minutes, once)"
+    GOBIN="$(dirname "$fake_gcs_bin")" go install "github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION"
+  fi
+  azurite_dir="$emulator_cache/azurite-$AZURITE_VERSION"
+  if [ ! -x "$azurite_dir/node_modules/.bin/azurite-blob" ]; then
+    command -v npm >/dev/null 2>&1 || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+    log "installing azurite $AZURITE_VERSION from npm (once)"
+    mkdir -p "$azurite_dir"
+    npm install --silent --no-audit --no-fund --prefix "$azurite_dir" "azurite@$AZURITE_VERSION" >/dev/null
+  fi
+
+  if ! curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_GCS_PORT/storage/v1/b"; then
+    log "starting fake-gcs-server on 127.0.0.1:$SPIREKEEP_GCS_PORT"
+    mkdir -p "$state_dir/fake-gcs"
+    (setsid "$fake_gcs_bin" -scheme http -host 127.0.0.1 -port "$SPIREKEEP_GCS_PORT" \
+      -public-host "127.0.0.1:$SPIREKEEP_GCS_PORT" -external-url "http://127.0.0.1:$SPIREKEEP_GCS_PORT" \
+      -backend memory -log-level warn >"$state_dir/fake-gcs.log" 2>&1 &)
+    for _ in $(seq 60); do curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_GCS_PORT/storage/v1/b" && break; sleep 0.5; done
+  fi
+  curl -s -o /dev/null -X POST -H 'Content-Type: application/json' \
+    --data "{\"name\":\"$SPIREKEEP_GCS_BUCKET\"}" "http://127.0.0.1:$SPIREKEEP_GCS_PORT/storage/v1/b"
+  # object_store's GCS client reads its endpoint from a service-account file;
+  # disable_oauth keeps it from asking Google for a token.
+  gcs_account_file="$state_dir/fake-gcs-service-account.json"
+  printf '{"gcs_base_url":"http://127.0.0.1:%s","disable_oauth":true,"client_email":"","private_key":"","private_key_id":""}\n' \
+    "$SPIREKEEP_GCS_PORT" >"$gcs_account_file"
+
+  # --disableTelemetry: Azurite otherwise tries to send usage data off the machine.
+  if ! curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_AZURE_PORT/"; then
+    log "starting Azurite (blob) on 127.0.0.1:$SPIREKEEP_AZURE_PORT"
+    mkdir -p "$state_dir/azurite"
+    (setsid "$azurite_dir/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$SPIREKEEP_AZURE_PORT" \
+      --location "$state_dir/azurite" --skipApiVersionCheck --loose --silent --disableTelemetry \
+      >"$state_dir/azurite.log" 2>&1 &)
+    for _ in $(seq 60); do curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_AZURE_PORT/" && break; sleep 0.5; done
+  fi
+  # Create the container with a Shared Key request (object_store cannot create containers).
+  azure_create_container() {
+    local date version sts hexkey sig
+    date="$(LC_ALL=C TZ=GMT date '+%a, %d %b %Y %H:%M:%S GMT')"
+    version=2021-08-06
+    sts="PUT"$'\n\n\n\n\n\n\n\n\n\n\n\n'"x-ms-date:$date"$'\n'"x-ms-version:$version"$'\n'"/$azurite_account/$azurite_account/$SPIREKEEP_AZURE_CONTAINER"$'\n'"restype:container"
+    hexkey="$(printf '%s' "$azurite_key" | base64 -d | od -An -vtx1 | tr -d ' \n')"
+    sig="$(printf '%s' "$sts" | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$hexkey" -binary | base64)"
+    curl -s -o /dev/null -w '%{http_code}' -X PUT -H "Content-Length: 0" -H "x-ms-date: $date" -H "x-ms-version: $version" \
+      -H "Authorization: SharedKey $azurite_account:$sig" \
+      "http://127.0.0.1:$SPIREKEEP_AZURE_PORT/$azurite_account/$SPIREKEEP_AZURE_CONTAINER?restype=container"
+  }
+  case "$(azure_create_container)" in
+    201 | 409) ;; # created, or already there
+    *) log "could not create the Azurite container $SPIREKEEP_AZURE_CONTAINER: see $state_dir/azurite.log" ;;
+  esac
+
+  # gs:// tests are opt-in (SPIREKEEP_TEST_GCS=1): fake-gcs-server answers the
+  # XML-API uploads object_store sends with "400 invalid uploadType".
+  if [ "${SPIREKEEP_TEST_GCS:-0}" = "1" ]; then
+    export SPIREKEEP_TEST_GCS_ENDPOINT="http://127.0.0.1:$SPIREKEEP_GCS_PORT"
+    export SPIREKEEP_TEST_GCS_BUCKET="$SPIREKEEP_GCS_BUCKET"
+    export SPIREKEEP_TEST_GCS_SERVICE_ACCOUNT="$gcs_account_file"
+  fi
+  export SPIREKEEP_TEST_AZURE_ENDPOINT="http://127.0.0.1:$SPIREKEEP_AZURE_PORT/$azurite_account"
+  export SPIREKEEP_TEST_AZURE_CONTAINER="$SPIREKEEP_AZURE_CONTAINER"
+  export SPIREKEEP_TEST_AZURE_ACCOUNT="$azurite_account"
+  export SPIREKEEP_TEST_AZURE_KEY="$azurite_key"
+  # The fault tests start (and kill) a moto of their own on another port.
+  export SPIREKEEP_TEST_MOTO_BIN="${moto_bin:-}"
+  log "ready: fake-gcs-server at http://127.0.0.1:$SPIREKEEP_GCS_PORT, Azurite at $SPIREKEEP_TEST_AZURE_ENDPOINT"
+fi

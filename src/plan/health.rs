@@ -605,6 +605,9 @@ pub fn parse_samples(text: &str) -> Vec<Sample> {
 fn parse_line(line: &str) -> Option<Sample> {
     let line = line.trim();
     let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
+    if name_end == 0 {
+        return None; // no metric name (found by fuzzing: `{a="b"} 1`)
+    }
     let name = line[..name_end].to_owned();
     let mut rest = &line[name_end..];
     let mut labels = Vec::new();
@@ -858,5 +861,14 @@ spire_server_uptime_in_ms 5
             !bad.ok && bad.attempts == 2 && bad.detail == "exit 1: nope",
             "{bad:?}"
         );
+    }
+
+    #[test]
+    fn a_sample_without_a_metric_name_is_skipped() {
+        // Found by the prometheus_text fuzz target: a line starting with its
+        // labels gave a sample named "".
+        let samples = parse_samples("{job=\"spire\"} 3\nup{job=\"spire\"} 1\n");
+        assert_eq!(samples.len(), 1, "{samples:?}");
+        assert_eq!(samples[0].name, "up");
     }
 }

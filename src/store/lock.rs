@@ -605,6 +605,13 @@ impl RepositoryLock {
 }
 
 async fn renew_loop(repo: Repository, shared: Arc<Shared>, ttl: Duration) {
+    // This loop retries by itself and must see the lease running out between
+    // tries: one try per request, never waiting longer than a third of the TTL.
+    let repo = repo.with_retry(super::RetryPolicy {
+        attempts: 1,
+        attempt_timeout: ttl / 3,
+        ..super::RetryPolicy::default()
+    });
     let every = ttl / 3;
     let retry = (ttl / 12).clamp(Duration::from_millis(200), Duration::from_secs(5));
     let mut wait = every;

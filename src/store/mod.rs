@@ -22,10 +22,13 @@
 pub mod keys;
 pub mod lease_run;
 pub mod lock;
+pub mod retry;
 
 use std::fmt;
+use std::future::Future;
 use std::path::Path as FsPath;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
@@ -37,12 +40,14 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{
-    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
+    GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    UpdateVersion, WriteMultipart,
 };
 use time::OffsetDateTime;
 use url::Url;
 
 use crate::error::ErrorKind;
+pub use retry::RetryPolicy;
 
 /// Size of each part of a multipart upload. S3 refuses parts under 5 MiB
 /// (except the last). With S3's limit of 10,000 parts this caps one object at
@@ -196,6 +201,7 @@ impl StoreError {
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
     display: Arc<str>,
+    retry: RetryPolicy,
 }
 
 impl fmt::Debug for Repository {
@@ -293,7 +299,9 @@ impl Repository {
             Path::from_url_path(url.path()).map_err(|e| invalid(format!("bad prefix: {e}")))?;
         let (store, display): (Arc<dyn ObjectStore>, String) = match url.scheme() {
             "s3" => {
-                let mut builder = AmazonS3Builder::from_env().with_url(format!("s3://{bucket}"));
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_url(format!("s3://{bucket}"))
+                    .with_retry(retry::http_retry_config());
                 let mut display = format!("s3://{bucket}");
                 push_prefix(&mut display, &prefix);
                 let endpoint = options
@@ -337,6 +345,7 @@ impl Repository {
             "gs" => {
                 let gcs = GoogleCloudStorageBuilder::from_env()
                     .with_url(format!("gs://{bucket}"))
+                    .with_retry(retry::http_retry_config())
                     .build()
                     .map_err(|e| invalid(e.to_string()))?;
                 let mut display = format!("gs://{bucket}");
@@ -346,6 +355,7 @@ impl Repository {
             "az" => {
                 let az = MicrosoftAzureBuilder::from_env()
                     .with_url(format!("az://{bucket}"))
+                    .with_retry(retry::http_retry_config())
                     .build()
                     .map_err(|e| invalid(e.to_string()))?;
                 let mut display = format!("az://{bucket}");
@@ -366,6 +376,7 @@ impl Repository {
         Ok(Self {
             store,
             display: display.into(),
+            retry: RetryPolicy::default(),
         })
     }
 
@@ -387,6 +398,7 @@ impl Repository {
         Ok(Self {
             store: Arc::new(fs),
             display: shown.into(),
+            retry: RetryPolicy::default(),
         })
     }
 
@@ -396,6 +408,7 @@ impl Repository {
         Self {
             store: Arc::new(InMemory::new()),
             display: "memory://".into(),
+            retry: RetryPolicy::default(),
         }
     }
 
@@ -424,6 +437,7 @@ impl Repository {
         Ok(Self {
             store,
             display: display.into(),
+            retry: RetryPolicy::default(),
         })
     }
 
@@ -431,6 +445,75 @@ impl Repository {
     #[must_use]
     pub fn location(&self) -> &str {
         &self.display
+    }
+
+    /// The same repository with another retry policy (see [`retry`]).
+    #[must_use]
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// How failed requests are retried.
+    #[must_use]
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Runs one request, trying again with growing waits while it fails in a
+    /// way that may pass ([`retry::is_transient`], or no answer within the
+    /// attempt timeout). `Ok(Err(_))` is the last failure and how many tries it took.
+    async fn retrying<T, F, Fut>(
+        &self,
+        key: &str,
+        what: &str,
+        mut request: F,
+    ) -> std::result::Result<T, (object_store::Error, u32)>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = object_store::Result<T>>,
+    {
+        let mut attempt = 1;
+        loop {
+            let outcome =
+                match tokio::time::timeout(self.retry.attempt_timeout, request(attempt)).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(timed_out(self.retry.attempt_timeout)),
+                };
+            match outcome {
+                Ok(v) => return Ok(v),
+                Err(e) if retry::is_transient(&e) && attempt < self.retry.attempts => {
+                    let wait = self.retry.backoff(attempt);
+                    tracing::warn!(
+                        repo = %self.display,
+                        key,
+                        request = what,
+                        attempt,
+                        wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        error = %one_line(&e.to_string()),
+                        "storage request failed; trying again"
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err((e, attempt)),
+            }
+        }
+    }
+
+    /// The error for a request that failed for good after `attempts` tries.
+    fn give_up(&self, key: &str, e: object_store::Error, attempts: u32) -> StoreError {
+        match self.map_err(key, e) {
+            StoreError::Backend { repo, key, detail } if attempts > 1 => StoreError::Backend {
+                repo,
+                key,
+                detail: format!(
+                    "{detail} (tried {attempts} times; check that the object store is reachable and \
+                     healthy, then run the command again)"
+                ),
+            },
+            other => other,
+        }
     }
 
     /// Writes `bytes` at `key` only if nothing is there yet.
@@ -475,15 +558,34 @@ impl Repository {
 
     async fn put_with(&self, key: &str, bytes: Bytes, mode: PutMode) -> Result<ObjectVersion> {
         let path = self.path(key)?;
-        let opts = PutOptions {
-            mode,
-            ..PutOptions::default()
+        let conditional = !matches!(mode, PutMode::Overwrite);
+        let outcome = self
+            .retrying(key, "put", |_| {
+                let opts = PutOptions {
+                    mode: mode.clone(),
+                    ..PutOptions::default()
+                };
+                self.store
+                    .put_opts(&path, PutPayload::from(bytes.clone()), opts)
+            })
+            .await;
+        let result = match outcome {
+            Ok(result) => result,
+            // An earlier try may have written the object and lost only its
+            // answer: then the retry meets our own write. Same bytes there
+            // means it landed.
+            Err((
+                e @ (object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. }),
+                attempts,
+            )) if conditional && attempts > 1 => match self.get_with_meta(key).await {
+                Ok((stored, meta)) if stored == bytes => {
+                    return Ok(meta.object_version());
+                }
+                _ => return Err(self.map_err(key, e)),
+            },
+            Err((e, attempts)) => return Err(self.give_up(key, e, attempts)),
         };
-        let result = self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), opts)
-            .await
-            .map_err(|e| self.map_err(key, e))?;
         Ok(ObjectVersion {
             e_tag: result.e_tag,
             version: result.version,
@@ -505,14 +607,20 @@ impl Repository {
     /// [`StoreError::NotFound`] or any store failure.
     pub async fn get_with_meta(&self, key: &str) -> Result<(Bytes, ObjectMeta)> {
         let path = self.path(key)?;
-        let result = self
-            .store
-            .get(&path)
+        let (bytes, meta) = self
+            .retrying(key, "get", |_| async {
+                let result = self.store.get(&path).await?;
+                let meta = result.meta.clone();
+                let expected = result.range.end - result.range.start;
+                let bytes = result.bytes().await?;
+                if bytes.len() as u64 != expected {
+                    return Err(short_read(bytes.len() as u64, expected));
+                }
+                Ok((bytes, meta))
+            })
             .await
-            .map_err(|e| self.map_err(key, e))?;
-        let meta = convert_meta(key.to_owned(), &result.meta);
-        let bytes = result.bytes().await.map_err(|e| self.map_err(key, e))?;
-        Ok((bytes, meta))
+            .map_err(|(e, attempts)| self.give_up(key, e, attempts))?;
+        Ok((bytes, convert_meta(key.to_owned(), &meta)))
     }
 
     /// Reads a whole object of at most `max` bytes (manifests, records, the
@@ -561,19 +669,27 @@ impl Repository {
     ///
     /// # Errors
     /// [`StoreError::NotFound`] or any store failure, at once or within the stream.
+    ///
+    /// A body that breaks off or ends short is read again from where it
+    /// stopped, as long as the object is unchanged (same ETag) and tries remain.
     pub async fn get_stream(&self, key: &str) -> Result<BoxStream<'static, Result<Bytes>>> {
         let path = self.path(key)?;
         let result = self
-            .store
-            .get(&path)
+            .retrying(key, "get", |_| self.store.get(&path))
             .await
-            .map_err(|e| self.map_err(key, e))?;
-        let this = self.clone();
-        let key = key.to_owned();
-        Ok(result
-            .into_stream()
-            .map_err(move |e| this.map_err(&key, e))
-            .boxed())
+            .map_err(|(e, attempts)| self.give_up(key, e, attempts))?;
+        let state = ResumableRead {
+            repo: self.clone(),
+            key: key.to_owned(),
+            path,
+            e_tag: result.meta.e_tag.clone(),
+            position: result.range.start,
+            end: result.range.end,
+            attempt: 1,
+            started: Instant::now(),
+            body: Some(result.into_stream()),
+        };
+        Ok(futures::stream::unfold(state, ResumableRead::next).boxed())
     }
 
     /// The object's metadata, or `None` if there is no such object.
@@ -582,10 +698,10 @@ impl Repository {
     /// Any store failure other than the object's absence.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         let path = self.path(key)?;
-        match self.store.head(&path).await {
+        match self.retrying(key, "head", |_| self.store.head(&path)).await {
             Ok(meta) => Ok(Some(convert_meta(key.to_owned(), &meta))),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.map_err(key, e)),
+            Err((object_store::Error::NotFound { .. }, _)) => Ok(None),
+            Err((e, attempts)) => Err(self.give_up(key, e, attempts)),
         }
     }
 
@@ -598,12 +714,17 @@ impl Repository {
     /// An invalid prefix or any store failure.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let path = self.prefix_path(prefix)?;
-        let mut stream = self.store.list(Some(&path));
-        let mut out = Vec::new();
-        while let Some(meta) = stream.next().await {
-            let meta = meta.map_err(|e| self.map_err(prefix, e))?;
-            out.push(convert_meta(meta.location.to_string(), &meta));
-        }
+        // A listing that fails part-way is started again from scratch.
+        let listed: Vec<object_store::ObjectMeta> = self
+            .retrying(prefix, "list", |_| {
+                self.store.list(Some(&path)).try_collect()
+            })
+            .await
+            .map_err(|(e, attempts)| self.give_up(prefix, e, attempts))?;
+        let mut out: Vec<ObjectMeta> = listed
+            .iter()
+            .map(|meta| convert_meta(meta.location.to_string(), meta))
+            .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
@@ -616,10 +737,11 @@ impl Repository {
     pub async fn list_folders(&self, prefix: &str) -> Result<Vec<String>> {
         let path = self.prefix_path(prefix)?;
         let result = self
-            .store
-            .list_with_delimiter(Some(&path))
+            .retrying(prefix, "list", |_| {
+                self.store.list_with_delimiter(Some(&path))
+            })
             .await
-            .map_err(|e| self.map_err(prefix, e))?;
+            .map_err(|(e, attempts)| self.give_up(prefix, e, attempts))?;
         let mut out: Vec<String> = result
             .common_prefixes
             .iter()
@@ -635,9 +757,12 @@ impl Repository {
     /// Any store failure.
     pub async fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
-        match self.store.delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.map_err(key, e)),
+        match self
+            .retrying(key, "delete", |_| self.store.delete(&path))
+            .await
+        {
+            Ok(()) | Err((object_store::Error::NotFound { .. }, _)) => Ok(()),
+            Err((e, attempts)) => Err(self.give_up(key, e, attempts)),
         }
     }
 
@@ -714,10 +839,129 @@ impl Repository {
             e => StoreError::Backend {
                 repo,
                 key,
-                detail: e.to_string(),
+                detail: one_line(&e.to_string()),
             },
         }
     }
+}
+
+/// object_store's messages may span lines (a server's XML error body); ours are one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn timed_out(limit: std::time::Duration) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "spirekeep",
+        source: format!("no answer within {}s", limit.as_secs_f32()).into(),
+    }
+}
+
+fn short_read(got: u64, expected: u64) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "spirekeep",
+        source: format!("the object's body ended after {got} of {expected} bytes").into(),
+    }
+}
+
+/// The state of a [`Repository::get_stream`] body that resumes after a break.
+struct ResumableRead {
+    repo: Repository,
+    key: String,
+    path: Path,
+    e_tag: Option<String>,
+    /// The offset of the next byte to hand out.
+    position: u64,
+    end: u64,
+    attempt: u32,
+    started: Instant,
+    body: Option<BoxStream<'static, object_store::Result<Bytes>>>,
+}
+
+impl ResumableRead {
+    async fn next(mut self) -> Option<(Result<Bytes>, Self)> {
+        loop {
+            let body = self.body.as_mut()?;
+            let failure =
+                match tokio::time::timeout(self.repo.retry.attempt_timeout, body.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        self.position += chunk.len() as u64;
+                        return Some((Ok(chunk), self));
+                    }
+                    Ok(None) if self.position >= self.end => return None,
+                    Ok(None) => short_read(self.position, self.end),
+                    Ok(Some(Err(e))) => e,
+                    Err(_) => timed_out(self.repo.retry.attempt_timeout),
+                };
+            if self.position >= self.end {
+                // Every byte asked for has arrived; only the close failed.
+                return None;
+            }
+            if !retry::is_transient(&failure) || self.attempt >= self.repo.retry.attempts {
+                self.body = None;
+                let err = self.repo.give_up(&self.key, failure, self.attempt);
+                return Some((Err(err), self));
+            }
+            let wait = self.repo.retry.backoff(self.attempt);
+            tracing::warn!(
+                repo = %self.repo.display,
+                key = %self.key,
+                offset = self.position,
+                attempt = self.attempt,
+                elapsed_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                error = %one_line(&failure.to_string()),
+                "reading an object broke off; resuming"
+            );
+            tokio::time::sleep(wait).await;
+            self.attempt += 1;
+            let resumed = resume(
+                self.repo.clone(),
+                self.path.clone(),
+                self.e_tag.clone(),
+                self.position..self.end,
+            )
+            .await;
+            match resumed {
+                Ok(result) => self.body = Some(result.into_stream()),
+                Err(e) => {
+                    self.body = None;
+                    let err = self.repo.give_up(&self.key, e, self.attempt);
+                    return Some((Err(err), self));
+                }
+            }
+        }
+    }
+}
+
+/// Asks for `range` of the object, only if it is still the same object (its
+/// ETag). Takes its arguments by value: the caller's body stream is not `Sync`.
+async fn resume(
+    repo: Repository,
+    path: Path,
+    e_tag: Option<String>,
+    range: std::ops::Range<u64>,
+) -> object_store::Result<GetResult> {
+    let start = range.start;
+    let options = GetOptions {
+        if_match: e_tag,
+        range: Some(GetRange::Bounded(range)),
+        ..GetOptions::default()
+    };
+    let limit = repo.retry.attempt_timeout;
+    let result = tokio::time::timeout(limit, repo.store.get_opts(&path, options))
+        .await
+        .unwrap_or_else(|_| Err(timed_out(limit)))?;
+    if result.range.start != start {
+        return Err(object_store::Error::Generic {
+            store: "spirekeep",
+            source: format!(
+                "asked to resume at byte {start} but the store answered from byte {}",
+                result.range.start
+            )
+            .into(),
+        });
+    }
+    Ok(result)
 }
 
 fn describe_operation(operation: &str) -> String {
@@ -817,9 +1061,17 @@ impl ObjectUpload {
         }
         self.written += bytes.len() as u64;
         if let Some(w) = self.multipart.as_mut() {
-            w.wait_for_capacity(MAX_PARTS_IN_FLIGHT)
-                .await
-                .map_err(|e| self.repo.map_err(&self.key, e))?;
+            if let Err(e) = w.wait_for_capacity(MAX_PARTS_IN_FLIGHT).await {
+                // Abort now rather than from Drop: a process about to exit
+                // would not wait for a background abort.
+                if let Some(w) = self.multipart.take()
+                    && let Err(abort) = w.abort().await
+                {
+                    tracing::warn!(key = %self.key, error = %one_line(&abort.to_string()),
+                        "could not abort a failed multipart upload");
+                }
+                return Err(self.repo.map_err(&self.key, e));
+            }
             w.put(bytes);
             return Ok(());
         }
@@ -828,10 +1080,11 @@ impl ObjectUpload {
         if self.pending_len >= PART_SIZE {
             let upload = self
                 .repo
-                .store
-                .put_multipart(&self.path)
+                .retrying(&self.key, "start multipart upload", |_| {
+                    self.repo.store.put_multipart(&self.path)
+                })
                 .await
-                .map_err(|e| self.repo.map_err(&self.key, e))?;
+                .map_err(|(e, attempts)| self.repo.give_up(&self.key, e, attempts))?;
             let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
             for b in self.pending.drain(..) {
                 w.put(b);
@@ -848,12 +1101,19 @@ impl ObjectUpload {
     /// Any store failure (a failed multipart upload is aborted).
     pub async fn finish(mut self) -> Result<ObjectVersion> {
         let result = if let Some(w) = self.multipart.take() {
-            w.finish().await
+            // WriteMultipart aborts the upload itself when this fails.
+            w.finish()
+                .await
+                .map_err(|e| self.repo.map_err(&self.key, e))?
         } else {
             let payload: PutPayload = std::mem::take(&mut self.pending).into_iter().collect();
-            self.repo.store.put(&self.path, payload).await
+            self.repo
+                .retrying(&self.key, "put", |_| {
+                    self.repo.store.put(&self.path, payload.clone())
+                })
+                .await
+                .map_err(|(e, attempts)| self.repo.give_up(&self.key, e, attempts))?
         };
-        let result = result.map_err(|e| self.repo.map_err(&self.key, e))?;
         Ok(ObjectVersion {
             e_tag: result.e_tag,
             version: result.version,

@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +19,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
@@ -82,6 +86,73 @@ pub fn s3_store(endpoint: &str, bucket: &str) -> Arc<dyn ObjectStore> {
     Arc::new(s3)
 }
 
+fn require_or_skip(var: &str) -> Option<String> {
+    let value = std::env::var(var).ok().filter(|e| !e.is_empty());
+    if value.is_none() && std::env::var("SPIREKEEP_TEST_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
+        panic!(
+            "SPIREKEEP_TEST_REQUIRE_SERVICES=1 but {var} is not set (source scripts/test-services.sh)"
+        );
+    }
+    value
+}
+
+/// The fake-gcs-server settings (endpoint, bucket, service-account file), if
+/// configured. Opt-in (`SPIREKEEP_TEST_GCS=1` before sourcing
+/// scripts/test-services.sh): fake-gcs-server 1.56 answers object_store's
+/// XML-API uploads with `400 invalid uploadType`, so every write fails there.
+pub fn gcs_settings() -> Option<(String, String, String)> {
+    let endpoint = std::env::var("SPIREKEEP_TEST_GCS_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())?;
+    let bucket =
+        std::env::var("SPIREKEEP_TEST_GCS_BUCKET").unwrap_or_else(|_| "spirekeep-test".into());
+    let account = std::env::var("SPIREKEEP_TEST_GCS_SERVICE_ACCOUNT")
+        .expect("SPIREKEEP_TEST_GCS_SERVICE_ACCOUNT goes with SPIREKEEP_TEST_GCS_ENDPOINT");
+    Some((endpoint, bucket, account))
+}
+
+/// A GCS client for fake-gcs-server. The service-account file names the
+/// emulator's URL and turns OAuth off, so nothing asks Google.
+pub fn gcs_store(bucket: &str, service_account: &str) -> Arc<dyn ObjectStore> {
+    let gcs = GoogleCloudStorageBuilder::new()
+        .with_bucket_name(bucket)
+        .with_service_account_path(service_account)
+        .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
+        .build()
+        .expect("GCS test client");
+    Arc::new(gcs)
+}
+
+/// The Azurite settings (account endpoint, container, account, key), if configured.
+pub fn azure_settings() -> Option<(String, String, String, String)> {
+    let endpoint = require_or_skip("SPIREKEEP_TEST_AZURE_ENDPOINT")?;
+    let container =
+        std::env::var("SPIREKEEP_TEST_AZURE_CONTAINER").unwrap_or_else(|_| "spirekeep-test".into());
+    let account =
+        std::env::var("SPIREKEEP_TEST_AZURE_ACCOUNT").unwrap_or_else(|_| "devstoreaccount1".into());
+    let key = std::env::var("SPIREKEEP_TEST_AZURE_KEY")
+        .expect("SPIREKEEP_TEST_AZURE_KEY goes with SPIREKEEP_TEST_AZURE_ENDPOINT");
+    Some((endpoint, container, account, key))
+}
+
+/// An Azure Blob client for Azurite, with its endpoint and key given.
+pub fn azure_store(
+    endpoint: &str,
+    container: &str,
+    account: &str,
+    key: &str,
+) -> Arc<dyn ObjectStore> {
+    let az = MicrosoftAzureBuilder::new()
+        .with_endpoint(endpoint.to_owned())
+        .with_allow_http(true)
+        .with_account(account)
+        .with_access_key(key)
+        .with_container_name(container)
+        .build()
+        .expect("Azure test client");
+    Arc::new(az)
+}
+
 /// Every backend available here, each rooted at a fresh prefix.
 pub fn backends(test: &str) -> Vec<Backend> {
     let mut out = vec![Backend {
@@ -110,6 +181,34 @@ pub fn backends(test: &str) -> Vec<Backend> {
         .unwrap();
         out.push(Backend {
             name: "s3",
+            repo,
+            _dir: None,
+        });
+    }
+    if let Some((endpoint, bucket, account)) = gcs_settings() {
+        let prefix = unique(test);
+        let repo = Repository::from_object_store(
+            gcs_store(&bucket, &account),
+            &prefix,
+            format!("gs://{bucket}/{prefix} (endpoint {endpoint})"),
+        )
+        .unwrap();
+        out.push(Backend {
+            name: "gcs",
+            repo,
+            _dir: None,
+        });
+    }
+    if let Some((endpoint, container, account, key)) = azure_settings() {
+        let prefix = unique(test);
+        let repo = Repository::from_object_store(
+            azure_store(&endpoint, &container, &account, &key),
+            &prefix,
+            format!("az://{container}/{prefix} (endpoint {endpoint})"),
+        )
+        .unwrap();
+        out.push(Backend {
+            name: "azure",
             repo,
             _dir: None,
         });

@@ -29,6 +29,7 @@ command -v prometheus-pushgateway >/dev/null 2>&1 || need_apt+=(prometheus-pushg
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
 command -v make-ssl-cert >/dev/null 2>&1 || need_apt+=(ssl-cert)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq
@@ -133,12 +134,6 @@ if [ "${SPIREKEEP_SKIP_CLOUD_EMULATORS:-0}" != "1" ]; then
   azurite_account=devstoreaccount1
   azurite_key='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
 
-  fake_gcs_bin="$emulator_cache/fake-gcs-server-$FAKE_GCS_VERSION/bin/fake-gcs-server"
-  if [ ! -x "$fake_gcs_bin" ]; then
-    command -v go >/dev/null 2>&1 || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; }
-    log "building fake-gcs-server $FAKE_GCS_VERSION with go install (a few minutes, once)"
-    GOBIN="$(dirname "$fake_gcs_bin")" go install "github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION"
-  fi
   azurite_dir="$emulator_cache/azurite-$AZURITE_VERSION"
   if [ ! -x "$azurite_dir/node_modules/.bin/azurite-blob" ]; then
     command -v npm >/dev/null 2>&1 || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
@@ -147,21 +142,31 @@ if [ "${SPIREKEEP_SKIP_CLOUD_EMULATORS:-0}" != "1" ]; then
     npm install --silent --no-audit --no-fund --prefix "$azurite_dir" "azurite@$AZURITE_VERSION" >/dev/null
   fi
 
-  if ! curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_GCS_PORT/storage/v1/b"; then
-    log "starting fake-gcs-server on 127.0.0.1:$SPIREKEEP_GCS_PORT"
-    mkdir -p "$state_dir/fake-gcs"
-    (setsid "$fake_gcs_bin" -scheme http -host 127.0.0.1 -port "$SPIREKEEP_GCS_PORT" \
-      -public-host "127.0.0.1:$SPIREKEEP_GCS_PORT" -external-url "http://127.0.0.1:$SPIREKEEP_GCS_PORT" \
-      -backend memory -log-level warn >"$state_dir/fake-gcs.log" 2>&1 &)
-    for _ in $(seq 60); do curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_GCS_PORT/storage/v1/b" && break; sleep 0.5; done
+  # gs:// is opt-in (SPIREKEEP_TEST_GCS=1, see below): fake-gcs-server is built and started only then,
+  # so a fresh machine does not spend minutes compiling what the default run does not use.
+  if [ "${SPIREKEEP_TEST_GCS:-0}" = "1" ]; then
+    fake_gcs_bin="$emulator_cache/fake-gcs-server-$FAKE_GCS_VERSION/bin/fake-gcs-server"
+    if [ ! -x "$fake_gcs_bin" ]; then
+      command -v go >/dev/null 2>&1 || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; }
+      log "building fake-gcs-server $FAKE_GCS_VERSION with go install (a few minutes, once)"
+      GOBIN="$(dirname "$fake_gcs_bin")" go install "github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION"
+    fi
+    if ! curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_GCS_PORT/storage/v1/b"; then
+      log "starting fake-gcs-server on 127.0.0.1:$SPIREKEEP_GCS_PORT"
+      mkdir -p "$state_dir/fake-gcs"
+      (setsid "$fake_gcs_bin" -scheme http -host 127.0.0.1 -port "$SPIREKEEP_GCS_PORT" \
+        -public-host "127.0.0.1:$SPIREKEEP_GCS_PORT" -external-url "http://127.0.0.1:$SPIREKEEP_GCS_PORT" \
+        -backend memory -log-level warn >"$state_dir/fake-gcs.log" 2>&1 &)
+      for _ in $(seq 60); do curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_GCS_PORT/storage/v1/b" && break; sleep 0.5; done
+    fi
+    curl -s -o /dev/null -X POST -H 'Content-Type: application/json' \
+      --data "{\"name\":\"$SPIREKEEP_GCS_BUCKET\"}" "http://127.0.0.1:$SPIREKEEP_GCS_PORT/storage/v1/b"
+    # object_store's GCS client reads its endpoint from a service-account file;
+    # disable_oauth keeps it from asking Google for a token.
+    gcs_account_file="$state_dir/fake-gcs-service-account.json"
+    printf '{"gcs_base_url":"http://127.0.0.1:%s","disable_oauth":true,"client_email":"","private_key":"","private_key_id":""}\n' \
+      "$SPIREKEEP_GCS_PORT" >"$gcs_account_file"
   fi
-  curl -s -o /dev/null -X POST -H 'Content-Type: application/json' \
-    --data "{\"name\":\"$SPIREKEEP_GCS_BUCKET\"}" "http://127.0.0.1:$SPIREKEEP_GCS_PORT/storage/v1/b"
-  # object_store's GCS client reads its endpoint from a service-account file;
-  # disable_oauth keeps it from asking Google for a token.
-  gcs_account_file="$state_dir/fake-gcs-service-account.json"
-  printf '{"gcs_base_url":"http://127.0.0.1:%s","disable_oauth":true,"client_email":"","private_key":"","private_key_id":""}\n' \
-    "$SPIREKEEP_GCS_PORT" >"$gcs_account_file"
 
   # --disableTelemetry: Azurite otherwise tries to send usage data off the machine.
   if ! curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_AZURE_PORT/"; then

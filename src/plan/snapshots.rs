@@ -256,31 +256,6 @@ pub async fn restore_pre_upgrade(
     result.map(|()| manifest)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plan_labels_keep_the_time_and_stay_unique() {
-        assert_eq!(
-            plan_label("upgrade-20261204T101500Z"),
-            "plan-upgrade-20261204T101500Z"
-        );
-        let name = "a".repeat(64);
-        let one = plan_label(&format!("{name}-20261204T101500Z"));
-        let two = plan_label(&format!("{name}-20261204T101501Z"));
-        for l in [&one, &two] {
-            assert!(l.len() <= MAX_LABEL, "{l}");
-            crate::snapshot::backup::validate_label(l).unwrap();
-        }
-        assert!(one.ends_with("-20261204T101500Z"), "{one}");
-        assert_ne!(one, two);
-        // same name and time, different hash input: a different label
-        let other = plan_label(&format!("{}b-20261204T101500Z", "a".repeat(63)));
-        assert_ne!(one, other);
-    }
-}
-
 /// The plan's rehearsal before its first hop: the pre-upgrade snapshot
 /// restored into a scratch datastore and `release`'s `spire-server` started
 /// on it. `Ok(detail)` when that release accepts the data; `Err(why)` when it
@@ -349,5 +324,30 @@ pub async fn rehearse_first_hop(
                 .as_deref()
                 .unwrap_or("it did not become healthy")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_labels_keep_the_time_and_stay_unique() {
+        assert_eq!(
+            plan_label("upgrade-20261204T101500Z"),
+            "plan-upgrade-20261204T101500Z"
+        );
+        let name = "a".repeat(64);
+        let one = plan_label(&format!("{name}-20261204T101500Z"));
+        let two = plan_label(&format!("{name}-20261204T101501Z"));
+        for l in [&one, &two] {
+            assert!(l.len() <= MAX_LABEL, "{l}");
+            crate::snapshot::backup::validate_label(l).unwrap();
+        }
+        assert!(one.ends_with("-20261204T101500Z"), "{one}");
+        assert_ne!(one, two);
+        // same name and time, different hash input: a different label
+        let other = plan_label(&format!("{}b-20261204T101500Z", "a".repeat(63)));
+        assert_ne!(one, other);
     }
 }

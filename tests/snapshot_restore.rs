@@ -382,7 +382,8 @@ async fn preflight_into_mysql_lists_every_change_and_applies_exactly_those_when_
         .retain(|c| ["id", "created_at", "spiffe_id"].contains(&c.name.as_str()));
     let rows = target.read_table(&t).await.unwrap();
     let row = rows.iter().find(|r| r[0] == Value::Int(9001)).unwrap();
-    assert_eq!(row[1], at(1_780_000_000, 0));
+    // .5 s rounds up, as SPIRE's API rounds created_at (roundedInSecondsUnix).
+    assert_eq!(row[1], at(1_780_000_001, 0));
     assert_eq!(
         row[2],
         Value::Text("spiffe://example.org/emoji/\u{FFFD}".into())

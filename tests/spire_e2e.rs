@@ -800,10 +800,23 @@ async fn check_agrees_with_spire_on_mariadb() {
 // ------------------------------------------------ item 11: SPIRE's metrics
 
 /// Metric names in PromQL expressions of a rule file or plan (anything that
-/// looks like `spire_server_…`/`spire_agent_…`), with the line they are on.
-fn spire_metric_names(text: &str) -> Vec<(String, String)> {
+/// looks like `spire_server_…`/`spire_agent_…`), with the line they are on
+/// and the nearest `#` comment block above it.
+fn spire_metric_names(text: &str) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
+    let mut comment = String::new();
+    let mut in_comment = false;
     for line in text.lines() {
+        if line.trim_start().starts_with('#') {
+            if !in_comment {
+                comment.clear();
+            }
+            comment.push_str(line);
+            comment.push(' ');
+            in_comment = true;
+            continue;
+        }
+        in_comment = false;
         let mut rest = line;
         while let Some(at) = rest.find("spire_") {
             let tail = &rest[at..];
@@ -819,7 +832,7 @@ fn spire_metric_names(text: &str) -> Vec<(String, String)> {
                 && !name.ends_with('_')
                 && (name.starts_with("spire_server_") || name.starts_with("spire_agent_"))
             {
-                out.push((name.to_string(), line.to_string()));
+                out.push((name.to_string(), line.to_string(), comment.clone()));
             }
             rest = &tail[end..];
         }
@@ -903,13 +916,18 @@ async fn alert_rules_and_gates_use_metrics_a_real_spire_exports() {
         let Ok(text) = std::fs::read_to_string(&file) else {
             continue;
         };
-        for (name, line) in spire_metric_names(&text) {
+        for (name, line, comment) in spire_metric_names(&text) {
             checked += 1;
             // A name that needs a SPIRE setting the test fleet lacks (the
-            // events-based cache, say) must say so on its line.
-            let documented = line.contains("needs ")
-                || line.contains("only with")
-                || line.contains("events-based cache");
+            // events-based cache, say) or an event the test does not cause
+            // must say so on its line or in the comment above it.
+            let says_why = |t: &str| {
+                t.contains("needs ")
+                    || t.contains("only with")
+                    || t.contains("only when")
+                    || t.contains("events-based cache")
+            };
+            let documented = says_why(&line) || says_why(&comment);
             if !scraped.contains(&name) && !documented {
                 missing.push(format!(
                     "{}: {name}",

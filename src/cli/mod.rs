@@ -67,7 +67,7 @@ Exit codes (every command):
   4  a server could not be reached, or refused the credentials
   5  any other failure (database or storage error)
   6  check: verdict needs_steps (reachable only through the stepping-stone releases it prints)
-  7  apply: failed and could NOT roll back: an operator must act (the journal says where)
+  7  apply: stopped, or failed and could NOT roll back: an operator must act (the journal says where)
   8  plan/apply: refused before touching anything (stale plan, blocking finding, failed preflight)
   9  plan/apply: nothing to do (everything is already at the target)";
 

@@ -638,31 +638,41 @@ impl Repository {
     /// As [`Self::get_capped`].
     pub async fn get_with_meta_capped(&self, key: &str, max: u64) -> Result<(Bytes, ObjectMeta)> {
         let path = self.path(key)?;
-        let result = self
-            .store
-            .get(&path)
+        // Retried like every other read (a lock or manifest read is no less
+        // exposed to a flaky store); `None` means the object is over `max`.
+        let capped = self
+            .retrying(key, "get", |_| async {
+                let result = self.store.get(&path).await?;
+                if result.meta.size > max {
+                    return Ok(None);
+                }
+                let meta = result.meta.clone();
+                let expected = result.range.end - result.range.start;
+                // The size the store announced is not trusted: count while reading.
+                let mut stream = result.into_stream();
+                let mut out = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk?;
+                    if (out.len() + chunk.len()) as u64 > max {
+                        return Ok(None);
+                    }
+                    out.extend_from_slice(&chunk);
+                }
+                if out.len() as u64 != expected {
+                    return Err(short_read(out.len() as u64, expected));
+                }
+                Ok(Some((Bytes::from(out), meta)))
+            })
             .await
-            .map_err(|e| self.map_err(key, e))?;
-        let too_large = || StoreError::TooLarge {
-            repo: self.display.to_string(),
-            key: key.to_owned(),
-            max,
+            .map_err(|(e, attempts)| self.give_up(key, e, attempts))?;
+        let Some((bytes, meta)) = capped else {
+            return Err(StoreError::TooLarge {
+                repo: self.display.to_string(),
+                key: key.to_owned(),
+                max,
+            });
         };
-        if result.meta.size > max {
-            return Err(too_large());
-        }
-        let meta = convert_meta(key.to_owned(), &result.meta);
-        // The size the store announced is not trusted: count while reading.
-        let mut stream = result.into_stream();
-        let mut out = Vec::with_capacity(usize::try_from(meta.size).unwrap_or(0));
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.map_err(key, e))?;
-            if (out.len() + chunk.len()) as u64 > max {
-                return Err(too_large());
-            }
-            out.extend_from_slice(&chunk);
-        }
-        Ok((Bytes::from(out), meta))
+        Ok((bytes, convert_meta(key.to_owned(), &meta)))
     }
 
     /// Streams an object's bytes in the store's chunk sizes.

@@ -968,6 +968,115 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
     src.cleanup().await;
 }
 
+/// Issue 14: a snapshot taken before backups ignored staging tables (a
+/// MySQL target whose killed restore left `_spirekeep_new_*` and
+/// `_spirekeep_old_*` tables) carries them as ordinary tables. Restoring it
+/// brings back only SPIRE's tables, into MariaDB and into SQLite, and the
+/// `--replace` of such a snapshot does not fail on the swap.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_snapshot_carrying_staging_tables_restores_without_them() {
+    let src = SpireFixture::create(
+        Engine::Sqlite,
+        "old-staging-src",
+        &population(Engine::Mysql, 20),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&src.url(), &repo);
+    // Make it what an old spirekeep wrote: the leftovers as user tables
+    // (their data are copies of the tables they were made from).
+    let manifest_path = dir
+        .path()
+        .join("repo/snapshots")
+        .join(&id)
+        .join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    for (copy, of) in [
+        ("_spirekeep_new_join_tokens", "join_tokens"),
+        ("_spirekeep_old_bundles", "bundles"),
+    ] {
+        for path in ["/catalogue/tables", "/tables"] {
+            let list = manifest.pointer_mut(path).unwrap().as_array_mut().unwrap();
+            let mut entry = list.iter().find(|t| t["name"] == of).unwrap().clone();
+            entry["name"] = copy.into();
+            for object in entry["objects"].as_array_mut().into_iter().flatten() {
+                let key = object["key"].as_str().unwrap().to_owned();
+                let moved = key.replace(&format!("/data/{of}."), &format!("/data/{copy}."));
+                let on_disk = |k: &str| dir.path().join("repo").join(k);
+                std::fs::copy(on_disk(&key), on_disk(&moved)).unwrap();
+                object["key"] = moved.into();
+            }
+            list.push(entry);
+        }
+    }
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    let shown = ok_json(&["show", &id], &repo);
+    assert_eq!(shown["manifest"]["tables"].as_array().unwrap().len(), 15);
+
+    let expected = contents(src.open().await.as_ref(), None, 1).await;
+    let restore_into = |url: &str, replace: bool| {
+        let mut args = vec![
+            "--json",
+            "restore",
+            id.as_str(),
+            "--datastore",
+            url,
+            "--accept-changes",
+        ];
+        if replace {
+            args.push("--replace");
+        }
+        args.extend(repo.iter().map(String::as_str));
+        let out = spirekeep(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+
+    // Into a new SQLite file: 13 tables, nothing of spirekeep's.
+    let sqlite_target = dir.path().join("restored.sqlite3");
+    restore_into(sqlite_target.to_str().unwrap(), false);
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        sqlite_target.display()
+    ))
+    .await
+    .unwrap();
+    let physical: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(physical.len(), 13, "{physical:?}");
+    drop(conn);
+
+    // Into a live MariaDB datastore, replacing it.
+    let Some(dst) =
+        SpireFixture::create(Engine::Mysql, "old-staging", &population(Engine::Mysql, 5)).await
+    else {
+        src.cleanup().await;
+        return;
+    };
+    restore_into(&dst.url(), true);
+    let physical = mysql_tables_physically(&dst.url()).await;
+    assert_eq!(physical.len(), 13, "nothing of spirekeep's: {physical:?}");
+    let dst_ds = dst.open().await;
+    let restored = contents(dst_ds.as_ref(), None, 1).await;
+    assert_eq!(
+        restored.values().map(|(rows, _)| rows).sum::<u64>(),
+        expected.values().map(|(rows, _)| rows).sum::<u64>()
+    );
+    dst_ds.close().await;
+    dst.cleanup().await;
+    src.cleanup().await;
+}
+
 /// Regression (issue 14): two restores into one database dropped each
 /// other's staging tables. A restore holds the database's restore lock
 /// (`GET_LOCK` on MySQL, an advisory lock on PostgreSQL) from its start to

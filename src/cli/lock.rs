@@ -17,7 +17,7 @@ use crate::snapshot::listing::rfc3339;
 use crate::store::Repository;
 use crate::store::lease_run::LeaseRun;
 use crate::store::lock::{
-    LeaseState, LeaseStatus, LockOptions, RepositoryLock, break_lease, inspect,
+    LeaseState, LeaseStatus, LockOptions, RepositoryLock, break_lease, inspect, readers,
 };
 
 /// How to take the repository lock.
@@ -63,6 +63,24 @@ impl Held {
         let options = args.options(purpose);
         let lock = tokio::select! {
             r = RepositoryLock::acquire(repo, &options) => r.map_err(Error::from)?,
+            () = shutdown::at_least(&mut signals, 1) => {
+                return Err(Error::Aborted("interrupted while waiting for the repository lock".into()).into());
+            }
+        };
+        Ok(Self { lock, signals })
+    }
+
+    /// Takes a shared lease for `purpose` (a reader: `verify`), waiting as
+    /// `args` says for an exclusive holder (prune, backup, restore).
+    pub(crate) async fn acquire_shared(
+        repo: &Repository,
+        args: &LockArgs,
+        purpose: &str,
+    ) -> anyhow::Result<Self> {
+        let mut signals = shutdown::listen()?;
+        let options = args.options(purpose);
+        let lock = tokio::select! {
+            r = RepositoryLock::acquire_shared(repo, &options) => r.map_err(Error::from)?,
             () = shutdown::at_least(&mut signals, 1) => {
                 return Err(Error::Aborted("interrupted while waiting for the repository lock".into()).into());
             }
@@ -127,6 +145,8 @@ pub enum LockAction {
 struct ShowJson<'a> {
     repository: &'a str,
     lease: Option<&'a LeaseStatus>,
+    /// Shared leases of running verifies (live or expired, not yet removed).
+    readers: &'a [LeaseStatus],
 }
 
 pub(crate) async fn run(args: &LockCommandArgs, json: bool) -> anyhow::Result<u8> {
@@ -134,13 +154,24 @@ pub(crate) async fn run(args: &LockCommandArgs, json: bool) -> anyhow::Result<u8
         LockAction::Show { repo } => {
             let repo = repo.open()?;
             let status = inspect(&repo).await.map_err(Error::from)?;
+            let readers = readers(&repo).await.map_err(Error::from)?;
             if json {
                 print_json(&ShowJson {
                     repository: repo.location(),
                     lease: status.as_ref(),
+                    readers: &readers,
                 })?;
             } else {
                 println!("{}", describe(&repo, status.as_ref()));
+                for reader in &readers {
+                    if let (LeaseState::Held, Some(r)) = (reader.state, &reader.record) {
+                        println!(
+                            "  shared lease: {}, expires {}",
+                            r.describe(),
+                            rfc3339(r.expires_at)
+                        );
+                    }
+                }
             }
             Ok(exit::OK)
         }
@@ -156,6 +187,12 @@ pub(crate) async fn run(args: &LockCommandArgs, json: bool) -> anyhow::Result<u8
                 );
             } else {
                 println!("{}: no lock object, nothing to break", repo.location());
+            }
+            if !json && outcome.readers_removed > 0 {
+                println!(
+                    "removed {} shared (verify) lease(s)",
+                    outcome.readers_removed
+                );
             }
             Ok(exit::OK)
         }

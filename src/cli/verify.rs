@@ -78,10 +78,11 @@ pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
         None => None,
     };
     let repo = args.repo.open()?;
-    // Under the repository lock, so no prune deletes the snapshot's objects
-    // while they are read (a verify racing a prune would report a damaged
-    // snapshot that was only being deleted).
-    let held = super::lock::Held::acquire(&repo, &args.lock, "verify").await?;
+    // Under a shared lease of the repository lock, so no prune deletes the
+    // snapshot's objects while they are read (a verify racing a prune would
+    // report a damaged snapshot that was only being deleted); other verifies
+    // may run beside it.
+    let held = super::lock::Held::acquire_shared(&repo, &args.lock, "verify").await?;
     let progress = Progress::new("verify", json);
     let work = async {
         let id = resolve(&repo, &args.snapshot).await?;
@@ -161,8 +162,8 @@ async fn rehearse(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
         timeout: args.rehearse_timeout,
     };
     let repo = args.repo.open()?;
-    // Under the repository lock, like any verify: no prune deletes the snapshot meanwhile.
-    let held = super::lock::Held::acquire(&repo, &args.lock, "verify --rehearse").await?;
+    // Under a shared lease, like any verify: no prune deletes the snapshot meanwhile.
+    let held = super::lock::Held::acquire_shared(&repo, &args.lock, "verify --rehearse").await?;
     let work = async {
         let id = resolve(&repo, &args.snapshot).await?;
         Ok(crate::rehearse::rehearse(&repo, &id, &options).await?)

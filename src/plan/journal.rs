@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::error::PlanError;
-use crate::store::Repository;
 use crate::store::keys;
+use crate::store::{Repository, StoreError};
 
 /// The journal format this build writes.
 pub const JOURNAL_FORMAT: u32 = 1;
@@ -169,6 +169,10 @@ pub fn read(path: &Path) -> Result<Vec<Record>, PlanError> {
     Ok(out)
 }
 
+/// The largest mirrored journal spirekeep reads (a journal record is a few
+/// hundred bytes: this is tens of thousands of steps).
+pub const MAX_MIRROR_BYTES: u64 = 16 << 20;
+
 /// Reads the mirrored journal of a plan from the repository (`None` when
 /// there is none).
 ///
@@ -177,12 +181,13 @@ pub fn read(path: &Path) -> Result<Vec<Record>, PlanError> {
 pub async fn read_mirror(repo: &Repository, plan_id: &str) -> Result<Option<Mirror>, PlanError> {
     let failed = |e: String| PlanError::Journal(e);
     let key = keys::journal(plan_id).map_err(|e| failed(e.to_string()))?;
-    match repo.head(&key).await {
-        Ok(None) => return Ok(None),
-        Ok(Some(_)) => {}
+    // Capped: a journal is read from a bucket others can write to, and a huge
+    // object there must not be held in memory whole.
+    let bytes = match repo.get_capped(&key, MAX_MIRROR_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(failed(e.to_string())),
-    }
-    let bytes = repo.get(&key).await.map_err(|e| failed(e.to_string()))?;
+    };
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| failed(format!("{key} in {repo} is not a journal: {e}")))
@@ -418,6 +423,20 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 14): the mirrored journal was read whole, however
+    /// large the object a bucket writer left under its key.
+    #[tokio::test]
+    async fn an_oversized_mirror_is_refused_before_it_is_read() {
+        let repo = Repository::in_memory();
+        assert!(read_mirror(&repo, "p-1").await.unwrap().is_none());
+        let key = keys::journal("p-1").unwrap();
+        let huge = vec![b' '; usize::try_from(MAX_MIRROR_BYTES).unwrap() + 1];
+        repo.put_overwrite(&key, Bytes::from(huge)).await.unwrap();
+        let err = read_mirror(&repo, "p-1").await.unwrap_err();
+        assert!(matches!(err, PlanError::Journal(_)), "{err}");
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
 
     #[tokio::test]
     async fn append_read_replay_and_lock() {

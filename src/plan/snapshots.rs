@@ -228,32 +228,50 @@ pub async fn restore_pre_upgrade(
         format!("restore of the pre-upgrade snapshot {id} (plan rollback)"),
     )
     .await?;
-    // The rollback's restore is watched like every other operation under
-    // the lease: a lost lease stops it before it commits (the restore is one
-    // all-or-nothing session, so the datastore is then left as it was).
-    let result = lease_run(&lock, signals)
+    let result = restore_under_lease(plan, repo, &manifest, &lock, signals).await;
+    let _ = lock.release().await;
+    result.map(|()| manifest)
+}
+
+/// The rollback's restore while `lock` is held. It is watched like every
+/// other operation under the lease (a lost lease or a signal stops it before
+/// it commits), and the restore itself asks the lease right before its
+/// commit, so a lease broken since the last renewal is noticed there too:
+/// the datastore is then left as it was.
+async fn restore_under_lease(
+    plan: &Plan,
+    repo: &Repository,
+    manifest: &Manifest,
+    lock: &RepositoryLock,
+    signals: Option<watch::Receiver<u32>>,
+) -> Result<()> {
+    lease_run(lock, signals)
         .run(async {
             let (ds, _) = open_datastore(plan, OpenMode::ReadWrite).await?;
             let options = RestoreOptions {
                 replace: true,
                 ..RestoreOptions::default()
             };
-            let report =
-                restore::restore(repo, &manifest, ds.as_ref(), &options, &restore::Quiet).await;
-            ds.close().await;
-            let report = report?;
-            if report.ok {
-                Ok(())
-            } else {
-                Err(Error::Integrity(format!(
-                    "the restore of snapshot {id} committed but does not match the snapshot: {}",
-                    report.problems.join("; ")
-                )))
+            let restored = async {
+                let restore_plan =
+                    restore::plan(repo, manifest, ds.as_ref(), &options, &restore::Quiet).await?;
+                restore::execute_fenced(
+                    repo,
+                    manifest,
+                    ds.as_ref(),
+                    &restore_plan,
+                    &restore::Quiet,
+                    lock,
+                )
+                .await
             }
+            .await;
+            ds.close().await;
+            // A restore that does not match what it restored is an
+            // integrity error naming the tables (execute_fenced says so).
+            restored.map(|_| ())
         })
-        .await;
-    let _ = lock.release().await;
-    result.map(|()| manifest)
+        .await
 }
 
 /// The plan's rehearsal before its first hop: the pre-upgrade snapshot
@@ -330,6 +348,91 @@ pub async fn rehearse_first_hop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 14): the rollback's restore committed without asking
+    /// the lease, so a lease broken after its last renewal (the watcher only
+    /// notices at the next one, a third of the TTL later) did not stop it.
+    /// Now the restore confirms the lease right before its commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_rollback_restore_does_not_commit_on_a_broken_lease() {
+        use crate::datastore::testkit::{Population, create_spire_datastore};
+        use crate::datastore::{self, Datastore, Engine, dsn};
+        use crate::snapshot::backup::BackupOptions;
+        use crate::store::RepoOptions;
+
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("datastore.sqlite3");
+        let conn = db.display().to_string();
+        let spec = dsn::parse(&conn, Some(Engine::Sqlite), std::path::Path::new("/")).unwrap();
+        let ds = datastore::open(&spec, OpenMode::Create).await.unwrap();
+        create_spire_datastore(ds.as_ref(), &Population::new(5))
+            .await
+            .unwrap();
+        let repo_url = format!("file://{}", dir.path().join("repo").display());
+        let repo = Repository::open(&repo_url, &RepoOptions::default()).unwrap();
+        let manifest = backup(ds.as_ref(), &repo, &BackupOptions::default(), &Quiet)
+            .await
+            .unwrap();
+        // What the rollback must not overwrite: a change made after the snapshot.
+        ds.execute_script("DELETE FROM join_tokens; INSERT INTO join_tokens (token, expiry) VALUES ('after-the-snapshot', 1)")
+            .await
+            .unwrap();
+        async fn tokens(ds: &dyn Datastore) -> Vec<(Option<String>, u64)> {
+            ds.count_by("join_tokens", "token").await.unwrap()
+        }
+        let before = tokens(ds.as_ref()).await;
+        assert_eq!(before, vec![(Some("after-the-snapshot".into()), 1)]);
+        ds.close().await;
+
+        let toml = format!(
+            r#"
+format = 1
+name = "t"
+target = "1.15.3"
+[datastore]
+connection_string = "{conn}"
+[repository]
+url = "{repo_url}"
+[executor]
+kind = "command"
+[executor.commands]
+version = "true"
+upgrade = "true"
+rollback = "true"
+stop = "true"
+start = "true"
+[servers]
+members = [{{ name = "s1" }}]
+"#
+        );
+        let mut pf = super::super::file::parse(&toml).unwrap();
+        pf.absolutize(dir.path());
+        let plan = pf.validate().unwrap();
+
+        // A long TTL: the background renewal would not notice for 20 s.
+        let lock = RepositoryLock::acquire(
+            &repo,
+            &LockOptions {
+                ttl: Duration::from_secs(60),
+                ..LockOptions::new("rollback test")
+            },
+        )
+        .await
+        .unwrap();
+        lock::break_lease(&repo, true).await.unwrap();
+        let err = restore_under_lease(&plan, &repo, &manifest, &lock, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Lock(_)), "{err}");
+
+        let ds = datastore::open(&spec, OpenMode::ReadWrite).await.unwrap();
+        assert_eq!(
+            tokens(ds.as_ref()).await,
+            before,
+            "the datastore is as it was"
+        );
+        ds.close().await;
+    }
 
     #[test]
     fn plan_labels_keep_the_time_and_stay_unique() {

@@ -58,6 +58,9 @@ pub const RESTORES: &str = "restores/";
 pub const PINS: &str = "pins/";
 /// The repository lease object.
 pub const REPOSITORY_LOCK: &str = "locks/repository.lock";
+/// Prefix of the shared (reader) leases: one object per reader, named after
+/// its holder id (see `store::lock`).
+pub const READER_LEASES: &str = "locks/readers/";
 /// File name of a snapshot's manifest inside its folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
 

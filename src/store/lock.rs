@@ -29,6 +29,17 @@
 //! same, unchanged record for a whole TTL also treats it as expired, which
 //! covers a dead holder whose clock ran far ahead.
 //!
+//! **Shared (reader) leases.** `verify` only reads, so verifies may run side
+//! by side, but never beside a prune (or a backup or restore, which hold the
+//! exclusive lease). A reader writes its own lease object under
+//! `locks/readers/` ([`RepositoryLock::acquire_shared`]), renewed like the
+//! exclusive one and deleted on release. Each side writes its lease first
+//! and then looks for the other: a reader re-reads the exclusive lease after
+//! writing its own, and an exclusive holder lists the readers after winning
+//! its lease. On a store with read-after-write consistency at least one of
+//! two racing processes sees the other and backs off, so a reader and an
+//! exclusive holder never both proceed.
+//!
 //! Stores without conditional updates (the local filesystem: `file://`
 //! repositories) get the same protocol with two fallbacks: renewal reads the
 //! record and overwrites it only if it is still ours, and taking over an
@@ -48,7 +59,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::keys::REPOSITORY_LOCK;
+use super::keys::{READER_LEASES, REPOSITORY_LOCK};
 use super::{MAX_CONTROL_BYTES, ObjectMeta, ObjectVersion, Repository, StoreError};
 
 /// Format version of [`LeaseRecord`].
@@ -273,6 +284,8 @@ impl CommitFence for RepositoryLock {
 
 /// The state the renewal task and the handle share.
 struct Shared {
+    /// The lease object: [`REPOSITORY_LOCK`], or a reader's own under [`READER_LEASES`].
+    key: String,
     /// The version we last wrote and the record in it.
     current: Mutex<(ObjectVersion, LeaseRecord)>,
     /// Until when (monotonic) the lease is surely ours.
@@ -303,6 +316,8 @@ impl Shared {
 /// expire (use `release`).
 pub struct RepositoryLock {
     repo: Repository,
+    /// A shared (reader) lease rather than the exclusive one.
+    reader: bool,
     shared: Arc<Shared>,
     lost_rx: watch::Receiver<Option<String>>,
     renewer: JoinHandle<()>,
@@ -333,15 +348,125 @@ impl RepositoryLock {
     /// wait, [`LockError::Invalid`] for a TTL under [`MIN_TTL`], or a storage
     /// failure.
     pub async fn acquire(repo: &Repository, options: &LockOptions) -> Result<Self, LockError> {
-        if options.ttl < MIN_TTL {
-            return Err(LockError::Invalid(format!(
-                "the lease TTL must be at least {} s",
-                MIN_TTL.as_secs()
-            )));
+        check_ttl(options.ttl)?;
+        let started = Instant::now();
+        let poll = poll_interval(options.ttl);
+        loop {
+            let wait = options.wait.saturating_sub(started.elapsed());
+            let held = Self::acquire_exclusive_lease(
+                repo,
+                &LockOptions {
+                    wait,
+                    ..options.clone()
+                },
+            )
+            .await?;
+            // Readers (verify) write their lease before they look at ours:
+            // one that is live now either saw no holder or is backing off.
+            let reader = match live_readers(repo).await {
+                Ok(readers) => readers.into_iter().next(),
+                Err(e) => {
+                    let _ = held.release().await;
+                    return Err(e);
+                }
+            };
+            let Some(reader) = reader else {
+                return Ok(held);
+            };
+            let _ = held.release().await;
+            if started.elapsed() >= options.wait {
+                return Err(LockError::held(
+                    repo,
+                    reader,
+                    &waited_note(options, started),
+                ));
+            }
+            tracing::info!(holder = %reader.describe(), "repository read by another run; waiting");
+            tokio::time::sleep(poll.min(options.wait.saturating_sub(started.elapsed()))).await;
         }
+    }
+
+    /// Takes a shared (reader) lease: any number of readers hold one at once,
+    /// but none while the exclusive lease is held (a prune, a backup, a
+    /// restore), and no exclusive holder proceeds while a reader holds one.
+    /// Waits up to `options.wait` for an exclusive holder.
+    ///
+    /// # Errors
+    /// [`LockError::Held`] when an exclusive holder still holds the lease
+    /// after the wait, [`LockError::Invalid`] for a TTL under [`MIN_TTL`], or
+    /// a storage failure.
+    pub async fn acquire_shared(
+        repo: &Repository,
+        options: &LockOptions,
+    ) -> Result<Self, LockError> {
+        check_ttl(options.ttl)?;
+        let started = Instant::now();
+        let poll = poll_interval(options.ttl);
+        let mut ours = LeaseRecord::new(&options.purpose, options.ttl, OffsetDateTime::now_utc());
+        let key = format!("{READER_LEASES}{}.lock", ours.holder);
+        loop {
+            let holder = match live_exclusive(repo).await? {
+                Some(holder) => Some(holder),
+                None => {
+                    let now = OffsetDateTime::now_utc();
+                    ours.acquired_at = now;
+                    ours.renewed_at = now;
+                    ours.expires_at = now + options.ttl;
+                    let write_started = Instant::now();
+                    let version = repo.put_overwrite(&key, ours.to_bytes()).await?;
+                    // Written first, then looked: an exclusive holder that
+                    // won its lease meanwhile lists the readers after it.
+                    match live_exclusive(repo).await {
+                        Ok(None) => {
+                            return Ok(Self::start_at(
+                                repo,
+                                key,
+                                true,
+                                version,
+                                ours,
+                                write_started,
+                                true,
+                            ));
+                        }
+                        Ok(Some(holder)) => {
+                            repo.delete(&key).await?;
+                            Some(holder)
+                        }
+                        Err(e) => {
+                            let _ = repo.delete(&key).await;
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            if let Some(holder) = holder {
+                if started.elapsed() >= options.wait {
+                    return Err(LockError::held(
+                        repo,
+                        holder,
+                        &waited_note(options, started),
+                    ));
+                }
+                tracing::info!(holder = %holder.describe(), "repository locked; waiting");
+                tokio::time::sleep(poll.min(options.wait.saturating_sub(started.elapsed()))).await;
+            }
+        }
+    }
+
+    /// Whether this is a shared (reader) lease.
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        self.reader
+    }
+
+    /// The exclusive lease alone (no look at the readers).
+    async fn acquire_exclusive_lease(
+        repo: &Repository,
+        options: &LockOptions,
+    ) -> Result<Self, LockError> {
         let started = Instant::now();
         let deadline = started + options.wait;
-        let poll = (options.ttl / 6).clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let poll = poll_interval(options.ttl);
         // The record we saw and since when, to notice a lease nobody renews.
         let mut watched: Option<(Bytes, Instant)> = None;
         // One holder id for every attempt, so a create-only put that
@@ -447,12 +572,7 @@ impl RepositoryLock {
             };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let waited = if options.wait.is_zero() {
-                    String::new()
-                } else {
-                    format!(" (waited {} s)", started.elapsed().as_secs())
-                };
-                return Err(LockError::held(repo, r, &waited));
+                return Err(LockError::held(repo, r, &waited_note(options, started)));
             }
             tracing::info!(holder = %r.describe(), "repository locked; waiting");
             tokio::time::sleep(poll.min(left)).await;
@@ -466,9 +586,30 @@ impl RepositoryLock {
         write_started: Instant,
         conditional: bool,
     ) -> Self {
+        Self::start_at(
+            repo,
+            REPOSITORY_LOCK.to_owned(),
+            false,
+            version,
+            record,
+            write_started,
+            conditional,
+        )
+    }
+
+    fn start_at(
+        repo: &Repository,
+        key: String,
+        reader: bool,
+        version: ObjectVersion,
+        record: LeaseRecord,
+        write_started: Instant,
+        conditional: bool,
+    ) -> Self {
         let ttl = record.ttl();
         let (lost, lost_rx) = watch::channel(None);
         let shared = Arc::new(Shared {
+            key,
             current: Mutex::new((version, record)),
             held_until: Mutex::new(write_started + ttl - ttl / 6),
             lost,
@@ -478,6 +619,7 @@ impl RepositoryLock {
         let renewer = tokio::spawn(renew_loop(repo.clone(), Arc::clone(&shared), ttl));
         Self {
             repo: repo.clone(),
+            reader,
             shared,
             lost_rx,
             renewer,
@@ -570,6 +712,13 @@ impl RepositoryLock {
         if self.lost_rx.borrow().is_some() {
             return Ok(());
         }
+        if self.reader {
+            // A reader's lease is its own object: nobody takes it over.
+            return match self.repo.delete(&self.shared.key).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+        }
         let (version, mut record) = lock_unpoisoned(&self.shared.current).clone();
         record.released = true;
         record.renewed_at = OffsetDateTime::now_utc();
@@ -602,6 +751,77 @@ impl RepositoryLock {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+fn check_ttl(ttl: Duration) -> Result<(), LockError> {
+    if ttl < MIN_TTL {
+        return Err(LockError::Invalid(format!(
+            "the lease TTL must be at least {} s",
+            MIN_TTL.as_secs()
+        )));
+    }
+    Ok(())
+}
+
+fn poll_interval(ttl: Duration) -> Duration {
+    (ttl / 6).clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+fn waited_note(options: &LockOptions, started: Instant) -> String {
+    if options.wait.is_zero() {
+        String::new()
+    } else {
+        format!(" (waited {} s)", started.elapsed().as_secs())
+    }
+}
+
+/// The exclusive lease's record while someone holds it (`None`: free).
+async fn live_exclusive(repo: &Repository) -> Result<Option<LeaseRecord>, LockError> {
+    let Some(status) = inspect(repo).await? else {
+        return Ok(None);
+    };
+    if status.state != LeaseState::Held {
+        return Ok(None);
+    }
+    Ok(Some(status.record.unwrap_or_else(|| {
+        let mut r = LeaseRecord::new(
+            "unknown (unreadable lease)",
+            DEFAULT_TTL,
+            status.last_modified,
+        );
+        r.holder = "unknown".into();
+        r
+    })))
+}
+
+/// The shared (reader) leases, each with its state.
+///
+/// # Errors
+/// A storage failure.
+pub async fn readers(repo: &Repository) -> Result<Vec<LeaseStatus>, LockError> {
+    let mut out = Vec::new();
+    for object in repo.list(READER_LEASES).await? {
+        match repo
+            .get_with_meta_capped(&object.key, MAX_CONTROL_BYTES)
+            .await
+        {
+            Ok((bytes, meta)) => out.push(status_of(&bytes, &meta)),
+            // Released between the list and the read.
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+/// The records of the readers that hold a live shared lease.
+async fn live_readers(repo: &Repository) -> Result<Vec<LeaseRecord>, LockError> {
+    Ok(readers(repo)
+        .await?
+        .into_iter()
+        .filter(|r| r.state == LeaseState::Held)
+        .filter_map(|r| r.record)
+        .collect())
 }
 
 async fn renew_loop(repo: Repository, shared: Arc<Shared>, ttl: Duration) {
@@ -669,7 +889,7 @@ async fn renew_once(repo: &Repository, shared: &Shared, ttl: Duration) -> Result
     let conditional = *lock_unpoisoned(&shared.conditional);
     let written = if conditional {
         match repo
-            .put_if_match(REPOSITORY_LOCK, record.to_bytes(), &version)
+            .put_if_match(&shared.key, record.to_bytes(), &version)
             .await
         {
             Ok(v) => Ok(v),
@@ -677,7 +897,7 @@ async fn renew_once(repo: &Repository, shared: &Shared, ttl: Duration) -> Result
                 // Either someone else wrote it, or our own retried request
                 // already succeeded: read it to know which.
                 match repo
-                    .get_with_meta_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES)
+                    .get_with_meta_capped(&shared.key, MAX_CONTROL_BYTES)
                     .await
                 {
                     Ok((bytes, meta)) => match LeaseRecord::parse(&bytes) {
@@ -704,12 +924,12 @@ async fn renew_once(repo: &Repository, shared: &Shared, ttl: Duration) -> Result
             }
             Err(StoreError::NotSupported { .. }) => {
                 *lock_unpoisoned(&shared.conditional) = false;
-                renew_by_overwrite(repo, &record).await
+                renew_by_overwrite(repo, &shared.key, &record).await
             }
             Err(e) => Err(Renewal::Retry(e.to_string())),
         }
     } else {
-        renew_by_overwrite(repo, &record).await
+        renew_by_overwrite(repo, &shared.key, &record).await
     }?;
     *lock_unpoisoned(&shared.current) = (written, record);
     *lock_unpoisoned(&shared.held_until) = write_started + ttl - ttl / 6;
@@ -720,9 +940,10 @@ async fn renew_once(repo: &Repository, shared: &Shared, ttl: Duration) -> Result
 /// that is still ours.
 async fn renew_by_overwrite(
     repo: &Repository,
+    key: &str,
     record: &LeaseRecord,
 ) -> Result<ObjectVersion, Renewal> {
-    match repo.get_capped(REPOSITORY_LOCK, MAX_CONTROL_BYTES).await {
+    match repo.get_capped(key, MAX_CONTROL_BYTES).await {
         Ok(bytes) => match LeaseRecord::parse(&bytes) {
             Some(r) if r.holder == record.holder && !r.released => {}
             Some(r) if r.holder == record.holder => {
@@ -736,7 +957,7 @@ async fn renew_by_overwrite(
         }
         Err(e) => return Err(Renewal::Retry(e.to_string())),
     }
-    repo.put_overwrite(REPOSITORY_LOCK, record.to_bytes())
+    repo.put_overwrite(key, record.to_bytes())
         .await
         .map_err(|e| Renewal::Retry(e.to_string()))
 }
@@ -839,6 +1060,32 @@ pub struct BreakOutcome {
     pub before: Option<LeaseStatus>,
     /// Whether a live lease was broken (needs `force`).
     pub broke_live_lease: bool,
+    /// Reader (verify) leases removed: expired ones always, live ones with `force`.
+    pub readers_removed: usize,
+}
+
+/// Removes reader leases: expired ones always, live ones only with `force`
+/// (their holders notice at their next renewal and stop).
+async fn break_readers(repo: &Repository, force: bool) -> Result<usize, LockError> {
+    let mut removed = 0;
+    for object in repo.list(READER_LEASES).await? {
+        let live = match repo
+            .get_with_meta_capped(&object.key, MAX_CONTROL_BYTES)
+            .await
+        {
+            Ok((bytes, meta)) => status_of(&bytes, &meta).state == LeaseState::Held,
+            Err(StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if force || !live {
+            match repo.delete(&object.key).await {
+                Ok(()) => removed += 1,
+                Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Breaks the lease: marks it released so the next run proceeds. A lease that
@@ -858,6 +1105,7 @@ pub async fn break_lease(repo: &Repository, force: bool) -> Result<BreakOutcome,
                 return Ok(BreakOutcome {
                     before: None,
                     broke_live_lease: false,
+                    readers_removed: break_readers(repo, force).await?,
                 });
             }
             Err(e) => return Err(e.into()),
@@ -918,6 +1166,7 @@ pub async fn break_lease(repo: &Repository, force: bool) -> Result<BreakOutcome,
         return Ok(BreakOutcome {
             before: Some(status),
             broke_live_lease: live,
+            readers_removed: break_readers(repo, force).await?,
         });
     }
     Err(LockError::Store(StoreError::Conflict {
@@ -975,6 +1224,101 @@ mod tests {
         assert_eq!(status.state, LeaseState::Released);
         let b = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
         b.release().await.unwrap();
+    }
+
+    fn reading(wait_ms: u64) -> LockOptions {
+        LockOptions {
+            purpose: "verify".into(),
+            ..opts(wait_ms)
+        }
+    }
+
+    /// Issue 14: verify takes the lock shared with other readers and
+    /// exclusive against prune (and every other exclusive holder).
+    #[tokio::test]
+    async fn readers_share_the_lock_and_exclude_an_exclusive_holder() {
+        for repo in [Repository::in_memory(), {
+            let dir = tempfile::tempdir().unwrap().keep();
+            Repository::open(
+                &format!("file://{}", dir.display()),
+                &crate::store::RepoOptions::default(),
+            )
+            .unwrap()
+        }] {
+            let one = RepositoryLock::acquire_shared(&repo, &reading(0))
+                .await
+                .unwrap();
+            let two = RepositoryLock::acquire_shared(&repo, &reading(0))
+                .await
+                .unwrap();
+            assert!(one.is_shared() && two.is_shared());
+            // a prune waits for both readers, then gives up naming one
+            let err = RepositoryLock::acquire(
+                &repo,
+                &LockOptions {
+                    purpose: "prune".into(),
+                    ..opts(300)
+                },
+            )
+            .await
+            .unwrap_err();
+            assert!(err.is_held_by_another(), "{err}");
+            assert!(err.to_string().contains("verify by "), "{err}");
+            // and left no exclusive lease behind
+            assert_ne!(
+                inspect(&repo).await.unwrap().map(|s| s.state),
+                Some(LeaseState::Held)
+            );
+            one.release().await.unwrap();
+            assert!(RepositoryLock::acquire(&repo, &opts(0)).await.is_err());
+            two.release().await.unwrap();
+            assert!(readers(&repo).await.unwrap().is_empty());
+            let prune = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+            // a reader does not read while the prune holds it
+            let err = RepositoryLock::acquire_shared(&repo, &reading(300))
+                .await
+                .unwrap_err();
+            assert!(err.is_held_by_another(), "{err}");
+            assert!(
+                readers(&repo).await.unwrap().is_empty(),
+                "no reader lease left"
+            );
+            // a waiting reader gets in once the prune is done
+            let repo2 = repo.clone();
+            let waiter = tokio::spawn(async move {
+                RepositoryLock::acquire_shared(&repo2, &reading(5_000)).await
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            prune.release().await.unwrap();
+            waiter.await.unwrap().unwrap().release().await.unwrap();
+        }
+    }
+
+    /// A reader killed mid-verify blocks a prune only until its lease
+    /// expires; `lock break --force` removes a live one, and its holder
+    /// learns it lost the lease.
+    #[tokio::test]
+    async fn a_dead_reader_expires_and_a_live_one_can_be_broken() {
+        let repo = Repository::in_memory();
+        let dead = RepositoryLock::acquire_shared(&repo, &reading(0))
+            .await
+            .unwrap();
+        drop(dead); // stops renewing, like a killed process
+        assert!(RepositoryLock::acquire(&repo, &opts(0)).await.is_err());
+        let late = RepositoryLock::acquire(&repo, &opts(6_000)).await.unwrap();
+        late.release().await.unwrap();
+
+        let live = RepositoryLock::acquire_shared(&repo, &reading(0))
+            .await
+            .unwrap();
+        let outcome = break_lease(&repo, true).await.unwrap();
+        assert_eq!(
+            outcome.readers_removed, 2,
+            "the expired reader and the live one"
+        );
+        let err = live.confirm().await.unwrap_err();
+        assert!(matches!(err, LockError::Lost { .. }), "{err}");
+        RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
     }
 
     #[tokio::test]

@@ -392,6 +392,10 @@ async fn plan_inner(
     observer: &dyn RestoreObserver,
     check_hashes: bool,
 ) -> Result<RestorePlan> {
+    // A snapshot taken before staging tables were left out may carry them:
+    // they are never restored, so they are not read or checked either.
+    let restorable = without_staging_tables(manifest);
+    let manifest = &restorable;
     let source_engine = manifest.engine;
     let target_engine = target.engine();
     let existing = user_tables(target).await?;
@@ -579,6 +583,14 @@ async fn plan_inner(
         impact,
         refusals,
     })
+}
+
+/// `manifest` without the restore staging tables an old snapshot may carry.
+fn without_staging_tables(manifest: &Manifest) -> Manifest {
+    let mut m = manifest.clone();
+    m.tables.retain(|t| !is_staging_table(&t.name));
+    m.catalogue.tables.retain(|t| !is_staging_table(&t.name));
+    m
 }
 
 /// Executes `plan` (made by [`plan`] for the same snapshot and target):

@@ -64,20 +64,29 @@ for engine in "${ENGINES[@]}"; do
     fi
     ;;
   postgres)
+    # Both ways a PostgreSQL client connects: over TLS (lib/pq's and so SPIRE's default,
+    # `sslmode=require`; psql's `prefer` takes TLS too when the server offers it) and
+    # without. Each pair runs spirekeep, then the native tool, on the same data.
     admin="postgres://spirekeep:$PW@127.0.0.1:5432/postgres"
     psql -q "$admin" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" -c "DROP DATABASE IF EXISTS ${DB}_r" -c "CREATE DATABASE ${DB}_r"
-    url="postgres://spirekeep:$PW@127.0.0.1:5432/$DB?sslmode=disable"
-    "$GEN" --datastore "$url" --entries "$ENTRIES" >/dev/null
-    measure spirekeep backup "$repo" -- "$SK" backup --datastore "$url" --repo "$repo"
-    measure "pg_dump -Fc" backup "$WORK/pg.dump" -- pg_dump -Fc -f "$WORK/pg.dump" "$url"
-    measure "pg_dump | zstd -3" backup "$WORK/pg.sql.zst" -- sh -c "pg_dump '$url' | zstd -q -3 -o '$WORK/pg.sql.zst'"
-    if [ "$has_restore" = 1 ]; then
-      measure spirekeep restore "" -- "$SK" restore latest --repo "$repo" \
-        --datastore "postgres://spirekeep:$PW@127.0.0.1:5432/${DB}_r?sslmode=disable"
-      psql -q "$admin" -c "DROP DATABASE ${DB}_r" -c "CREATE DATABASE ${DB}_r"
-      measure "pg_restore --single-transaction" restore "" -- pg_restore --single-transaction \
-        -d "postgres://spirekeep:$PW@127.0.0.1:5432/${DB}_r?sslmode=disable" "$WORK/pg.dump"
-    fi
+    "$GEN" --datastore "postgres://spirekeep:$PW@127.0.0.1:5432/$DB?sslmode=disable" --entries "$ENTRIES" >/dev/null
+    for ssl in require disable; do
+      engine="postgres (sslmode=$ssl)"
+      url="postgres://spirekeep:$PW@127.0.0.1:5432/$DB?sslmode=$ssl"
+      url_r="postgres://spirekeep:$PW@127.0.0.1:5432/${DB}_r?sslmode=$ssl"
+      rm -rf "$repo"
+      measure spirekeep backup "$repo" -- "$SK" backup --datastore "$url" --repo "$repo"
+      measure "pg_dump -Fp | zstd -3 -T0" backup "$WORK/pg.sql.zst" -- \
+        sh -c "pg_dump '$url' | zstd -q -3 -T0 -f -o '$WORK/pg.sql.zst'"
+      if [ "$has_restore" = 1 ]; then
+        measure spirekeep restore "" -- "$SK" restore latest --repo "$repo" --datastore "$url_r"
+        psql -q "$admin" -c "DROP DATABASE ${DB}_r" -c "CREATE DATABASE ${DB}_r"
+        measure "zstd -dc | psql" restore "" -- \
+          sh -c "zstd -q -dc '$WORK/pg.sql.zst' | psql -q -v ON_ERROR_STOP=1 '$url_r'"
+        psql -q "$admin" -c "DROP DATABASE ${DB}_r" -c "CREATE DATABASE ${DB}_r"
+      fi
+    done
+    engine=postgres
     psql -q "$admin" -c "DROP DATABASE $DB" -c "DROP DATABASE ${DB}_r"
     ;;
   mysql)

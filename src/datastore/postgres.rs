@@ -229,6 +229,7 @@ impl Datastore for PostgresDatastore {
             conn,
             location: self.location.clone(),
             deferred_indexes: Vec::new(),
+            pending: None,
         }))
     }
 
@@ -406,23 +407,16 @@ async fn insert_on(
     Ok(())
 }
 
-/// Loads `rows` into `table` with one `COPY … FROM STDIN` (text format): one
-/// round trip per batch instead of one statement per few hundred rows, and
-/// no bind parameters to plan.
+/// Loads `data` (rows in COPY's text format, see [`copy_text`]) into `table`
+/// with one `COPY … FROM STDIN`: no statement per few hundred rows, no bind
+/// parameters to plan.
 async fn copy_in(
     conn: &mut sqlx::postgres::PgConnection,
     table: &str,
     columns: &[(String, ColumnKind)],
-    rows: &[Vec<Value>],
+    data: Vec<u8>,
     location: &str,
 ) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let data = copy_text(table, columns, rows).map_err(|detail| Error::Database {
-        location: location.to_string(),
-        detail,
-    })?;
     let cols: Vec<String> = columns
         .iter()
         .map(|(c, _)| quote_ident(Engine::Postgres, c))
@@ -634,6 +628,33 @@ struct Restore {
     location: String,
     /// `CREATE INDEX` statements to run at commit, after the load.
     deferred_indexes: Vec<String>,
+    /// Rows encoded for the next `COPY`, not sent yet.
+    pending: Option<PendingCopy>,
+}
+
+/// Rows of one table waiting to be sent in one `COPY`. Batches are gathered
+/// up to [`COPY_CHUNK_BYTES`] because every `COPY` ends with a short
+/// `CopyDone` message written right after the data: without `TCP_NODELAY`
+/// (sqlx sets none) Nagle's algorithm holds it until the server's delayed
+/// ACK, up to 40 ms per statement. A `COPY` per 1,024-row batch spent most of
+/// a restore waiting; one per few MiB makes that wait negligible.
+struct PendingCopy {
+    table: String,
+    columns: Vec<(String, ColumnKind)>,
+    data: Vec<u8>,
+}
+
+/// How much encoded row data one `COPY` carries at most (bounds memory too).
+const COPY_CHUNK_BYTES: usize = 8 << 20;
+
+impl Restore {
+    /// Sends the rows gathered so far.
+    async fn flush_copy(&mut self) -> Result<()> {
+        if let Some(p) = self.pending.take() {
+            copy_in(&mut self.conn, &p.table, &p.columns, p.data, &self.location).await?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -643,6 +664,7 @@ impl RestoreWrite for Restore {
     }
 
     async fn create_table(&mut self, source: Engine, table: &Table) -> Result<()> {
+        self.flush_copy().await?;
         let mut statements =
             ddl::create_statements(source, Engine::Postgres, table, &table.name)?.into_iter();
         // The first statement creates the table (with its primary key); the
@@ -660,10 +682,34 @@ impl RestoreWrite for Restore {
         columns: &[(String, ColumnKind)],
         rows: &[Vec<Value>],
     ) -> Result<()> {
-        copy_in(&mut self.conn, table, columns, rows, &self.location).await
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let same = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.table == table && p.columns == columns);
+        if !same {
+            self.flush_copy().await?;
+        }
+        let encoded = copy_text(table, columns, rows).map_err(|detail| Error::Database {
+            location: self.location.clone(),
+            detail,
+        })?;
+        let pending = self.pending.get_or_insert_with(|| PendingCopy {
+            table: table.to_owned(),
+            columns: columns.to_vec(),
+            data: Vec::with_capacity(COPY_CHUNK_BYTES.min(encoded.len() * 8)),
+        });
+        pending.data.extend_from_slice(&encoded);
+        if pending.data.len() >= COPY_CHUNK_BYTES {
+            self.flush_copy().await?;
+        }
+        Ok(())
     }
 
     async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome> {
+        self.flush_copy().await?;
         for sql in std::mem::take(&mut self.deferred_indexes) {
             exec_on(&mut self.conn, &sql, &self.location).await?;
         }

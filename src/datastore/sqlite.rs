@@ -13,7 +13,7 @@ use super::dsn::{Engine, OpenMode, SqliteSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
 use super::{
-    ColumnKind, CommitOutcome, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value,
     ddl, is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 pub(crate) struct SqliteDatastore {
     pool: SqlitePool,
     location: String,
+    path: std::path::PathBuf,
 }
 
 impl SqliteDatastore {
@@ -46,7 +47,11 @@ impl SqliteDatastore {
             .connect_with(options)
             .await
             .map_err(|e| classify(&e, &location))?;
-        let store = Self { pool, location };
+        let store = Self {
+            pool,
+            location,
+            path: spec.path.clone(),
+        };
         // A file that is not a database fails only on first read: check now.
         store.server_version().await?;
         sqlx::query("SELECT count(*) FROM sqlite_master")
@@ -200,9 +205,167 @@ impl Datastore for SqliteDatastore {
         }))
     }
 
+    async fn other_sessions(&self) -> Result<Vec<LiveSession>> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || holders(&path))
+            .await
+            .map_err(|e| Error::Aborted(format!("looking for other users of the SQLite file: {e}")))
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The processes other than this one that have the SQLite file `path` open
+/// (Linux `/proc`), by pid:
+///
+/// 1. every `/proc/<pid>/fd` link to the file, its `-wal`, `-shm` or
+///    `-journal` (readable for this user's processes, all of them as root),
+///    named by `/proc/<pid>/comm`;
+/// 2. every POSIX lock on the `-shm` file in `/proc/locks`: in WAL mode, which
+///    SPIRE always uses, each process with the database open holds a read lock
+///    on it for as long as it keeps a connection, which the kernel shows for
+///    any user and any container sharing the file. A holder the first pass
+///    could not see is named when its pid is visible, and otherwise reported
+///    as a process outside this PID namespace.
+///
+/// This process's own connections never count (same pid). A `-wal` that no
+/// process holds (left by a server that was killed) is not a live session:
+/// the next connection recovers it, the restore's included.
+fn holders(path: &std::path::Path) -> Vec<LiveSession> {
+    use std::os::unix::fs::MetadataExt;
+
+    let Ok(main) = std::fs::canonicalize(path) else {
+        return Vec::new();
+    };
+    let with_suffix = |suffix: &str| {
+        let mut p = main.clone().into_os_string();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let side_files = [with_suffix("-wal"), with_suffix("-shm"), with_suffix("-journal")];
+    let own = std::process::id();
+    let comm = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+    };
+    let mut found: Vec<LiveSession> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for entry in procs.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == own {
+                continue;
+            }
+            // Other users' fds are unreadable unless root; they vanish mid-scan.
+            let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+                continue;
+            };
+            let (mut main_fds, mut files) = (0u64, 0u64);
+            for fd in fds.flatten() {
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                if target == main {
+                    main_fds += 1;
+                    files += 1;
+                } else if side_files.contains(&target) {
+                    files += 1;
+                }
+            }
+            if files > 0 {
+                seen.insert(pid);
+                found.push(LiveSession {
+                    host: None,
+                    application: comm(pid),
+                    user: None,
+                    pid: Some(pid),
+                    connections: main_fds.max(1),
+                    note: Some(format!("{files} open file(s) of the datastore")),
+                });
+            }
+        }
+    } else {
+        tracing::debug!("no /proc: other processes using the SQLite file cannot be seen");
+    }
+    let shm = &side_files[1];
+    if let (Ok(meta), Ok(locks)) = (
+        std::fs::metadata(shm),
+        std::fs::read_to_string("/proc/locks"),
+    ) {
+        let file_id = (dev_major(meta.dev()), dev_minor(meta.dev()), meta.ino());
+        let shm_name = shm
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let mut hidden = false;
+        for (pid, id) in locks.lines().filter_map(parse_lock_line) {
+            if id != file_id || pid == i64::from(own) {
+                continue;
+            }
+            match u32::try_from(pid) {
+                Ok(0) | Err(_) => hidden = true,
+                Ok(pid) => {
+                    if seen.insert(pid) {
+                        found.push(LiveSession {
+                            host: None,
+                            application: comm(pid),
+                            user: None,
+                            pid: Some(pid),
+                            connections: 1,
+                            note: Some(format!(
+                                "holds a lock on {shm_name}; its open files are not readable by this user"
+                            )),
+                        });
+                    }
+                }
+            }
+        }
+        if hidden {
+            found.push(LiveSession {
+                host: None,
+                application: None,
+                user: None,
+                pid: None,
+                connections: 1,
+                note: Some(format!(
+                    "a process outside this PID namespace (another container?) holds a lock on {shm_name}"
+                )),
+            });
+        }
+    }
+    found.sort_by(|a, b| b.connections.cmp(&a.connections).then(a.pid.cmp(&b.pid)));
+    found
+}
+
+/// One line of `/proc/locks` (`1: POSIX  ADVISORY  READ 1234 08:01:5678 128 128`):
+/// the holder's pid (0 when it is outside this PID namespace) and the file's
+/// (major, minor, inode). Waiters (`1: -> POSIX ...`) and other lock kinds
+/// (flock, OFD: SQLite takes POSIX locks) are skipped.
+fn parse_lock_line(line: &str) -> Option<(i64, (u64, u64, u64))> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.get(1) != Some(&"POSIX") {
+        return None;
+    }
+    let pid: i64 = fields.get(4)?.parse().ok()?;
+    let mut id = fields.get(5)?.split(':');
+    let major = u64::from_str_radix(id.next()?, 16).ok()?;
+    let minor = u64::from_str_radix(id.next()?, 16).ok()?;
+    let inode = id.next()?.parse().ok()?;
+    Some((pid, (major, minor, inode)))
+}
+
+/// glibc's `major()`/`minor()` of a `st_dev`.
+fn dev_major(dev: u64) -> u64 {
+    ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000)
+}
+
+fn dev_minor(dev: u64) -> u64 {
+    (dev & 0xff) | ((dev >> 12) & 0xffff_ff00)
 }
 
 /// `'name'` as a SQL string literal (for table-valued pragma arguments).

@@ -223,9 +223,9 @@ impl Datastore for SqliteDatastore {
 /// 1. every `/proc/<pid>/fd` link to the file, its `-wal`, `-shm` or
 ///    `-journal` (readable for this user's processes, all of them as root),
 ///    named by `/proc/<pid>/comm`;
-/// 2. every POSIX lock on the `-shm` file in `/proc/locks`: in WAL mode, which
+/// 2. a lock on the `-shm` file ([`shm_lock_holder`]): in WAL mode, which
 ///    SPIRE always uses, each process with the database open holds a read lock
-///    on it for as long as it keeps a connection, which the kernel shows for
+///    on it for as long as it keeps a connection, which the kernel reports for
 ///    any user and any container sharing the file. A holder the first pass
 ///    could not see is named when its pid is visible, and otherwise reported
 ///    as a process outside this PID namespace.
@@ -234,8 +234,6 @@ impl Datastore for SqliteDatastore {
 /// process holds (left by a server that was killed) is not a live session:
 /// the next connection recovers it, the restore's included.
 fn holders(path: &std::path::Path) -> Vec<LiveSession> {
-    use std::os::unix::fs::MetadataExt;
-
     let Ok(main) = std::fs::canonicalize(path) else {
         return Vec::new();
     };
@@ -294,78 +292,83 @@ fn holders(path: &std::path::Path) -> Vec<LiveSession> {
         tracing::debug!("no /proc: other processes using the SQLite file cannot be seen");
     }
     let shm = &side_files[1];
-    if let (Ok(meta), Ok(locks)) = (
-        std::fs::metadata(shm),
-        std::fs::read_to_string("/proc/locks"),
-    ) {
-        let file_id = (dev_major(meta.dev()), dev_minor(meta.dev()), meta.ino());
-        let shm_name = shm
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        let mut hidden = false;
-        for (pid, id) in locks.lines().filter_map(parse_lock_line) {
-            if id != file_id || pid == i64::from(own) {
-                continue;
+    let shm_name = shm
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    match shm_lock_holder(shm) {
+        None => {}
+        Some(0) => found.push(LiveSession {
+            host: None,
+            application: None,
+            user: None,
+            pid: None,
+            connections: 1,
+            note: Some(format!(
+                "a process outside this PID namespace (another container?) holds a lock on {shm_name}"
+            )),
+        }),
+        Some(pid) => {
+            if seen.insert(pid) {
+                found.push(LiveSession {
+                    host: None,
+                    application: comm(pid),
+                    user: None,
+                    pid: Some(pid),
+                    connections: 1,
+                    note: Some(format!(
+                        "holds a lock on {shm_name}; its open files are not readable by this user"
+                    )),
+                });
             }
-            match u32::try_from(pid) {
-                Ok(0) | Err(_) => hidden = true,
-                Ok(pid) => {
-                    if seen.insert(pid) {
-                        found.push(LiveSession {
-                            host: None,
-                            application: comm(pid),
-                            user: None,
-                            pid: Some(pid),
-                            connections: 1,
-                            note: Some(format!(
-                                "holds a lock on {shm_name}; its open files are not readable by this user"
-                            )),
-                        });
-                    }
-                }
-            }
-        }
-        if hidden {
-            found.push(LiveSession {
-                host: None,
-                application: None,
-                user: None,
-                pid: None,
-                connections: 1,
-                note: Some(format!(
-                    "a process outside this PID namespace (another container?) holds a lock on {shm_name}"
-                )),
-            });
         }
     }
     found.sort_by(|a, b| b.connections.cmp(&a.connections).then(a.pid.cmp(&b.pid)));
     found
 }
 
-/// One line of `/proc/locks` (`1: POSIX  ADVISORY  READ 1234 08:01:5678 128 128`):
-/// the holder's pid (0 when it is outside this PID namespace) and the file's
-/// (major, minor, inode). Waiters (`1: -> POSIX ...`) and other lock kinds
-/// (flock, OFD: SQLite takes POSIX locks) are skipped.
-fn parse_lock_line(line: &str) -> Option<(i64, (u64, u64, u64))> {
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    if fields.get(1) != Some(&"POSIX") {
+/// The offset of SQLite's "dead man switch" byte in the `-shm` file
+/// (`UNIX_SHM_DMS` in `os_unix.c`): every connection in WAL mode holds a
+/// read lock on it for as long as it is open.
+const SHM_DMS_BYTE: i64 = 128;
+
+/// Whether another process holds a POSIX lock on the `-shm` file's DMS byte:
+/// its pid as this PID namespace sees it (0 for a process outside it, such as
+/// another container sharing the volume). `F_GETLK` never reports this
+/// process's own locks, and, unlike `/proc/locks` (which hides other
+/// namespaces' locks), the kernel checks every lock on the file.
+///
+/// The descriptor is opened once per file and never closed: closing any
+/// descriptor of a file drops every POSIX lock this process holds on it,
+/// which would pull the locks from under this process's own SQLite
+/// connections.
+fn shm_lock_holder(shm: &std::path::Path) -> Option<u32> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    use std::os::unix::fs::MetadataExt;
+    static OPEN: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<(u64, u64), std::fs::File>>,
+    > = std::sync::OnceLock::new();
+
+    let meta = std::fs::metadata(shm).ok()?;
+    let mut open = OPEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let file = match open.entry((meta.dev(), meta.ino())) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => v.insert(std::fs::File::open(shm).ok()?),
+    };
+    let mut probe = nix::libc::flock {
+        l_type: i16::try_from(nix::libc::F_WRLCK).ok()?,
+        l_whence: i16::try_from(nix::libc::SEEK_SET).ok()?,
+        l_start: SHM_DMS_BYTE,
+        l_len: 1,
+        l_pid: 0,
+    };
+    fcntl(&*file, FcntlArg::F_GETLK(&mut probe)).ok()?;
+    if i32::from(probe.l_type) == nix::libc::F_UNLCK {
         return None;
     }
-    let pid: i64 = fields.get(4)?.parse().ok()?;
-    let mut id = fields.get(5)?.split(':');
-    let major = u64::from_str_radix(id.next()?, 16).ok()?;
-    let minor = u64::from_str_radix(id.next()?, 16).ok()?;
-    let inode = id.next()?.parse().ok()?;
-    Some((pid, (major, minor, inode)))
-}
-
-/// glibc's `major()`/`minor()` of a `st_dev`.
-fn dev_major(dev: u64) -> u64 {
-    ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000)
-}
-
-fn dev_minor(dev: u64) -> u64 {
-    (dev & 0xff) | ((dev >> 12) & 0xffff_ff00)
+    u32::try_from(probe.l_pid).ok()
 }
 
 /// `'name'` as a SQL string literal (for table-valued pragma arguments).

@@ -92,7 +92,9 @@ const OTHER_SESSIONS_SQL: &str = "SELECT CAST(ID AS SIGNED), CAST(HOST AS CHAR),
 /// (`10.0.0.7:51234` → `10.0.0.7`; `localhost` for a socket stays).
 fn host_without_port(host: &str) -> String {
     match host.rsplit_once(':') {
-        Some((h, port)) if !h.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+        Some((h, port))
+            if !h.is_empty() && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
             h.to_string()
         }
         _ => host.to_string(),
@@ -623,6 +625,15 @@ async fn swap_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_process_list_host_loses_its_port() {
+        assert_eq!(host_without_port("10.0.0.7:51234"), "10.0.0.7");
+        assert_eq!(host_without_port("localhost"), "localhost");
+        assert_eq!(host_without_port("::1:40000"), "::1");
+        assert_eq!(host_without_port("db.example.org:3306"), "db.example.org");
+        assert_eq!(host_without_port("db:"), "db:");
+    }
 
     /// Records statements and fails those starting with `fail`.
     struct Fake {

@@ -639,3 +639,38 @@ impl RestoreWrite for Restore {
         Ok(CommitOutcome::default())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This process's own pool (WAL mode, several connections, a read
+    /// transaction open) is never another user of the file: neither its open
+    /// files nor its lock on the `-shm` file count.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn own_connections_are_not_other_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("own.sqlite3");
+        let spec = SqliteSpec { path: path.clone() };
+        let ds = SqliteDatastore::open(&spec, OpenMode::Create).await.unwrap();
+        ds.execute_script("PRAGMA journal_mode=WAL; CREATE TABLE t (x integer); INSERT INTO t VALUES (1);")
+            .await
+            .unwrap();
+        let second = SqliteDatastore::open(&spec, OpenMode::ReadWrite).await.unwrap();
+        let snapshot = ds.begin_snapshot().await.unwrap();
+        assert_eq!(second.count_rows("t").await.unwrap(), 1);
+        let mut shm = path.clone().into_os_string();
+        shm.push("-shm");
+        assert!(std::path::Path::new(&shm).exists(), "WAL mode");
+        assert_eq!(shm_lock_holder(std::path::Path::new(&shm)), None);
+        assert_eq!(ds.other_sessions().await.unwrap(), vec![]);
+        // Asking again (the probe's descriptor stays open) changes nothing,
+        // and this process's connections keep working.
+        assert_eq!(second.other_sessions().await.unwrap(), vec![]);
+        snapshot.finish().await.unwrap();
+        ds.execute_script("INSERT INTO t VALUES (2)").await.unwrap();
+        assert_eq!(second.count_rows("t").await.unwrap(), 2);
+        ds.close().await;
+        second.close().await;
+    }
+}

@@ -1387,6 +1387,41 @@ mod tests {
     use super::*;
     use crate::datastore::Index;
 
+    fn server() -> LiveSession {
+        LiveSession {
+            host: Some("10.0.0.7".into()),
+            application: Some("spire-server".into()),
+            user: Some("spire".into()),
+            pid: None,
+            connections: 3,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn only_a_replace_of_a_live_target_without_force_is_refused_as_in_use() {
+        let tables = vec!["bundles".to_string()];
+        let sessions = vec![server()];
+        let message = in_use_refusal(&tables, &sessions, true, false).unwrap();
+        assert!(
+            message.starts_with(
+                "the target is in use by 3 other client(s) [\"spire-server\" user spire from 10.0.0.7, 3 \
+                 connection(s)]; stop every SPIRE server using this datastore, restore, then start them again"
+            ),
+            "{message}"
+        );
+        assert!(message.ends_with("or pass --force"), "{message}");
+        assert!(!message.contains('\n'));
+        assert_eq!(in_use_refusal(&tables, &sessions, true, true), None, "--force");
+        assert_eq!(in_use_refusal(&[], &sessions, true, false), None, "empty target");
+        assert_eq!(in_use_refusal(&tables, &[], true, false), None, "nobody there");
+        assert_eq!(
+            in_use_refusal(&tables, &sessions, false, false),
+            None,
+            "refused as not empty instead"
+        );
+    }
+
     fn table() -> Table {
         let col = |name: &str, ty: &str, kind, nullable, ai| Column {
             name: name.into(),

@@ -15,10 +15,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use common::{SpireFixture, assert_one_line_error, file_repo, spirekeep, stderr, stdout, test_password};
+use common::{
+    SpireFixture, assert_one_line_error, file_repo, spirekeep, stderr, stdout, test_password,
+};
 use serde_json::Value as Json;
-use spirekeep::datastore::testkit::Population;
 use spirekeep::datastore::Engine;
+use spirekeep::datastore::testkit::Population;
 use spirekeep::snapshot::codec::content_hash;
 use sqlx::Connection;
 
@@ -30,7 +32,7 @@ async fn contents(fx: &SpireFixture) -> BTreeMap<String, (u64, String)> {
     let ds = fx.open().await;
     let mut out = BTreeMap::new();
     for table in ds.catalogue().await.unwrap().tables {
-        let h = content_hash(&ds.read_table(&table).await.unwrap());
+        let h = content_hash(ds.read_table(&table).await.unwrap());
         out.insert(table.name.clone(), (h.rows(), h.hex()));
     }
     ds.close().await;
@@ -39,7 +41,10 @@ async fn contents(fx: &SpireFixture) -> BTreeMap<String, (u64, String)> {
 
 /// A snapshot of a small generated datastore, and a live target on `engine`
 /// holding other data. `None` when the engine's test server is absent.
-async fn setup(engine: Engine, hint: &str) -> Option<(SpireFixture, SpireFixture, tempfile::TempDir, String)> {
+async fn setup(
+    engine: Engine,
+    hint: &str,
+) -> Option<(SpireFixture, SpireFixture, tempfile::TempDir, String)> {
     // Values every engine holds unchanged: the preflight asks nothing.
     let population = Population {
         four_byte_utf8: Some(false),
@@ -138,7 +143,11 @@ async fn refused_while_in_use<F>(
     let text = stdout(&out);
     assert!(text.contains("other clients on the target: "), "{text}");
     assert!(text.contains(needle), "{text}");
-    assert_eq!(contents(dst).await, before, "a refused restore changed the target");
+    assert_eq!(
+        contents(dst).await,
+        before,
+        "a refused restore changed the target"
+    );
 
     // The dry run shows the same, text and JSON.
     let out = restore(id, &url, dir, true, &["--dry-run"]);
@@ -153,7 +162,9 @@ async fn refused_while_in_use<F>(
     assert_eq!(reasons, ["in_use"], "{plan}");
     let sessions = plan["other_sessions"].as_array().unwrap();
     assert!(sessions.iter().any(&is_session), "{plan}");
-    sessions.iter().for_each(|s| assert!(s["connections"].as_u64().unwrap() >= 1));
+    sessions
+        .iter()
+        .for_each(|s| assert!(s["connections"].as_u64().unwrap() >= 1));
     assert_eq!(plan["force"], false);
     let out = restore(id, &url, dir, false, &["--dry-run"]);
     assert_eq!(out.status.code(), Some(2));
@@ -166,7 +177,12 @@ async fn refused_while_in_use<F>(
     let report: Json = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["plan"]["force"], true);
-    assert!(!report["plan"]["other_sessions"].as_array().unwrap().is_empty());
+    assert!(
+        !report["plan"]["other_sessions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     assert_ne!(contents(dst).await, before, "--force restored");
 
     // With the session gone, --replace alone proceeds.
@@ -325,7 +341,12 @@ async fn sqlite_restore_refuses_while_a_wal_connection_is_live() {
 async fn sqlite_a_wal_connection_from_another_pid_namespace_is_seen_by_its_lock() {
     let in_own_namespace = |args: &[&str]| {
         Command::new("unshare")
-            .args(["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_spirekeep")])
+            .args([
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                env!("CARGO_BIN_EXE_spirekeep"),
+            ])
             .args(args)
             .env("NO_COLOR", "1")
             .output()
@@ -343,10 +364,20 @@ async fn sqlite_a_wal_connection_from_another_pid_namespace_is_seen_by_its_lock(
     let before = contents(&dst).await;
     let repo = file_repo(&dir);
     let url = dst.url();
-    let mut args = vec!["restore", id.as_str(), "--datastore", url.as_str(), "--replace"];
+    let mut args = vec![
+        "restore",
+        id.as_str(),
+        "--datastore",
+        url.as_str(),
+        "--replace",
+    ];
     args.extend(repo.iter().map(String::as_str));
     let out = in_own_namespace(&args).unwrap();
-    assert_one_line_error(&out, 2, "a process outside this PID namespace (another container?) holds a lock on datastore.sqlite3-shm");
+    assert_one_line_error(
+        &out,
+        2,
+        "a process outside this PID namespace (another container?) holds a lock on datastore.sqlite3-shm",
+    );
     assert_eq!(contents(&dst).await, before, "untouched");
     stop(child);
     let out = in_own_namespace(&args).unwrap();

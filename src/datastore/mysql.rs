@@ -12,8 +12,9 @@ use super::dsn::{Engine, MysqlSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_mysql_datetime, parse_mysql_datetime};
 use super::{
-    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite, RowBatch,
-    STAGING_PREFIXES, SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite,
+    RowBatch, STAGING_PREFIXES, SnapshotRead, Value, ddl, is_staging_table, quote_ident,
+    restore_busy,
 };
 use crate::error::{Error, Result};
 
@@ -294,7 +295,7 @@ impl Datastore for MysqlDatastore {
                 note: Some("MySQL names no application".into()),
             })
             .collect();
-        sessions.sort_by(|a, b| b.connections.cmp(&a.connections));
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.connections));
         Ok(sessions)
     }
 

@@ -14,8 +14,8 @@ use super::dsn::{Engine, PostgresSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::parse_sqlite_datetime;
 use super::{
-    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite, RowBatch,
-    SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite,
+    RowBatch, SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
 };
 use crate::error::{Error, Result};
 
@@ -28,17 +28,19 @@ impl PostgresDatastore {
     pub(crate) async fn open(spec: &PostgresSpec) -> Result<Self> {
         let location = spec.display.clone();
         // Every connection of this process says so (see `other_sessions`).
-        let options = spec.options.clone().application_name(own_application_name());
+        let options = spec
+            .options
+            .clone()
+            .application_name(own_application_name());
         // Connect once directly: a pool reports a refused connection or a bad
         // password only as "pool timed out", which tells the user nothing.
-        let probe =
-            tokio::time::timeout(std::time::Duration::from_secs(15), options.connect())
-                .await
-                .map_err(|_| Error::Unreachable {
-                    location: location.clone(),
-                    detail: "no answer within 15 s".into(),
-                })?
-                .map_err(|e| classify(&e, &location))?;
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(15), options.connect())
+            .await
+            .map_err(|_| Error::Unreachable {
+                location: location.clone(),
+                detail: "no answer within 15 s".into(),
+            })?
+            .map_err(|e| classify(&e, &location))?;
         probe.close().await.map_err(|e| classify(&e, &location))?;
         let pool = PgPoolOptions::new()
             .max_connections(4)

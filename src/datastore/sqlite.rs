@@ -13,8 +13,8 @@ use super::dsn::{Engine, OpenMode, SqliteSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
 use super::{
-    ColumnKind, CommitOutcome, Datastore, LiveSession, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value,
-    ddl, is_staging_table, quote_ident,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, ROW_BATCH, RestoreWrite, RowBatch,
+    SnapshotRead, Value, ddl, is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
 
@@ -242,7 +242,11 @@ fn holders(path: &std::path::Path) -> Vec<LiveSession> {
         p.push(suffix);
         std::path::PathBuf::from(p)
     };
-    let side_files = [with_suffix("-wal"), with_suffix("-shm"), with_suffix("-journal")];
+    let side_files = [
+        with_suffix("-wal"),
+        with_suffix("-shm"),
+        with_suffix("-journal"),
+    ];
     let own = std::process::id();
     let comm = |pid: u32| {
         std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -254,7 +258,11 @@ fn holders(path: &std::path::Path) -> Vec<LiveSession> {
     let mut seen = std::collections::HashSet::new();
     if let Ok(procs) = std::fs::read_dir("/proc") {
         for entry in procs.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             if pid == own {
@@ -296,7 +304,6 @@ fn holders(path: &std::path::Path) -> Vec<LiveSession> {
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     match shm_lock_holder(shm) {
-        None => {}
         Some(0) => found.push(LiveSession {
             host: None,
             application: None,
@@ -307,20 +314,18 @@ fn holders(path: &std::path::Path) -> Vec<LiveSession> {
                 "a process outside this PID namespace (another container?) holds a lock on {shm_name}"
             )),
         }),
-        Some(pid) => {
-            if seen.insert(pid) {
-                found.push(LiveSession {
-                    host: None,
-                    application: comm(pid),
-                    user: None,
-                    pid: Some(pid),
-                    connections: 1,
-                    note: Some(format!(
-                        "holds a lock on {shm_name}; its open files are not readable by this user"
-                    )),
-                });
-            }
-        }
+        Some(pid) if seen.insert(pid) => found.push(LiveSession {
+            host: None,
+            application: comm(pid),
+            user: None,
+            pid: Some(pid),
+            connections: 1,
+            note: Some(format!(
+                "holds a lock on {shm_name}; its open files are not readable by this user"
+            )),
+        }),
+        // No lock, or one held by a process already listed.
+        Some(_) | None => {}
     }
     found.sort_by(|a, b| b.connections.cmp(&a.connections).then(a.pid.cmp(&b.pid)));
     found
@@ -652,11 +657,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("own.sqlite3");
         let spec = SqliteSpec { path: path.clone() };
-        let ds = SqliteDatastore::open(&spec, OpenMode::Create).await.unwrap();
-        ds.execute_script("PRAGMA journal_mode=WAL; CREATE TABLE t (x integer); INSERT INTO t VALUES (1);")
+        let ds = SqliteDatastore::open(&spec, OpenMode::Create)
             .await
             .unwrap();
-        let second = SqliteDatastore::open(&spec, OpenMode::ReadWrite).await.unwrap();
+        ds.execute_script(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t (x integer); INSERT INTO t VALUES (1);",
+        )
+        .await
+        .unwrap();
+        let second = SqliteDatastore::open(&spec, OpenMode::ReadWrite)
+            .await
+            .unwrap();
         let snapshot = ds.begin_snapshot().await.unwrap();
         assert_eq!(second.count_rows("t").await.unwrap(), 1);
         let mut shm = path.clone().into_os_string();

@@ -55,8 +55,8 @@ use super::impact::{AgentFacts, AgentImpact, KeyDiff, agent_impact, key_diff};
 use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, SPIREKEEP_VERSION};
 use super::verify::{check_every_stored_object, read_every_object};
 use crate::datastore::{
-    Column, ColumnKind, Datastore, Engine, LiveSession, RestoreWrite, RowBatch, SnapshotRead, Table, Value, ddl,
-    is_staging_table, quote_ident,
+    Column, ColumnKind, Datastore, Engine, LiveSession, RestoreWrite, RowBatch, SnapshotRead,
+    Table, Value, ddl, is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
 use crate::store::Repository;
@@ -545,7 +545,9 @@ async fn plan_inner(
             ),
         });
     }
-    if let Some(message) = in_use_refusal(&existing, &other_sessions, options.replace, options.force) {
+    if let Some(message) =
+        in_use_refusal(&existing, &other_sessions, options.replace, options.force)
+    {
         refusals.push(Refusal {
             reason: RefusalReason::InUse,
             message,
@@ -1412,9 +1414,21 @@ mod tests {
         );
         assert!(message.ends_with("or pass --force"), "{message}");
         assert!(!message.contains('\n'));
-        assert_eq!(in_use_refusal(&tables, &sessions, true, true), None, "--force");
-        assert_eq!(in_use_refusal(&[], &sessions, true, false), None, "empty target");
-        assert_eq!(in_use_refusal(&tables, &[], true, false), None, "nobody there");
+        assert_eq!(
+            in_use_refusal(&tables, &sessions, true, true),
+            None,
+            "--force"
+        );
+        assert_eq!(
+            in_use_refusal(&[], &sessions, true, false),
+            None,
+            "empty target"
+        );
+        assert_eq!(
+            in_use_refusal(&tables, &[], true, false),
+            None,
+            "nobody there"
+        );
         assert_eq!(
             in_use_refusal(&tables, &sessions, false, false),
             None,

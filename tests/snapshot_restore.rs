@@ -62,6 +62,16 @@ async fn contents(
     out
 }
 
+/// [`contents`] through a datastore opened and closed again: the test holds
+/// no session on the target while spirekeep restores into it (a restore
+/// refuses a target other clients use, issue 12).
+async fn contents_of(fx: &SpireFixture) -> BTreeMap<String, (u64, String)> {
+    let ds = fx.open().await;
+    let out = contents(ds.as_ref(), None, 1).await;
+    ds.close().await;
+    out
+}
+
 async fn column_order(ds: &dyn Datastore) -> BTreeMap<String, Vec<String>> {
     ds.catalogue()
         .await
@@ -473,8 +483,7 @@ async fn a_non_empty_target_is_refused_without_replace_and_replaced_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let repo = file_repo(&dir);
     let id = backup(&src.url(), &repo);
-    let dst_ds = dst.open().await;
-    let before = contents(dst_ds.as_ref(), None, 1).await;
+    let before = contents_of(&dst).await;
 
     let mut args = vec![
         "restore".to_string(),
@@ -485,11 +494,7 @@ async fn a_non_empty_target_is_refused_without_replace_and_replaced_with_it() {
     args.extend(repo.iter().cloned());
     let out = spirekeep(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     assert_one_line_error(&out, 2, "--replace");
-    assert_eq!(
-        contents(dst_ds.as_ref(), None, 1).await,
-        before,
-        "untouched"
-    );
+    assert_eq!(contents_of(&dst).await, before, "untouched");
 
     let report = ok_json(
         &["restore", &id, "--datastore", &dst.url(), "--replace"],
@@ -502,11 +507,10 @@ async fn a_non_empty_target_is_refused_without_replace_and_replaced_with_it() {
     );
     let src_ds = src.open().await;
     assert_eq!(
-        contents(dst_ds.as_ref(), None, 1).await,
+        contents_of(&dst).await,
         contents(src_ds.as_ref(), None, 1).await
     );
     src_ds.close().await;
-    dst_ds.close().await;
     dst.cleanup().await;
     src.cleanup().await;
 }
@@ -550,6 +554,7 @@ async fn dry_run_shows_the_impact_and_changes_nothing() {
         .await
         .unwrap();
     let before = contents(ds.as_ref(), None, 1).await;
+    ds.close().await;
 
     let plan = ok_json(
         &[
@@ -573,11 +578,8 @@ async fn dry_run_shows_the_impact_and_changes_nothing() {
     assert_eq!(impact["entries"]["created_since"], 1);
     assert_eq!(impact["entries"]["created_examples"][0], "created-since");
     assert_eq!(impact["bundles"]["deleted_since"], 1);
-    assert_eq!(
-        contents(ds.as_ref(), None, 1).await,
-        before,
-        "nothing changed"
-    );
+    assert_eq!(plan["other_sessions"], serde_json::json!([]), "{plan}");
+    assert_eq!(contents_of(&fx).await, before, "nothing changed");
 
     // Text form, without --replace: the impact is shown, and the restore would be refused.
     let out = spirekeep(
@@ -599,14 +601,9 @@ async fn dry_run_shows_the_impact_and_changes_nothing() {
         "{text}"
     );
     assert!(text.contains("join-token agents: 1"), "{text}");
-    assert_eq!(
-        contents(ds.as_ref(), None, 1).await,
-        before,
-        "nothing changed"
-    );
+    assert_eq!(contents_of(&fx).await, before, "nothing changed");
     // No restore record for a dry run.
     assert!(!dir.path().join("repo").join("restores").exists());
-    ds.close().await;
     fx.cleanup().await;
 }
 
@@ -757,8 +754,7 @@ async fn killed_restore_leaves_the_target_as_it_was(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
     let repo = file_repo(&dir);
     let id = backup(&src.url(), &repo);
-    let dst_ds = dst.open().await;
-    let before = contents(dst_ds.as_ref(), None, 1).await;
+    let before = contents_of(&dst).await;
     let mut args = vec![
         "restore".to_string(),
         id.clone(),
@@ -779,7 +775,7 @@ async fn killed_restore_leaves_the_target_as_it_was(engine: Engine) {
             "{engine}: the restore finished before the kill at {table}"
         );
         assert_eq!(
-            contents(dst_ds.as_ref(), None, 1).await,
+            contents_of(&dst).await,
             before,
             "{engine}: killed while loading {table}, the target is as it was"
         );
@@ -792,6 +788,7 @@ async fn killed_restore_leaves_the_target_as_it_was(engine: Engine) {
     let report: Json = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(report["ok"], true);
     assert_eq!(report["rows"], src.counts.total());
+    let dst_ds = dst.open().await;
     let tables: Vec<String> = dst_ds
         .catalogue()
         .await
@@ -828,12 +825,14 @@ async fn mysql_tables_physically(url: &str) -> Vec<String> {
     let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(url)
         .await
         .unwrap();
-    sqlx::query_scalar::<_, String>(
+    let tables = sqlx::query_scalar::<_, String>(
         "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() ORDER BY 1",
     )
     .fetch_all(&mut conn)
     .await
-    .unwrap()
+    .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    tables
 }
 
 /// Regression (issue 14), reproduced: a `restore --replace` into MariaDB
@@ -888,6 +887,7 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
     .execute(&mut conn)
     .await
     .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
     let physical = mysql_tables_physically(&dst.url()).await;
     let staging = physical
         .iter()
@@ -896,8 +896,7 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
     assert!(staging >= 2, "the kill left staging tables: {physical:?}");
 
     // The catalogue, a backup and the impact preview see only the 13 tables.
-    let dst_ds = dst.open().await;
-    let before = contents(dst_ds.as_ref(), None, 1).await;
+    let before = contents_of(&dst).await;
     assert_eq!(before.len(), 13, "{:?}", before.keys());
     let snapshot = ok_json(&["backup", "--datastore", &dst.url()], &repo);
     let dst_id = snapshot["id"].as_str().unwrap().to_string();
@@ -961,9 +960,8 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
     back.extend(repo.iter().map(String::as_str));
     let out = spirekeep(&back, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(contents(dst_ds.as_ref(), None, 1).await, before);
+    assert_eq!(contents_of(&dst).await, before);
     assert_eq!(mysql_tables_physically(&dst.url()).await.len(), 13);
-    dst_ds.close().await;
     dst.cleanup().await;
     src.cleanup().await;
 }
@@ -1102,6 +1100,9 @@ async fn a_second_restore_into_one_database_is_refused(engine: Engine) {
         first.create_table(engine, &join_tokens).await.unwrap();
     }
     let url = dst.url();
+    // The first restore is this test's own session on the target: --force
+    // passes the guard against other clients (issue 12), so the restore
+    // lock is what stops the second one.
     let mut args = vec![
         "restore",
         id.as_str(),
@@ -1109,6 +1110,7 @@ async fn a_second_restore_into_one_database_is_refused(engine: Engine) {
         url.as_str(),
         "--replace",
         "--accept-changes",
+        "--force",
     ];
     args.extend(repo.iter().map(String::as_str));
     let started = Instant::now();

@@ -35,7 +35,9 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// A check found problems (`check` verdict `refused`, a failed verification).
     pub const CHECK_FAILED: u8 = 1;
-    /// Bad input: flags, connection string, config file, not a SPIRE datastore.
+    /// Bad input: flags, connection string, config file, not a SPIRE datastore;
+    /// a restore refused for its target (not empty without `--replace`, in
+    /// use by other clients without `--force`).
     pub const USAGE: u8 = 2;
     /// An upgrade failed and was rolled back.
     pub const ROLLED_BACK: u8 = 3;
@@ -62,7 +64,7 @@ pub const EXIT_CODES_HELP: &str = "\
 Exit codes (every command):
   0  success; check: the target can be deployed directly (verdict ok); apply: done
   1  a check found problems: check verdict refused, a failed verify
-  2  bad input: flags, connection string, server.conf, plan file, not a SPIRE datastore
+  2  bad input: flags, connection string, server.conf, plan file, not a SPIRE datastore; restore: a non-empty target without --replace, or one other clients use without --force
   3  apply: failed and rolled back (everything is back where it started)
   4  a server could not be reached, or refused the credentials
   5  any other failure (database or storage error)

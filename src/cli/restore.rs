@@ -27,9 +27,16 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
 
-    /// Replace a datastore that already holds tables (every table in it is dropped). Stop every SPIRE server first.
+    /// Replace a datastore that already holds tables (every table in it is dropped). Stop every SPIRE server first:
+    /// a target that other clients still use is refused (see --force).
     #[arg(long)]
     pub replace: bool,
+
+    /// Replace the target even while other clients (SPIRE servers) use it. Without it, `--replace` refuses and names
+    /// them: stop every SPIRE server using the datastore, restore, then start them (a running server keeps writing
+    /// into what is being replaced, and with the events-based cache it never sees the restored rows).
+    #[arg(long)]
+    pub force: bool,
 
     /// Apply the values the preflight lists as changed for the target engine (e.g. sub-second times and four-byte
     /// UTF-8 into MySQL), and record them in the repository. Without it the restore refuses.
@@ -54,6 +61,7 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
         replace: args.replace,
         accept_changes: args.accept_changes,
         dry_run: args.dry_run,
+        force: args.force,
     };
     // A dry run must not leave a new SQLite file behind.
     let created_sqlite = match &resolved.spec {
@@ -185,6 +193,24 @@ fn print_plan(p: &RestorePlan, manifest: &Manifest) {
             "  target: holds {} table(s), all of which the restore drops and replaces",
             p.existing_tables.len()
         );
+    }
+    if p.other_sessions.is_empty() {
+        println!("  other clients on the target: none");
+    } else {
+        let connections: u64 = p.other_sessions.iter().map(|s| s.connections).sum();
+        println!(
+            "  other clients on the target: {connections} connection(s){}",
+            if p.existing_tables.is_empty() {
+                ""
+            } else if p.force {
+                " (--force: replaced anyway; restart every SPIRE server after the restore)"
+            } else {
+                " (stop every SPIRE server using this datastore before the restore, start them after it)"
+            }
+        );
+        for s in &p.other_sessions {
+            println!("    {s}");
+        }
     }
     let pf = &p.preflight;
     if pf.ran {

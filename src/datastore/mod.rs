@@ -85,8 +85,68 @@ pub trait Datastore: Send + Sync {
     /// to other sessions until [`RestoreWrite::commit`].
     async fn begin_restore(&self, existing: &[String]) -> Result<Box<dyn RestoreWrite>>;
 
+    /// Who else is using this datastore right now: other clients' sessions on
+    /// the same database (PostgreSQL's `pg_stat_activity`, MySQL's process
+    /// list), or other processes holding the SQLite file or its `-wal`/`-shm`
+    /// open. This process's own connections (every [`Datastore`] it opened)
+    /// never count. Grouped by host, name and user, largest first.
+    ///
+    /// What an engine cannot show is not reported: without MySQL's `PROCESS`
+    /// privilege only the same user's sessions are listed, and on SQLite only
+    /// processes of this machine (`/proc`; another container's process is
+    /// seen through its lock on the `-shm` file).
+    async fn other_sessions(&self) -> Result<Vec<LiveSession>>;
+
     /// Closes the connection pool cleanly.
     async fn close(&self);
+}
+
+/// Another client using a datastore (see [`Datastore::other_sessions`]).
+/// Never carries a password: only what the engine shows about a session.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LiveSession {
+    /// Where the client connects from, without a port (`10.0.0.7`,
+    /// `localhost`, `local socket`); `None` where the engine does not say.
+    pub host: Option<String>,
+    /// What the client calls itself: PostgreSQL's `application_name`, or the
+    /// process name on SQLite. `None` where there is none (MySQL has no
+    /// application name; an empty PostgreSQL one is `None` too).
+    pub application: Option<String>,
+    /// The database user.
+    pub user: Option<String>,
+    /// The process id (SQLite: a process on this machine).
+    pub pid: Option<u32>,
+    /// How many connections (SQLite: open files of the datastore) it has.
+    pub connections: u64,
+    /// Anything else worth knowing (how it was seen, what is hidden).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl std::fmt::Display for LiveSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.application, self.pid) {
+            (Some(app), Some(pid)) => write!(f, "{app:?} (pid {pid})")?,
+            (Some(app), None) => write!(f, "{app:?}")?,
+            (None, Some(pid)) => write!(f, "pid {pid}")?,
+            (None, None) => f.write_str("a client")?,
+        }
+        let mut about = Vec::new();
+        if let Some(user) = &self.user {
+            about.push(format!("user {user}"));
+        }
+        if let Some(host) = &self.host {
+            about.push(format!("from {host}"));
+        }
+        if !about.is_empty() {
+            write!(f, " {}", about.join(" "))?;
+        }
+        write!(f, ", {} connection(s)", self.connections)?;
+        if let Some(note) = &self.note {
+            write!(f, " ({note})")?;
+        }
+        Ok(())
+    }
 }
 
 /// Rows travel between stages in batches of this many, so per-row channel

@@ -12,8 +12,9 @@ use super::dsn::{Engine, MysqlSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_mysql_datetime, parse_mysql_datetime};
 use super::{
-    ColumnKind, CommitOutcome, Datastore, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite, RowBatch,
-    STAGING_PREFIXES, SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite,
+    RowBatch, STAGING_PREFIXES, SnapshotRead, Value, ddl, is_staging_table, quote_ident,
+    restore_busy,
 };
 use crate::error::{Error, Result};
 
@@ -36,9 +37,25 @@ impl MysqlDatastore {
                 })?
                 .map_err(|e| classify(&e, &location))?;
         probe.close().await.map_err(|e| classify(&e, &location))?;
+        let registry = location.clone();
         let pool = MySqlPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(15))
+            // Every connection of the pool is noted as this process's own
+            // (see `other_sessions`).
+            .after_connect(move |conn, _meta| {
+                let registry = registry.clone();
+                Box::pin(async move {
+                    let id: i64 = sqlx::query_scalar("SELECT CAST(CONNECTION_ID() AS SIGNED)")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    own_connections()
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert((registry, id));
+                    Ok(())
+                })
+            })
             .connect_with(spec.options.clone())
             .await
             .map_err(|e| classify(&e, &location))?;
@@ -47,6 +64,41 @@ impl MysqlDatastore {
 
     fn err(&self, e: &sqlx::Error) -> Error {
         classify(e, &self.location)
+    }
+}
+
+/// The connection ids of every connection this process opened, per
+/// datastore location. MySQL has no application name to tell spirekeep's
+/// sessions from SPIRE's, so each connection of every pool records its
+/// `CONNECTION_ID()` when it is opened (`after_connect`), and
+/// [`Datastore::other_sessions`] leaves those out. Ids are never reused while
+/// the server runs, so a connection closed since cannot hide another client.
+/// It is per process, not per pool: a second [`Datastore`] of this process
+/// (the plan's facts, a test's own view) is not another client either.
+fn own_connections() -> &'static std::sync::Mutex<std::collections::HashSet<(String, i64)>> {
+    static IDS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<(String, i64)>>> =
+        std::sync::OnceLock::new();
+    IDS.get_or_init(Default::default)
+}
+
+/// Other sessions on the current database. Without the `PROCESS` privilege
+/// a user sees only its own sessions. Server threads (replication, the event
+/// scheduler) are not clients.
+const OTHER_SESSIONS_SQL: &str = "SELECT CAST(ID AS SIGNED), CAST(HOST AS CHAR), CAST(USER AS CHAR) \
+  FROM information_schema.PROCESSLIST \
+ WHERE DB = DATABASE() AND ID <> CONNECTION_ID() AND COMMAND <> 'Daemon' \
+   AND USER NOT IN ('system user', 'event_scheduler')";
+
+/// `host:port` as MySQL's process list shows it, without the port
+/// (`10.0.0.7:51234` → `10.0.0.7`; `localhost` for a socket stays).
+fn host_without_port(host: &str) -> String {
+    match host.rsplit_once(':') {
+        Some((h, port))
+            if !h.is_empty() && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            h.to_string()
+        }
+        _ => host.to_string(),
     }
 }
 
@@ -210,6 +262,41 @@ impl Datastore for MysqlDatastore {
             location: self.location.clone(),
             existing: existing.to_vec(),
         }))
+    }
+
+    async fn other_sessions(&self) -> Result<Vec<LiveSession>> {
+        let rows: Vec<(i64, Option<String>, Option<String>)> = sqlx::query_as(OTHER_SESSIONS_SQL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(&e))?;
+        let mut groups: std::collections::BTreeMap<(Option<String>, Option<String>), u64> =
+            std::collections::BTreeMap::new();
+        {
+            let own = own_connections()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (id, host, user) in rows {
+                if own.contains(&(self.location.clone(), id)) {
+                    continue;
+                }
+                *groups
+                    .entry((host.as_deref().map(host_without_port), user))
+                    .or_default() += 1;
+            }
+        }
+        let mut sessions: Vec<LiveSession> = groups
+            .into_iter()
+            .map(|((host, user), n)| LiveSession {
+                host,
+                application: None,
+                user,
+                pid: None,
+                connections: n,
+                note: Some("MySQL names no application".into()),
+            })
+            .collect();
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.connections));
+        Ok(sessions)
     }
 
     async fn close(&self) {
@@ -539,6 +626,15 @@ async fn swap_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_process_list_host_loses_its_port() {
+        assert_eq!(host_without_port("10.0.0.7:51234"), "10.0.0.7");
+        assert_eq!(host_without_port("localhost"), "localhost");
+        assert_eq!(host_without_port("::1:40000"), "::1");
+        assert_eq!(host_without_port("db.example.org:3306"), "db.example.org");
+        assert_eq!(host_without_port("db:"), "db:");
+    }
 
     /// Records statements and fails those starting with `fail`.
     struct Fake {

@@ -14,8 +14,8 @@ use super::dsn::{Engine, PostgresSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::parse_sqlite_datetime;
 use super::{
-    ColumnKind, CommitOutcome, Datastore, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite, RowBatch,
-    SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite,
+    RowBatch, SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
 };
 use crate::error::{Error, Result};
 
@@ -27,21 +27,25 @@ pub(crate) struct PostgresDatastore {
 impl PostgresDatastore {
     pub(crate) async fn open(spec: &PostgresSpec) -> Result<Self> {
         let location = spec.display.clone();
+        // Every connection of this process says so (see `other_sessions`).
+        let options = spec
+            .options
+            .clone()
+            .application_name(own_application_name());
         // Connect once directly: a pool reports a refused connection or a bad
         // password only as "pool timed out", which tells the user nothing.
-        let probe =
-            tokio::time::timeout(std::time::Duration::from_secs(15), spec.options.connect())
-                .await
-                .map_err(|_| Error::Unreachable {
-                    location: location.clone(),
-                    detail: "no answer within 15 s".into(),
-                })?
-                .map_err(|e| classify(&e, &location))?;
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(15), options.connect())
+            .await
+            .map_err(|_| Error::Unreachable {
+                location: location.clone(),
+                detail: "no answer within 15 s".into(),
+            })?
+            .map_err(|e| classify(&e, &location))?;
         probe.close().await.map_err(|e| classify(&e, &location))?;
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(15))
-            .connect_with(spec.options.clone())
+            .connect_with(options)
             .await
             .map_err(|e| classify(&e, &location))?;
         Ok(Self { pool, location })
@@ -51,6 +55,40 @@ impl PostgresDatastore {
         classify(e, &self.location)
     }
 }
+
+/// The `application_name` of every connection this process opens:
+/// `spirekeep/<pid>-<random>`, the same for every pool and every connection
+/// (a restore's detached session included), so [`Datastore::other_sessions`]
+/// leaves out exactly this process's sessions, however many connections its
+/// pools opened, closed or reopened meanwhile. Backend pids would not do: a
+/// pool's connections come and go, and a pid is reused by the next backend.
+/// The random part keeps two hosts' spirekeep with the same pid apart; another
+/// spirekeep process is reported like any other client, under its own name.
+/// It replaces an `application_name` from the connection string: that one is
+/// SPIRE's, and spirekeep must not pass for SPIRE.
+fn own_application_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        format!(
+            "spirekeep/{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        )
+    })
+}
+
+/// Other client sessions on the current database, grouped by client address
+/// (`local socket` for a Unix socket), application name and user. A role
+/// without `pg_read_all_stats` sees other roles' sessions with the address
+/// and application name hidden (NULL); they are still counted.
+const OTHER_SESSIONS_SQL: &str = "SELECT CASE WHEN client_addr IS NOT NULL THEN host(client_addr) \
+            WHEN client_port = -1 THEN 'local socket' END, \
+       application_name::text, usename::text, count(*) \
+  FROM pg_stat_activity \
+ WHERE datname = current_database() AND pid <> pg_backend_pid() \
+   AND backend_type = 'client backend' AND application_name IS DISTINCT FROM $1 \
+ GROUP BY 1, 2, 3 \
+ ORDER BY 4 DESC, 1, 2, 3";
 
 const TABLES_SQL: &str = "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
        coalesce(pg_get_expr(d.adbin, d.adrelid), ''), a.attidentity::text \
@@ -231,6 +269,32 @@ impl Datastore for PostgresDatastore {
             deferred_indexes: Vec::new(),
             pending: None,
         }))
+    }
+
+    async fn other_sessions(&self) -> Result<Vec<LiveSession>> {
+        let rows: Vec<(Option<String>, Option<String>, Option<String>, i64)> =
+            sqlx::query_as(OTHER_SESSIONS_SQL)
+                .bind(own_application_name())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.err(&e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(host, application, user, n)| {
+                let hidden = host.is_none() && application.is_none();
+                LiveSession {
+                    host,
+                    application: application.filter(|a| !a.is_empty()),
+                    user,
+                    pid: None,
+                    connections: n.unsigned_abs(),
+                    note: hidden.then(|| {
+                        "address and application name hidden: reading them needs pg_read_all_stats"
+                            .to_string()
+                    }),
+                }
+            })
+            .collect())
     }
 
     async fn close(&self) {

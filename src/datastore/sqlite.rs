@@ -13,14 +13,15 @@ use super::dsn::{Engine, OpenMode, SqliteSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
 use super::{
-    ColumnKind, CommitOutcome, Datastore, ROW_BATCH, RestoreWrite, RowBatch, SnapshotRead, Value,
-    ddl, is_staging_table, quote_ident,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, ROW_BATCH, RestoreWrite, RowBatch,
+    SnapshotRead, Value, ddl, is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
 
 pub(crate) struct SqliteDatastore {
     pool: SqlitePool,
     location: String,
+    path: std::path::PathBuf,
 }
 
 impl SqliteDatastore {
@@ -46,7 +47,11 @@ impl SqliteDatastore {
             .connect_with(options)
             .await
             .map_err(|e| classify(&e, &location))?;
-        let store = Self { pool, location };
+        let store = Self {
+            pool,
+            location,
+            path: spec.path.clone(),
+        };
         // A file that is not a database fails only on first read: check now.
         store.server_version().await?;
         sqlx::query("SELECT count(*) FROM sqlite_master")
@@ -200,9 +205,175 @@ impl Datastore for SqliteDatastore {
         }))
     }
 
+    async fn other_sessions(&self) -> Result<Vec<LiveSession>> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || holders(&path))
+            .await
+            .map_err(|e| Error::Aborted(format!("looking for other users of the SQLite file: {e}")))
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The processes other than this one that have the SQLite file `path` open
+/// (Linux `/proc`), by pid:
+///
+/// 1. every `/proc/<pid>/fd` link to the file, its `-wal`, `-shm` or
+///    `-journal` (readable for this user's processes, all of them as root),
+///    named by `/proc/<pid>/comm`;
+/// 2. a lock on the `-shm` file ([`shm_lock_holder`]): in WAL mode, which
+///    SPIRE always uses, each process with the database open holds a read lock
+///    on it for as long as it keeps a connection, which the kernel reports for
+///    any user and any container sharing the file. A holder the first pass
+///    could not see is named when its pid is visible, and otherwise reported
+///    as a process outside this PID namespace.
+///
+/// This process's own connections never count (same pid). A `-wal` that no
+/// process holds (left by a server that was killed) is not a live session:
+/// the next connection recovers it, the restore's included.
+fn holders(path: &std::path::Path) -> Vec<LiveSession> {
+    let Ok(main) = std::fs::canonicalize(path) else {
+        return Vec::new();
+    };
+    let with_suffix = |suffix: &str| {
+        let mut p = main.clone().into_os_string();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let side_files = [
+        with_suffix("-wal"),
+        with_suffix("-shm"),
+        with_suffix("-journal"),
+    ];
+    let own = std::process::id();
+    let comm = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+    };
+    let mut found: Vec<LiveSession> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for entry in procs.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == own {
+                continue;
+            }
+            // Other users' fds are unreadable unless root; they vanish mid-scan.
+            let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+                continue;
+            };
+            let (mut main_fds, mut files) = (0u64, 0u64);
+            for fd in fds.flatten() {
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                if target == main {
+                    main_fds += 1;
+                    files += 1;
+                } else if side_files.contains(&target) {
+                    files += 1;
+                }
+            }
+            if files > 0 {
+                seen.insert(pid);
+                found.push(LiveSession {
+                    host: None,
+                    application: comm(pid),
+                    user: None,
+                    pid: Some(pid),
+                    connections: main_fds.max(1),
+                    note: Some(format!("{files} open file(s) of the datastore")),
+                });
+            }
+        }
+    } else {
+        tracing::debug!("no /proc: other processes using the SQLite file cannot be seen");
+    }
+    let shm = &side_files[1];
+    let shm_name = shm
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    match shm_lock_holder(shm) {
+        Some(0) => found.push(LiveSession {
+            host: None,
+            application: None,
+            user: None,
+            pid: None,
+            connections: 1,
+            note: Some(format!(
+                "a process outside this PID namespace (another container?) holds a lock on {shm_name}"
+            )),
+        }),
+        Some(pid) if seen.insert(pid) => found.push(LiveSession {
+            host: None,
+            application: comm(pid),
+            user: None,
+            pid: Some(pid),
+            connections: 1,
+            note: Some(format!(
+                "holds a lock on {shm_name}; its open files are not readable by this user"
+            )),
+        }),
+        // No lock, or one held by a process already listed.
+        Some(_) | None => {}
+    }
+    found.sort_by(|a, b| b.connections.cmp(&a.connections).then(a.pid.cmp(&b.pid)));
+    found
+}
+
+/// The offset of SQLite's "dead man switch" byte in the `-shm` file
+/// (`UNIX_SHM_DMS` in `os_unix.c`): every connection in WAL mode holds a
+/// read lock on it for as long as it is open.
+const SHM_DMS_BYTE: i64 = 128;
+
+/// Whether another process holds a POSIX lock on the `-shm` file's DMS byte:
+/// its pid as this PID namespace sees it (0 for a process outside it, such as
+/// another container sharing the volume). `F_GETLK` never reports this
+/// process's own locks, and, unlike `/proc/locks` (which hides other
+/// namespaces' locks), the kernel checks every lock on the file.
+///
+/// The descriptor is opened once per file and never closed: closing any
+/// descriptor of a file drops every POSIX lock this process holds on it,
+/// which would pull the locks from under this process's own SQLite
+/// connections.
+fn shm_lock_holder(shm: &std::path::Path) -> Option<u32> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    use std::os::unix::fs::MetadataExt;
+    static OPEN: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<(u64, u64), std::fs::File>>,
+    > = std::sync::OnceLock::new();
+
+    let meta = std::fs::metadata(shm).ok()?;
+    let mut open = OPEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let file = match open.entry((meta.dev(), meta.ino())) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => v.insert(std::fs::File::open(shm).ok()?),
+    };
+    let mut probe = nix::libc::flock {
+        l_type: i16::try_from(nix::libc::F_WRLCK).ok()?,
+        l_whence: i16::try_from(nix::libc::SEEK_SET).ok()?,
+        l_start: SHM_DMS_BYTE,
+        l_len: 1,
+        l_pid: 0,
+    };
+    fcntl(&*file, FcntlArg::F_GETLK(&mut probe)).ok()?;
+    if i32::from(probe.l_type) == nix::libc::F_UNLCK {
+        return None;
+    }
+    u32::try_from(probe.l_pid).ok()
 }
 
 /// `'name'` as a SQL string literal (for table-valued pragma arguments).
@@ -471,5 +642,46 @@ impl RestoreWrite for Restore {
         // ids continue past the restored ones without help.
         exec_on(&mut self.conn, "COMMIT", &self.location).await?;
         Ok(CommitOutcome::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This process's own pool (WAL mode, several connections, a read
+    /// transaction open) is never another user of the file: neither its open
+    /// files nor its lock on the `-shm` file count.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn own_connections_are_not_other_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("own.sqlite3");
+        let spec = SqliteSpec { path: path.clone() };
+        let ds = SqliteDatastore::open(&spec, OpenMode::Create)
+            .await
+            .unwrap();
+        ds.execute_script(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t (x integer); INSERT INTO t VALUES (1);",
+        )
+        .await
+        .unwrap();
+        let second = SqliteDatastore::open(&spec, OpenMode::ReadWrite)
+            .await
+            .unwrap();
+        let snapshot = ds.begin_snapshot().await.unwrap();
+        assert_eq!(second.count_rows("t").await.unwrap(), 1);
+        let mut shm = path.clone().into_os_string();
+        shm.push("-shm");
+        assert!(std::path::Path::new(&shm).exists(), "WAL mode");
+        assert_eq!(shm_lock_holder(std::path::Path::new(&shm)), None);
+        assert_eq!(ds.other_sessions().await.unwrap(), vec![]);
+        // Asking again (the probe's descriptor stays open) changes nothing,
+        // and this process's connections keep working.
+        assert_eq!(second.other_sessions().await.unwrap(), vec![]);
+        snapshot.finish().await.unwrap();
+        ds.execute_script("INSERT INTO t VALUES (2)").await.unwrap();
+        assert_eq!(second.count_rows("t").await.unwrap(), 2);
+        ds.close().await;
+        second.close().await;
     }
 }

@@ -10,8 +10,10 @@
 //!    (across engines, and always into MySQL: [`super::adapt`]), and, when the
 //!    target is a live datastore, works out what replacing it changes
 //!    ([`super::impact`]: agents that must attest again, entries and bundles
-//!    created or deleted since). It lists why the restore would be refused:
-//!    a damaged snapshot, a non-empty target without `replace`, changes
+//!    created or deleted since), and who else is using the target
+//!    ([`Datastore::other_sessions`]). It lists why the restore would be
+//!    refused: a damaged snapshot, a non-empty target without `replace`, a
+//!    target other clients (SPIRE servers) still use without `force`, changes
 //!    without `accept_changes`, rows the target cannot hold at all.
 //! 2. [`execute`] runs a plan that has no refusals: one
 //!    [`Datastore::begin_restore`] session, the tables created with
@@ -53,8 +55,8 @@ use super::impact::{AgentFacts, AgentImpact, KeyDiff, agent_impact, key_diff};
 use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, SPIREKEEP_VERSION};
 use super::verify::{check_every_stored_object, read_every_object};
 use crate::datastore::{
-    Column, ColumnKind, Datastore, Engine, RestoreWrite, RowBatch, SnapshotRead, Table, Value, ddl,
-    is_staging_table, quote_ident,
+    Column, ColumnKind, Datastore, Engine, LiveSession, RestoreWrite, RowBatch, SnapshotRead,
+    Table, Value, ddl, is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
 use crate::store::Repository;
@@ -78,6 +80,12 @@ pub struct RestoreOptions {
     pub accept_changes: bool,
     /// Stop after the plan: nothing is written anywhere.
     pub dry_run: bool,
+    /// Replace a target even while other clients use it (`--force`). Off by
+    /// default, so every caller (the CLI, the upgrade's rollback) refuses to
+    /// replace a datastore a SPIRE server still uses: it would keep writing
+    /// agent renewals and events into what is being replaced, and with the
+    /// events-based cache it never sees the restored rows.
+    pub force: bool,
 }
 
 /// Progress callbacks (a terminal display, logs). Every method has a
@@ -110,6 +118,8 @@ pub enum RefusalReason {
     NeedsConsent,
     /// Rows the target engine cannot hold at all.
     CannotHold,
+    /// Other clients (SPIRE servers) use the target and `force` was not given.
+    InUse,
 }
 
 /// One reason the restore would not go ahead.
@@ -204,6 +214,11 @@ pub struct RestorePlan {
     pub preflight: Preflight,
     /// Present when the target is not empty.
     pub impact: Option<Impact>,
+    /// Other clients using the target when it was planned (never this
+    /// process's own connections): SPIRE servers that must be stopped.
+    pub other_sessions: Vec<LiveSession>,
+    /// Whether the plan replaces the target even while others use it.
+    pub force: bool,
     /// Why the restore would not go ahead; empty when it would.
     pub refusals: Vec<Refusal>,
 }
@@ -216,8 +231,9 @@ impl RestorePlan {
     }
 
     /// The error [`execute`] returns for this plan's refusals, if any: a
-    /// non-empty target is a usage error; the rest are failed checks
-    /// ([`crate::ErrorKind::Integrity`]).
+    /// non-empty target or one in use is a usage error (the operator decides:
+    /// a flag, or stopping the servers); the rest are failed checks
+    /// ([`crate::ErrorKind::Integrity`]). The kind is the first refusal's.
     #[must_use]
     pub fn refusal_error(&self) -> Option<Error> {
         let first = self.refusals.first()?;
@@ -229,7 +245,7 @@ impl RestorePlan {
             all.join("; ")
         );
         Some(match first.reason {
-            RefusalReason::NotEmpty => Error::Unsupported(message),
+            RefusalReason::NotEmpty | RefusalReason::InUse => Error::Unsupported(message),
             RefusalReason::Damaged | RefusalReason::NeedsConsent | RefusalReason::CannotHold => {
                 Error::Integrity(message)
             }
@@ -399,6 +415,8 @@ async fn plan_inner(
     let source_engine = manifest.engine;
     let target_engine = target.engine();
     let existing = user_tables(target).await?;
+    // Who else uses the target (SPIRE servers that should be stopped).
+    let other_sessions = target.other_sessions().await?;
     let adapting = needs_preflight(source_engine, target_engine);
     let want_impact = !existing.is_empty();
 
@@ -531,6 +549,14 @@ async fn plan_inner(
             ),
         });
     }
+    if let Some(message) =
+        in_use_refusal(&existing, &other_sessions, options.replace, options.force)
+    {
+        refusals.push(Refusal {
+            reason: RefusalReason::InUse,
+            message,
+        });
+    }
     if preflight.blocking > 0 {
         refusals.push(Refusal {
             reason: RefusalReason::CannotHold,
@@ -581,6 +607,8 @@ async fn plan_inner(
         problems,
         preflight,
         impact,
+        other_sessions,
+        force: options.force,
         refusals,
     })
 }
@@ -591,6 +619,29 @@ fn without_staging_tables(manifest: &Manifest) -> Manifest {
     m.tables.retain(|t| !is_staging_table(&t.name));
     m.catalogue.tables.retain(|t| !is_staging_table(&t.name));
     m
+}
+
+/// The refusal of a replace while other clients use the target: a target
+/// with tables replaced (`replace`) without `force`. An empty target has no
+/// SPIRE server on it; a non-empty one without `replace` is refused anyway.
+fn in_use_refusal(
+    existing: &[String],
+    sessions: &[LiveSession],
+    replace: bool,
+    force: bool,
+) -> Option<String> {
+    if sessions.is_empty() || existing.is_empty() || !replace || force {
+        return None;
+    }
+    let listed: Vec<String> = sessions.iter().map(ToString::to_string).collect();
+    Some(format!(
+        "the target is in use by {} other client(s) [{}]; stop every SPIRE server using this datastore, \
+         restore, then start them again (a running server keeps writing agent renewals and events into \
+         what is being replaced, and with the events-based cache it never sees the restored rows), or \
+         pass --force",
+        sessions.iter().map(|s| s.connections).sum::<u64>(),
+        listed.join("; ")
+    ))
 }
 
 /// Executes `plan` (made by [`plan`] for the same snapshot and target):
@@ -689,6 +740,17 @@ async fn execute_inner(
             existing.len(),
             name_list(&existing)
         )));
+    }
+    // A SPIRE server started since the plan (the repository lock may have
+    // taken minutes) is caught before anything is written.
+    if !plan.force && !existing.is_empty() {
+        let now = target.other_sessions().await?;
+        if let Some(message) = in_use_refusal(&existing, &now, true, false) {
+            return Err(Error::Unsupported(format!(
+                "restore of snapshot {} into {} refused: {message}",
+                plan.snapshot_id, plan.target
+            )));
+        }
     }
     tracing::info!(event = "restore_started", snapshot_id = %plan.snapshot_id, target = %plan.target, replace = !existing.is_empty(), "restore starts");
     observer.stage("loading");
@@ -1338,6 +1400,53 @@ fn text(v: &Value) -> String {
 mod tests {
     use super::*;
     use crate::datastore::Index;
+
+    fn server() -> LiveSession {
+        LiveSession {
+            host: Some("10.0.0.7".into()),
+            application: Some("spire-server".into()),
+            user: Some("spire".into()),
+            pid: None,
+            connections: 3,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn only_a_replace_of_a_live_target_without_force_is_refused_as_in_use() {
+        let tables = vec!["bundles".to_string()];
+        let sessions = vec![server()];
+        let message = in_use_refusal(&tables, &sessions, true, false).unwrap();
+        assert!(
+            message.starts_with(
+                "the target is in use by 3 other client(s) [\"spire-server\" user spire from 10.0.0.7, 3 \
+                 connection(s)]; stop every SPIRE server using this datastore, restore, then start them again"
+            ),
+            "{message}"
+        );
+        assert!(message.ends_with("or pass --force"), "{message}");
+        assert!(!message.contains('\n'));
+        assert_eq!(
+            in_use_refusal(&tables, &sessions, true, true),
+            None,
+            "--force"
+        );
+        assert_eq!(
+            in_use_refusal(&[], &sessions, true, false),
+            None,
+            "empty target"
+        );
+        assert_eq!(
+            in_use_refusal(&tables, &[], true, false),
+            None,
+            "nobody there"
+        );
+        assert_eq!(
+            in_use_refusal(&tables, &sessions, false, false),
+            None,
+            "refused as not empty instead"
+        );
+    }
 
     fn table() -> Table {
         let col = |name: &str, ty: &str, kind, nullable, ai| Column {

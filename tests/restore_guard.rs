@@ -455,3 +455,36 @@ async fn own_connections_are_not_reported_mysql() {
 async fn own_connections_are_not_reported_sqlite() {
     own_connections_are_not_reported(Engine::Sqlite).await;
 }
+
+/// A server stopped a moment before the restore (the upgrade's rollback
+/// stops the servers, then restores) leaves its session in the engine's
+/// list while it is torn down. The guard reads again for a few seconds
+/// before it counts a session, so such a one does not block the restore,
+/// while one that stays is still refused (the tests above).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_that_goes_away_within_seconds_does_not_block_the_restore() {
+    let Some((src, dst, dir, id)) = setup(Engine::Postgres, "guard-settle").await else {
+        return;
+    };
+    let options = sqlx::postgres::PgConnectOptions::from_str(&dst.url())
+        .unwrap()
+        .application_name("spire-server");
+    let mut spire = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut spire).await.unwrap();
+    let closer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        spire.close().await.unwrap();
+    });
+    let url = dst.url();
+    let out = tokio::task::spawn_blocking(move || restore(&id, &url, &dir, true, &[]))
+        .await
+        .unwrap();
+    closer.await.unwrap();
+    assert!(
+        out.status.success(),
+        "the session closed within the settle time: {}",
+        stderr(&out)
+    );
+    dst.cleanup().await;
+    src.cleanup().await;
+}

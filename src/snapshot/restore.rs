@@ -42,7 +42,7 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -416,7 +416,7 @@ async fn plan_inner(
     let target_engine = target.engine();
     let existing = user_tables(target).await?;
     // Who else uses the target (SPIRE servers that should be stopped).
-    let other_sessions = target.other_sessions().await?;
+    let other_sessions = settled_other_sessions(target).await?;
     let adapting = needs_preflight(source_engine, target_engine);
     let want_impact = !existing.is_empty();
 
@@ -621,6 +621,26 @@ fn without_staging_tables(manifest: &Manifest) -> Manifest {
     m
 }
 
+/// How long a client seen on the target may take to go away before it
+/// counts: a server stopped a moment ago (by `apply`'s rollback, or a stop
+/// script that returns when the process exits) can leave its session in the
+/// engine's list for a few hundred milliseconds while the engine tears it down.
+const SESSION_SETTLE: Duration = Duration::from_secs(3);
+
+/// [`Datastore::other_sessions`], read again for up to [`SESSION_SETTLE`]
+/// while it finds any: a client that is really there stays; one that just
+/// disconnected does not block the restore.
+async fn settled_other_sessions(target: &dyn Datastore) -> Result<Vec<LiveSession>> {
+    let deadline = Instant::now() + SESSION_SETTLE;
+    loop {
+        let sessions = target.other_sessions().await?;
+        if sessions.is_empty() || Instant::now() >= deadline {
+            return Ok(sessions);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// The refusal of a replace while other clients use the target: a target
 /// with tables replaced (`replace`) without `force`. An empty target has no
 /// SPIRE server on it; a non-empty one without `replace` is refused anyway.
@@ -744,7 +764,7 @@ async fn execute_inner(
     // A SPIRE server started since the plan (the repository lock may have
     // taken minutes) is caught before anything is written.
     if !plan.force && !existing.is_empty() {
-        let now = target.other_sessions().await?;
+        let now = settled_other_sessions(target).await?;
         if let Some(message) = in_use_refusal(&existing, &now, true, false) {
             return Err(Error::Unsupported(format!(
                 "restore of snapshot {} into {} refused: {message}",

@@ -212,7 +212,19 @@ async fn drop_database(engine: Engine, admin_url: &str, name: &str) -> Result<()
         ),
         _ => format!("DROP DATABASE IF EXISTS {}", quote_ident(engine, name)),
     };
-    admin_execute(engine, admin_url, &sql).await
+    // `WITH (FORCE)` refuses to end a backend it may not signal, and a
+    // backend still starting up has no role yet: such a one is gone (or has
+    // its role) a moment later, so try again briefly before giving up.
+    let mut tries = 0;
+    loop {
+        match admin_execute(engine, admin_url, &sql).await {
+            Err(_) if tries < 10 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Runs one statement on a fresh admin connection.

@@ -212,9 +212,10 @@ async fn drop_database(engine: Engine, admin_url: &str, name: &str) -> Result<()
         ),
         _ => format!("DROP DATABASE IF EXISTS {}", quote_ident(engine, name)),
     };
-    // `WITH (FORCE)` refuses to end a backend it may not signal, and a
-    // backend still starting up has no role yet: such a one is gone (or has
-    // its role) a moment later, so try again briefly before giving up.
+    // `WITH (FORCE)` ends the other sessions before it stops autovacuum, and
+    // refuses a non-superuser the end of a backend without a role: an
+    // autovacuum worker on a database just filled (seen in CI). Such a
+    // worker is done a moment later, so try again briefly before giving up.
     let mut tries = 0;
     loop {
         match admin_execute(engine, admin_url, &sql).await {

@@ -709,7 +709,7 @@ struct PendingCopy {
 }
 
 /// How much encoded row data one `COPY` carries at most (bounds memory too).
-const COPY_CHUNK_BYTES: usize = 8 << 20;
+const COPY_CHUNK_BYTES: usize = 4 << 20;
 
 impl Restore {
     /// Sends the rows gathered so far.

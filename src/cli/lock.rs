@@ -59,15 +59,7 @@ impl Held {
         args: &LockArgs,
         purpose: &str,
     ) -> anyhow::Result<Self> {
-        let mut signals = shutdown::listen()?;
-        let options = args.options(purpose);
-        let lock = tokio::select! {
-            r = RepositoryLock::acquire(repo, &options) => r.map_err(Error::from)?,
-            () = shutdown::at_least(&mut signals, 1) => {
-                return Err(Error::Aborted("interrupted while waiting for the repository lock".into()).into());
-            }
-        };
-        Ok(Self { lock, signals })
+        Self::acquire_as(repo, args, purpose, false).await
     }
 
     /// Takes a shared lease for `purpose` (a reader: `verify`), waiting as
@@ -77,10 +69,26 @@ impl Held {
         args: &LockArgs,
         purpose: &str,
     ) -> anyhow::Result<Self> {
+        Self::acquire_as(repo, args, purpose, true).await
+    }
+
+    async fn acquire_as(
+        repo: &Repository,
+        args: &LockArgs,
+        purpose: &str,
+        shared: bool,
+    ) -> anyhow::Result<Self> {
         let mut signals = shutdown::listen()?;
         let options = args.options(purpose);
+        let taking = async {
+            if shared {
+                RepositoryLock::acquire_shared(repo, &options).await
+            } else {
+                RepositoryLock::acquire(repo, &options).await
+            }
+        };
         let lock = tokio::select! {
-            r = RepositoryLock::acquire_shared(repo, &options) => r.map_err(Error::from)?,
+            r = taking => r.map_err(Error::from)?,
             () = shutdown::at_least(&mut signals, 1) => {
                 return Err(Error::Aborted("interrupted while waiting for the repository lock".into()).into());
             }

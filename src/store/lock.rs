@@ -123,6 +123,13 @@ impl LeaseRecord {
         }
     }
 
+    /// Stands in for a lease object that does not parse (written at `at`).
+    fn unknown(purpose: &str, at: OffsetDateTime) -> Self {
+        let mut r = Self::new(purpose, DEFAULT_TTL, at);
+        r.holder = "unknown".into();
+        r
+    }
+
     fn to_bytes(&self) -> Bytes {
         let mut s = serde_json::to_string_pretty(self).expect("a lease always serializes");
         s.push('\n');
@@ -784,13 +791,7 @@ async fn live_exclusive(repo: &Repository) -> Result<Option<LeaseRecord>, LockEr
         return Ok(None);
     }
     Ok(Some(status.record.unwrap_or_else(|| {
-        let mut r = LeaseRecord::new(
-            "unknown (unreadable lease)",
-            DEFAULT_TTL,
-            status.last_modified,
-        );
-        r.holder = "unknown".into();
-        r
+        LeaseRecord::unknown("unknown (unreadable lease)", status.last_modified)
     })))
 }
 
@@ -1114,13 +1115,7 @@ pub async fn break_lease(repo: &Repository, force: bool) -> Result<BreakOutcome,
         let live = status.state == LeaseState::Held && status.holder_process_gone != Some(true);
         if live && !force {
             let r = status.record.clone().unwrap_or_else(|| {
-                let mut r = LeaseRecord::new(
-                    "unknown (unreadable lease)",
-                    DEFAULT_TTL,
-                    meta.last_modified,
-                );
-                r.holder = "unknown".into();
-                r
+                LeaseRecord::unknown("unknown (unreadable lease)", meta.last_modified)
             });
             return Err(LockError::Held {
                 message: format!(
@@ -1140,11 +1135,10 @@ pub async fn break_lease(repo: &Repository, force: bool) -> Result<BreakOutcome,
             std::process::id(),
             crate_rfc3339(OffsetDateTime::now_utc())
         );
-        let mut record = status.record.clone().unwrap_or_else(|| {
-            let mut r = LeaseRecord::new("unknown", DEFAULT_TTL, meta.last_modified);
-            r.holder = "unknown".into();
-            r
-        });
+        let mut record = status
+            .record
+            .clone()
+            .unwrap_or_else(|| LeaseRecord::unknown("unknown", meta.last_modified));
         record.released = true;
         record.expires_at = OffsetDateTime::now_utc();
         record.broken_by = Some(breaker);

@@ -234,10 +234,47 @@ impl Fleet {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Starts every member, then waits until every agent has renewed its SVID
+    /// at least once: a plan made before that would see an agent whose
+    /// rotation counter has not moved yet and call it unhealthy.
     pub fn start_all(&self) {
         for n in self.names() {
             self.sh(&["start", &n]);
         }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for agent in &self.agents {
+            while self.rotations_ok(agent.port) < 1.0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} has not renewed its SVID within 60 s of the fleet's start\n{}",
+                    agent.name,
+                    self.logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// `spire_agent_agent_svid_rotate{status="OK"}` of the agent on `port`
+    /// (0 while it does not answer or has not rotated yet).
+    pub fn rotations_ok(&self, port: u16) -> f64 {
+        let Some((200, body)) = http_get(port, "/metrics") else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|l| l.starts_with("spire_agent_agent_svid_rotate{") && l.contains("status=\"OK\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Every member's log, for a failure message: a refused gate or a missing
+    /// journal record is only diagnosable with what the members said.
+    pub fn logs(&self) -> String {
+        self.names()
+            .iter()
+            .map(|n| format!("==== log of {n} ====\n{}", self.log(n)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn version(&self, name: &str) -> String {
@@ -278,18 +315,7 @@ impl Fleet {
 
     /// Whether `/ready` of a member answers 200.
     pub fn ready(&self, port: u16) -> bool {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = write!(
-            s,
-            "GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
-        let mut raw = String::new();
-        let _ = s.read_to_string(&mut raw);
-        raw.starts_with("HTTP/1.1 200")
+        matches!(http_get(port, "/ready"), Some((200, _)))
     }
 
     /// A plan file for this fleet.
@@ -386,7 +412,7 @@ url = "http://127.0.0.1:{port}/metrics"
 metric = "spire_agent_agent_svid_rotate"
 labels = { status = "OK" }
 condition = "increases"
-window = "1500ms"
+window = "2500ms"
 interval = "300ms"
 retries = 4
 
@@ -530,12 +556,31 @@ retries = 1
             }
             assert!(
                 Instant::now() < deadline,
-                "no {event} for {step} within {timeout:?}: {:#?}",
-                self.journal()
+                "no {event} for {step} within {timeout:?}: {:#?}\n{}",
+                self.journal(),
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1: (status, body), `None` when the
+/// member does not answer.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
 }
 
 impl Drop for Fleet {

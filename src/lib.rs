@@ -27,6 +27,7 @@ pub mod error;
 pub mod inspect;
 pub mod metrics;
 pub mod plan;
+pub mod redact;
 pub mod rehearse;
 pub mod snapshot;
 pub mod store;

@@ -763,6 +763,8 @@ pub fn pushgateway_url(gateway: &str, repository: &str) -> String {
 /// The request failed or the Pushgateway refused it (the message has its answer).
 pub async fn push(gateway: &str, repository: &str, text: &str, replace: bool) -> Result<()> {
     let url = pushgateway_url(gateway, repository);
+    // The URL may carry basic-auth credentials (reqwest sends them): never show them.
+    let gateway = crate::redact::url(gateway);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -822,6 +824,25 @@ pub fn base64url(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (found by tests/secret_scan.rs): a failed push printed the
+    /// gateway URL with its basic-auth password.
+    #[tokio::test]
+    async fn a_failed_push_never_shows_the_gateways_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let gateway = format!("http://pgw:pw-Xq81@127.0.0.1:{port}");
+        let e = push(&gateway, "s3://b/p", "x 1\n", true).await.unwrap_err();
+        let text = e.to_string();
+        assert!(!text.contains("pw-Xq81"), "{text}");
+        assert!(
+            text.contains(&format!("http://127.0.0.1:{port}/")),
+            "{text}"
+        );
+    }
 
     #[test]
     fn base64url_matches_the_rfc_vectors() {

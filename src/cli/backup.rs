@@ -89,7 +89,8 @@ impl OneShotMetricsArgs {
                 .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
             if !ok {
                 return Err(crate::Error::Unsupported(format!(
-                    "--pushgateway {url:?} is not an http:// or https:// URL"
+                    "--pushgateway {:?} is not an http:// or https:// URL",
+                    crate::redact::url(url)
                 ))
                 .into());
             }

@@ -237,7 +237,7 @@ impl Repository {
     pub fn open(location: &str, options: &RepoOptions) -> Result<Self> {
         if location.contains("://") {
             let url = Url::parse(location).map_err(|e| StoreError::InvalidLocation {
-                location: redact_unparsable(location),
+                location: crate::redact::url(location),
                 why: e.to_string(),
             })?;
             Self::open_url(&url, options)
@@ -256,7 +256,7 @@ impl Repository {
     }
 
     fn open_url(url: &Url, options: &RepoOptions) -> Result<Self> {
-        let shown = redact_url(url);
+        let shown = crate::redact::parsed_url(url);
         let invalid = |why: String| StoreError::InvalidLocation {
             location: shown.clone(),
             why,
@@ -999,24 +999,6 @@ fn push_prefix(display: &mut String, prefix: &Path) {
     if !prefix.as_ref().is_empty() {
         display.push('/');
         display.push_str(prefix.as_ref());
-    }
-}
-
-/// A URL without user info, query or fragment.
-fn redact_url(url: &Url) -> String {
-    let mut u = url.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    u.set_query(None);
-    u.set_fragment(None);
-    u.to_string()
-}
-
-/// Something that looked like a URL but did not parse: keep the scheme only.
-fn redact_unparsable(location: &str) -> String {
-    match location.split_once("://") {
-        Some((scheme, _)) => format!("{scheme}://…"),
-        None => "…".to_owned(),
     }
 }
 

@@ -262,7 +262,9 @@ impl Fleet {
             return 0.0;
         };
         body.lines()
-            .filter(|l| l.starts_with("spire_agent_agent_svid_rotate{") && l.contains("status=\"OK\""))
+            .filter(|l| {
+                l.starts_with("spire_agent_agent_svid_rotate{") && l.contains("status=\"OK\"")
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }

@@ -27,7 +27,7 @@ if [ "${CI:-}" = "true" ]; then
   export SPIREKEEP_TEST_REQUIRE_SPIRE=1
 fi
 
-serial_targets=(upgrade_apply standin_fleet spire_e2e secret_scan)
+serial_targets=(upgrade_apply standin_fleet spire_e2e secret_scan kill_campaign)
 if cargo nextest --version >/dev/null 2>&1; then
   # .config/nextest.toml puts the serial targets in a test group of one thread.
   cargo nextest run --all-targets --no-fail-fast "$@"

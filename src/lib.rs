@@ -31,5 +31,6 @@ pub mod redact;
 pub mod rehearse;
 pub mod snapshot;
 pub mod store;
+pub mod testpoint;
 
 pub use error::{Error, ErrorKind, Result};

@@ -609,6 +609,7 @@ async fn swap_in(
     );
     exec.run(format!("RENAME TABLE {}", renames.join(", ")))
         .await?;
+    crate::testpoint::pause("restore.mid_swap").await;
     let mut outcome = CommitOutcome::default();
     for t in existing {
         let old = format!("{SHADOW_OLD}{t}");

@@ -792,6 +792,7 @@ impl RestoreWrite for Restore {
                 exec_on(&mut self.conn, &sql, &self.location).await?;
             }
         }
+        crate::testpoint::pause("restore.mid_swap").await;
         exec_on(&mut self.conn, "COMMIT", &self.location).await?;
         Ok(CommitOutcome::default())
     }

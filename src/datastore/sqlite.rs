@@ -640,6 +640,7 @@ impl RestoreWrite for Restore {
     async fn commit(mut self: Box<Self>, _tables: &[Table]) -> Result<CommitOutcome> {
         // AUTOINCREMENT keeps sqlite_sequence at the largest id inserted, so
         // ids continue past the restored ones without help.
+        crate::testpoint::pause("restore.mid_swap").await;
         exec_on(&mut self.conn, "COMMIT", &self.location).await?;
         Ok(CommitOutcome::default())
     }

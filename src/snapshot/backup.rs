@@ -181,7 +181,9 @@ pub async fn backup_fenced(
         delete_objects(repo, &written).await;
         return Err(e);
     }
+    crate::testpoint::pause("backup.before_manifest").await;
     let Err(put_error) = manifest.store(repo).await else {
+        crate::testpoint::pause("backup.after_manifest").await;
         return Ok(manifest);
     };
     // The put's outcome may be unknown (a timeout, or a 5xx whose retry got

@@ -951,7 +951,9 @@ async fn load(
     // A run that lost its repository lease stops here, before anything is visible.
     fence.confirm().await?;
     observer.stage("committing");
+    crate::testpoint::pause("restore.before_commit").await;
     let outcome = commit(session, &restored).await?;
+    crate::testpoint::pause("restore.after_commit").await;
     Ok(Loaded {
         tables,
         changes: applied.total,

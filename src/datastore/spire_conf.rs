@@ -66,6 +66,58 @@ pub fn load(path: &Path, expand_env: bool) -> Result<SpireDatastoreConfig> {
     parse(&text).map_err(|message| conf_err(path, message))
 }
 
+/// How deeply braces, brackets and parentheses may nest. SPIRE's own
+/// configs need about six levels; the HCL parser's time grows steeply with
+/// nesting (fuzzing found 991 bytes nested 37 deep that took over 10 s).
+const MAX_NESTING: usize = 16;
+
+/// Refuses text nested deeper than [`MAX_NESTING`] before the parser sees it
+/// (strings and comments are skipped).
+fn check_nesting(text: &str) -> std::result::Result<(), String> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut chars = text.chars().peekable();
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        column += 1;
+        if c == '\n' {
+            (line, column) = (line + 1, 0);
+            continue;
+        }
+        if in_string {
+            match c {
+                '\\' => {
+                    chars.next();
+                    column += 1;
+                }
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '#' => skip_line(&mut chars),
+            '/' if chars.peek() == Some(&'/') => skip_line(&mut chars),
+            '{' | '[' | '(' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(format!(
+                        "invalid HCL at line {line}, column {column}: nested more than {MAX_NESTING} levels deep (a SPIRE server.conf needs far fewer)"
+                    ));
+                }
+            }
+            '}' | ']' | ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Skips to the end of the line; the newline is left for the caller.
+fn skip_line(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
+    while chars.next_if(|c| *c != '\n').is_some() {}
+}
+
 fn conf_err(path: &Path, message: String) -> Error {
     Error::SpireConfig {
         path: PathBuf::from(path),
@@ -78,6 +130,7 @@ fn conf_err(path: &Path, message: String) -> Error {
 /// # Errors
 /// As [`load`].
 pub fn parse(text: &str) -> std::result::Result<SpireDatastoreConfig, String> {
+    check_nesting(text)?;
     // The HCL parser's full message quotes the offending line, which may be
     // the connection string with its password: keep the position and the
     // parser's own description of what it expected.
@@ -270,6 +323,26 @@ fn expand_env_vars(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (fuzzing, `fuzz/known-slow/`): 991 bytes nested 37 deep kept
+    /// the HCL parser busy for over 10 s; nesting is now refused up front.
+    #[test]
+    fn deep_nesting_is_refused_at_once() {
+        let slow = include_str!("../../fuzz/known-slow/server_conf_hcl-nested-operators.hcl");
+        let started = std::time::Instant::now();
+        let e = parse(slow).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(e.contains("nested more than 16 levels deep"), "{e}");
+        assert!(e.starts_with("invalid HCL at line 1, column "), "{e}");
+        // Braces in strings and comments do not count.
+        let deep = "{".repeat(20);
+        let conf = format!(
+            "# {deep}\n// {deep}\nserver {{\n  trust_domain = \"{deep}\\\"\"\n}}\n"
+        );
+        assert!(check_nesting(&conf).is_ok());
+        assert!(check_nesting(&"[".repeat(16)).is_ok());
+        assert!(check_nesting(&"[".repeat(17)).is_err());
+    }
 
     const SAMPLE: &str = r#"
 server {

@@ -28,10 +28,19 @@ if [ "${CI:-}" = "true" ]; then
 fi
 
 serial_targets=(upgrade_apply standin_fleet spire_e2e secret_scan kill_campaign)
+# A short fuzzing pass over the committed corpus (every target, a few
+# seconds each; cargo-fuzz is installed from crates.io when missing).
+# FUZZ_SMOKE_SECONDS=0 skips it.
+fuzz_smoke() {
+  if [ "${FUZZ_SMOKE_SECONDS:-10}" != "0" ]; then
+    FUZZ_SMOKE_SECONDS="${FUZZ_SMOKE_SECONDS:-10}" scripts/fuzz-smoke.sh
+  fi
+}
 if cargo nextest --version >/dev/null 2>&1; then
   # .config/nextest.toml puts the serial targets in a test group of one thread.
   cargo nextest run --all-targets --no-fail-fast "$@"
   cargo test --doc
+  fuzz_smoke
 else
   parallel_args=(--lib --bins --examples)
   for f in tests/*.rs; do
@@ -44,5 +53,6 @@ else
   cargo test --no-fail-fast "${parallel_args[@]}" "$@" || status=1
   cargo test --no-fail-fast "${serial_args[@]}" "$@" -- --test-threads=1 || status=1
   cargo test --doc || status=1
+  fuzz_smoke || status=1
   exit "$status"
 fi

@@ -336,9 +336,7 @@ mod tests {
         assert!(e.starts_with("invalid HCL at line 1, column "), "{e}");
         // Braces in strings and comments do not count.
         let deep = "{".repeat(20);
-        let conf = format!(
-            "# {deep}\n// {deep}\nserver {{\n  trust_domain = \"{deep}\\\"\"\n}}\n"
-        );
+        let conf = format!("# {deep}\n// {deep}\nserver {{\n  trust_domain = \"{deep}\\\"\"\n}}\n");
         assert!(check_nesting(&conf).is_ok());
         assert!(check_nesting(&"[".repeat(16)).is_ok());
         assert!(check_nesting(&"[".repeat(17)).is_err());

@@ -115,7 +115,7 @@ impl Tally {
     }
 }
 
-fn spirekeep_command(args: &[&str]) -> Command {
+fn spirekeep_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spirekeep"));
     for (key, _) in std::env::vars() {
         if key.starts_with("SPIREKEEP_") && !key.starts_with("SPIREKEEP_TEST_") {
@@ -129,16 +129,16 @@ fn spirekeep_command(args: &[&str]) -> Command {
     cmd
 }
 
-fn run(args: &[&str]) -> Output {
+fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     spirekeep_command(args).output().unwrap()
 }
 
-fn run_ok(args: &[&str]) -> Output {
+fn run_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
     let out = run(args);
     assert!(
         out.status.success(),
-        "spirekeep {}: {}\n{}{}",
-        args.join(" "),
+        "spirekeep {:?}: {}\n{}{}",
+        args,
         out.status,
         stdout(&out),
         stderr(&out)
@@ -204,6 +204,21 @@ fn sigkill(child: &mut Child) -> Fate {
             Fate::Killed
         }
     }
+}
+
+/// Runs one point: `args` killed as `kill` says; a run that finished before
+/// the kill must have succeeded. Counted in `tally`.
+fn kill_point(name: &str, i: usize, args: &[String], kill: &Kill, tally: &mut Tally) -> Fate {
+    let fate = run_and_kill(spirekeep_command(args), kill);
+    if let Fate::Finished(out) = &fate {
+        assert!(
+            out.status.success(),
+            "{name} point {i} ({kill:?}) finished with an error: {}",
+            stderr(out)
+        );
+    }
+    tally.count(kill, &fate);
+    fate
 }
 
 /// A kill for point `i`: every third at a pause point (in turn), the others
@@ -305,31 +320,20 @@ async fn backup_campaign(engine: Engine) {
             .collect()
     };
     let started = Instant::now();
-    run_ok(
-        &backup_args("whole")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    run_ok(&backup_args("whole"));
     let whole = started.elapsed();
     let mut verified: BTreeSet<String> = listed(&repo).into_iter().collect();
     let mut rng = rng(&name);
     let mut tally = Tally::default();
     for i in 0..points() {
         let kill = choose_kill(i, &mut rng, whole, &BACKUP_POINTS);
-        let args = backup_args(&format!("kill-{i}"));
-        let fate = run_and_kill(
-            spirekeep_command(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+        let fate = kill_point(
+            &name,
+            i,
+            &backup_args(&format!("kill-{i}")),
             &kill,
+            &mut tally,
         );
-        if let Fate::Finished(out) = &fate {
-            assert!(
-                out.status.success(),
-                "{name} point {i} ({kill:?}) finished with an error: {}",
-                stderr(out)
-            );
-        }
-        tally.count(&kill, &fate);
         let now = listed(&repo);
         if matches!(kill, Kill::At("backup.after_manifest")) && matches!(fate, Fate::Killed) {
             assert_eq!(
@@ -355,12 +359,7 @@ async fn backup_campaign(engine: Engine) {
     // The next backup gets the lock (a killed lease expires), and prune
     // leaves nothing no manifest names.
     let started = Instant::now();
-    run_ok(
-        &backup_args("after")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    run_ok(&backup_args("after"));
     let got_lock_after = started.elapsed();
     // Verified, the newest is also the newest verified one prune always keeps.
     let newest = listed(&repo).into_iter().max().unwrap();
@@ -461,7 +460,7 @@ async fn restore_campaign(source: Engine, target: Engine) {
     for id in &ids {
         let args = restore_args(id);
         let started = Instant::now();
-        run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        run_ok(&args);
         whole = started.elapsed();
         states.push(contents_of(&dst).await);
     }
@@ -475,19 +474,7 @@ async fn restore_campaign(source: Engine, target: Engine) {
     for i in 0..points() {
         let other = 1 - current;
         let kill = choose_kill(i, &mut rng, whole, &RESTORE_POINTS);
-        let args = restore_args(&ids[other]);
-        let fate = run_and_kill(
-            spirekeep_command(&args.iter().map(String::as_str).collect::<Vec<_>>()),
-            &kill,
-        );
-        if let Fate::Finished(out) = &fate {
-            assert!(
-                out.status.success(),
-                "{name} point {i} ({kill:?}) finished with an error: {}",
-                stderr(out)
-            );
-        }
-        tally.count(&kill, &fate);
+        kill_point(&name, i, &restore_args(&ids[other]), &kill, &mut tally);
         let now = contents_of(&dst).await;
         if now == states[other] {
             current = other;
@@ -505,12 +492,7 @@ async fn restore_campaign(source: Engine, target: Engine) {
     }
     // A restore after the campaign succeeds and brings the other state.
     let other = 1 - current;
-    run_ok(
-        &restore_args(&ids[other])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    run_ok(&restore_args(&ids[other]));
     assert_eq!(
         contents_of(&dst).await,
         states[other],

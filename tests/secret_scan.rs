@@ -20,7 +20,7 @@
 mod common;
 mod upgrade;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use common::{SpireFixture, spirekeep, stderr, stdout, test_password};
 use spirekeep::datastore::Engine;
 use spirekeep::datastore::testkit::{Population, services_required};
-use upgrade::{Fleet, PlanOpts, Store, free_port};
+use upgrade::{Fleet, PlanOpts, Store, free_port, http_get};
 
 /// Distinctive S3 credentials (moto accepts any).
 const S3_KEY_ID: &str = "AKIASECRETSCAN0000042";
@@ -233,21 +233,6 @@ impl S3Prefix {
         }
         objects.len()
     }
-}
-
-/// A plain HTTP/1.1 GET on 127.0.0.1.
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
 }
 
 struct KillOnDrop(Child);

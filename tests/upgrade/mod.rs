@@ -258,7 +258,7 @@ impl Fleet {
     /// `spire_agent_agent_svid_rotate{status="OK"}` of the agent on `port`
     /// (0 while it does not answer or has not rotated yet).
     pub fn rotations_ok(&self, port: u16) -> f64 {
-        let Some((200, body)) = http_get(port, "/metrics") else {
+        let Some((200, body)) = http_get(&format!("127.0.0.1:{port}"), "/metrics") else {
             return 0.0;
         };
         body.lines()
@@ -317,7 +317,10 @@ impl Fleet {
 
     /// Whether `/ready` of a member answers 200.
     pub fn ready(&self, port: u16) -> bool {
-        matches!(http_get(port, "/ready"), Some((200, _)))
+        matches!(
+            http_get(&format!("127.0.0.1:{port}"), "/ready"),
+            Some((200, _))
+        )
     }
 
     /// A plan file for this fleet.
@@ -567,11 +570,10 @@ retries = 1
     }
 }
 
-/// A plain HTTP/1.1 GET on 127.0.0.1: (status, body), `None` when the
-/// member does not answer.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+/// A plain HTTP/1.1 GET: (status, body), `None` when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,

@@ -19,6 +19,7 @@
 //! or workload identity), and the display form of a repository
 //! ([`Repository::location`]) never carries any.
 
+pub mod crypt;
 pub mod keys;
 pub mod lease_run;
 pub mod lock;
@@ -202,6 +203,17 @@ pub struct Repository {
     store: Arc<dyn ObjectStore>,
     display: Arc<str>,
     retry: RetryPolicy,
+    keys: Keys,
+}
+
+/// The age keys a repository handle was opened with. They travel with the
+/// handle (as a key does with an opened rustic repository) so every reader
+/// of row data (verify, its restore drill, restore, the upgrade rollback,
+/// the rehearsal) can decrypt without a key parameter threaded through each.
+#[derive(Clone, Default)]
+struct Keys {
+    recipients: Option<Arc<crypt::Recipients>>,
+    identities: Option<Arc<crypt::Identities>>,
 }
 
 impl fmt::Debug for Repository {
@@ -377,6 +389,7 @@ impl Repository {
             store,
             display: display.into(),
             retry: RetryPolicy::default(),
+            keys: Keys::default(),
         })
     }
 
@@ -399,6 +412,7 @@ impl Repository {
             store: Arc::new(fs),
             display: shown.into(),
             retry: RetryPolicy::default(),
+            keys: Keys::default(),
         })
     }
 
@@ -409,6 +423,7 @@ impl Repository {
             store: Arc::new(InMemory::new()),
             display: "memory://".into(),
             retry: RetryPolicy::default(),
+            keys: Keys::default(),
         }
     }
 
@@ -438,6 +453,7 @@ impl Repository {
             store,
             display: display.into(),
             retry: RetryPolicy::default(),
+            keys: Keys::default(),
         })
     }
 
@@ -445,6 +461,38 @@ impl Repository {
     #[must_use]
     pub fn location(&self) -> &str {
         &self.display
+    }
+
+    /// The same repository, encrypting the data objects of new snapshots to
+    /// `recipients` (see [`crypt`]).
+    #[must_use]
+    pub fn with_recipients(mut self, recipients: crypt::Recipients) -> Self {
+        self.keys.recipients = Some(Arc::new(recipients));
+        self
+    }
+
+    /// The same repository, able to decrypt data objects with `identities`.
+    #[must_use]
+    pub fn with_identities(mut self, identities: crypt::Identities) -> Self {
+        self.keys.identities = Some(Arc::new(identities));
+        self
+    }
+
+    /// The recipients new data objects are encrypted to (`None`: plaintext).
+    #[must_use]
+    pub fn recipients(&self) -> Option<&crypt::Recipients> {
+        self.keys.recipients.as_deref()
+    }
+
+    /// The identities data objects are decrypted with, if any were given.
+    #[must_use]
+    pub fn identities(&self) -> Option<&crypt::Identities> {
+        self.keys.identities.as_deref()
+    }
+
+    /// The identities, shared with a blocking decoder thread.
+    pub(crate) fn shared_identities(&self) -> Option<Arc<crypt::Identities>> {
+        self.keys.identities.clone()
     }
 
     /// The same repository with another retry policy (see [`retry`]).

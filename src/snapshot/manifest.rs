@@ -33,6 +33,8 @@ use super::codec::{CodecOptions, ContentHash};
 use super::error::ManifestError;
 use super::format;
 use crate::datastore::{Catalogue, Engine, MigrationsRow};
+use crate::error::Error;
+use crate::store::crypt::Identities;
 use crate::store::keys::{self, SnapshotId, VerifyKind};
 use crate::store::{MAX_MANIFEST_BYTES, MAX_RECORD_BYTES, Repository, StoreError};
 
@@ -87,6 +89,17 @@ pub struct Manifest {
     /// How the data objects are encrypted; absent for a plaintext snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+}
+
+/// Whether a snapshot's rows can be read (see [`Manifest::row_access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowAccess {
+    /// The data objects are not encrypted.
+    Plaintext,
+    /// Encrypted, and one of the identities is a recipient.
+    Decrypt,
+    /// Encrypted, and no identity was given: only the stored bytes can be checked.
+    NoIdentity,
 }
 
 /// Client-side encryption of a snapshot's data objects. Public keys only:
@@ -242,6 +255,53 @@ impl Manifest {
     #[must_use]
     pub fn recipients(&self) -> &[String] {
         self.encryption.as_ref().map_or(&[], |e| &e.recipients)
+    }
+
+    /// Whether this snapshot's rows can be read with `identities` (the
+    /// repository handle's). Decided from the recorded public keys, before
+    /// any object is read.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when identities were given but none of them is
+    /// a recipient of this snapshot.
+    pub fn row_access(&self, identities: Option<&Identities>) -> Result<RowAccess, Error> {
+        if !self.is_encrypted() {
+            return Ok(RowAccess::Plaintext);
+        }
+        let Some(ids) = identities else {
+            return Ok(RowAccess::NoIdentity);
+        };
+        if ids.matches_any(self.recipients()) {
+            return Ok(RowAccess::Decrypt);
+        }
+        Err(Error::Unsupported(format!(
+            "snapshot {} was encrypted to {}, and none of the keys in {} ({}) is one of them: pass the \
+             identity file of one of those recipients with --identity",
+            self.snapshot_id,
+            self.recipients_shown(),
+            ids.source().display(),
+            ids.public_keys().join(", ")
+        )))
+    }
+
+    /// The error for reading this encrypted snapshot's rows without an
+    /// identity: it names the recipients and the way in.
+    #[must_use]
+    pub fn needs_identity(&self, what: &str) -> Error {
+        Error::Unsupported(format!(
+            "snapshot {} is encrypted to {}: {what} needs the identity of one of them: pass --identity FILE \
+             (or set SPIREKEEP_AGE_IDENTITY_FILE to its path)",
+            self.snapshot_id,
+            self.recipients_shown()
+        ))
+    }
+
+    fn recipients_shown(&self) -> String {
+        if self.recipients().is_empty() {
+            "unknown recipients".into()
+        } else {
+            self.recipients().join(", ")
+        }
     }
 
     /// The format version this manifest must carry: the lowest that
@@ -527,6 +587,10 @@ pub struct VerificationRecord {
     /// Each problem found, e.g. a mismatch naming its object.
     pub problems: Vec<String>,
     pub spirekeep_version: String,
+    /// What this run could not check (an encrypted snapshot verified
+    /// without its identity: only the stored bytes were checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchecked: Vec<String>,
 }
 
 impl VerificationRecord {
@@ -546,7 +610,15 @@ impl VerificationRecord {
             ok: problems.is_empty(),
             problems,
             spirekeep_version: SPIREKEEP_VERSION.into(),
+            unchecked: Vec::new(),
         }
+    }
+
+    /// The same record, naming what the run could not check.
+    #[must_use]
+    pub fn with_unchecked(mut self, unchecked: Vec<String>) -> Self {
+        self.unchecked = unchecked;
+        self
     }
 
     /// The record's key in the repository.

@@ -16,10 +16,20 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use age::secrecy::ExposeSecret;
 
 use crate::error::{Error, Result};
+
+/// The keys a repository handle carries (see [`crate::store::Repository::with_keyring`]).
+#[derive(Debug, Clone, Default)]
+pub struct Keyring {
+    /// New snapshots are encrypted to these.
+    pub recipients: Option<Arc<Recipients>>,
+    /// Encrypted snapshots are read with these.
+    pub identities: Option<Arc<Identities>>,
+}
 
 /// The public keys a backup encrypts every data object to. Any one of the
 /// matching identities can decrypt.

@@ -203,17 +203,12 @@ pub struct Repository {
     store: Arc<dyn ObjectStore>,
     display: Arc<str>,
     retry: RetryPolicy,
-    keys: Keys,
-}
-
-/// The age keys a repository handle was opened with. They travel with the
-/// handle (as a key does with an opened rustic repository) so every reader
-/// of row data (verify, its restore drill, restore, the upgrade rollback,
-/// the rehearsal) can decrypt without a key parameter threaded through each.
-#[derive(Clone, Default)]
-struct Keys {
-    recipients: Option<Arc<crypt::Recipients>>,
-    identities: Option<Arc<crypt::Identities>>,
+    /// The age keys the handle was opened with. They travel with the handle
+    /// (as a key does with an opened rustic repository) so every reader of
+    /// row data (verify, its restore drill, restore, the upgrade rollback,
+    /// the rehearsal) can decrypt without a key parameter threaded through
+    /// each, and every writer of a snapshot encrypts.
+    keys: crypt::Keyring,
 }
 
 impl fmt::Debug for Repository {
@@ -389,7 +384,7 @@ impl Repository {
             store,
             display: display.into(),
             retry: RetryPolicy::default(),
-            keys: Keys::default(),
+            keys: crypt::Keyring::default(),
         })
     }
 
@@ -412,7 +407,7 @@ impl Repository {
             store: Arc::new(fs),
             display: shown.into(),
             retry: RetryPolicy::default(),
-            keys: Keys::default(),
+            keys: crypt::Keyring::default(),
         })
     }
 
@@ -423,7 +418,7 @@ impl Repository {
             store: Arc::new(InMemory::new()),
             display: "memory://".into(),
             retry: RetryPolicy::default(),
-            keys: Keys::default(),
+            keys: crypt::Keyring::default(),
         }
     }
 
@@ -453,7 +448,7 @@ impl Repository {
             store,
             display: display.into(),
             retry: RetryPolicy::default(),
-            keys: Keys::default(),
+            keys: crypt::Keyring::default(),
         })
     }
 
@@ -475,6 +470,13 @@ impl Repository {
     #[must_use]
     pub fn with_identities(mut self, identities: crypt::Identities) -> Self {
         self.keys.identities = Some(Arc::new(identities));
+        self
+    }
+
+    /// The same repository with both `keyring`'s recipients and identities.
+    #[must_use]
+    pub fn with_keyring(mut self, keyring: crypt::Keyring) -> Self {
+        self.keys = keyring;
         self
     }
 

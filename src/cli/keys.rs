@@ -39,15 +39,10 @@ pub struct RecipientArgs {
 }
 
 impl RecipientArgs {
-    /// The repository handle, encrypting to the recipients if any were
-    /// given. Checked before anything is read or written.
-    pub(crate) fn attach(&self, repo: Repository) -> Result<Repository, Error> {
-        Ok(
-            match Recipients::from_args(&self.recipients, &self.recipients_files)? {
-                Some(r) => repo.with_recipients(r),
-                None => repo,
-            },
-        )
+    /// The recipients, if any were given. Parse them before the repository
+    /// is opened: a bad one stops the command before anything is touched.
+    pub(crate) fn parse(&self) -> Result<Option<Recipients>, Error> {
+        Recipients::from_args(&self.recipients, &self.recipients_files)
     }
 }
 

@@ -7,6 +7,11 @@
 //! repository as a [`VerificationRecord`], also when it failed, so the
 //! freshness of the last *verified* snapshot is known (`list`, metrics).
 //!
+//! An encrypted snapshot read through a repository handle without a matching
+//! identity can only be checked as stored: every object's existence, size
+//! and SHA-256 of its ciphertext. The report (and the record) then lists
+//! what was not checked, and the run is recorded as shallow.
+//!
 //! ```no_run
 //! # async fn demo(repo: &spirekeep::store::Repository, id: &spirekeep::store::keys::SnapshotId)
 //! #     -> spirekeep::Result<()> {

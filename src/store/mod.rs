@@ -14,6 +14,10 @@
 //!
 //! Keys are relative to the repository root; their layout is in [`keys`].
 //!
+//! A handle may carry age keys ([`crypt`]): recipients its snapshot writers
+//! encrypt to, identities its row readers decrypt with. The store itself
+//! never encrypts; the snapshot codec does, per data object.
+//!
 //! Credentials are never arguments: they come from the environment the way
 //! each cloud's own tools read them (`AWS_*`, `GOOGLE_*`, `AZURE_*`, and instance
 //! or workload identity), and the display form of a repository

@@ -920,7 +920,7 @@ mod tests {
         let m = encrypted(manifest(), &public);
         assert_eq!(m.problems(), Vec::<String>::new());
         assert!(m.is_encrypted());
-        assert_eq!(m.recipients(), [public.clone()]);
+        assert_eq!(m.recipients(), std::slice::from_ref(&public));
         let json = m.to_json_pretty();
         assert!(json.contains("\"format_version\": 2"), "{json}");
         assert!(json.contains("\"encryption\": \"age\""), "{json}");

@@ -348,7 +348,7 @@ mod tests {
         let (text, public) = generate();
         let ids = Identities::from_file(&write(&dir, "id.txt", &text)).unwrap();
         assert_eq!(ids.public_keys(), vec![public.clone()]);
-        let r = Recipients::from_args(&[public.clone()], &[])
+        let r = Recipients::from_args(std::slice::from_ref(&public), &[])
             .unwrap()
             .unwrap();
         let plain: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
@@ -400,7 +400,7 @@ mod tests {
             "r.txt",
             &format!("# ops team\n\n{a}\n  {b}  \n# duplicate below\n{a}\n"),
         );
-        let r = Recipients::from_args(&[b.clone()], &[file])
+        let r = Recipients::from_args(std::slice::from_ref(&b), &[file])
             .unwrap()
             .unwrap();
         assert_eq!(r.public_keys(), vec![b.clone(), a.clone()]);
@@ -410,7 +410,7 @@ mod tests {
         assert!(err.contains("line 2"), "{err}");
         let (secret, _) = generate();
         let secret_line = secret.lines().last().unwrap().to_owned();
-        let err = Recipients::from_args(&[secret_line.clone()], &[])
+        let err = Recipients::from_args(std::slice::from_ref(&secret_line), &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("secret key"), "{err}");

@@ -200,3 +200,41 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<(), Error> {
     file.write_all(text.as_bytes()).map_err(fail)?;
     file.sync_all().map_err(fail)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_trip_needs_an_identity_among_the_recipients() {
+        let dir = tempfile::tempdir().unwrap();
+        let (text, public) = generate();
+        let id_path = dir.path().join("id.txt");
+        std::fs::write(&id_path, text).unwrap();
+        let (_, other_public) = generate();
+        let recipients = |key: &str| RecipientArgs {
+            recipients: vec![key.to_owned()],
+            recipients_files: Vec::new(),
+        };
+        let identity = IdentityArgs {
+            identity: Some(id_path),
+        };
+        let none = IdentityArgs::default();
+        // Writing and reading back with the same key pair: fine.
+        let k = keyring(&recipients(&public), &identity, true).unwrap();
+        assert!(k.recipients.is_some() && k.identities.is_some());
+        // No identity, or one that is not a recipient: refused before anything runs.
+        for (r, i) in [(&public, &none), (&other_public, &identity)] {
+            let err = keyring(&recipients(r), i, true).unwrap_err().to_string();
+            assert!(
+                err.contains("--identity") && err.contains(r.as_str()),
+                "{err}"
+            );
+        }
+        // Without a round trip (the agent), only a warning.
+        assert!(keyring(&recipients(&public), &none, false).is_ok());
+        // No recipients: plaintext, nothing required.
+        let k = keyring(&RecipientArgs::default(), &none, true).unwrap();
+        assert!(k.recipients.is_none() && k.identities.is_none());
+    }
+}

@@ -260,6 +260,7 @@ async fn store_crafted(
         raw_sha256: hex(&Sha256::digest(raw)),
         rows,
         content_hash: "0".repeat(64),
+        encryption: None,
     }
 }
 

@@ -71,6 +71,7 @@ fn object(id: &SnapshotId, table: &str, part: u32, rows: u64, seed: u8) -> DataO
         raw_sha256: hex(seed.wrapping_add(1)),
         rows,
         content_hash: hex(seed.wrapping_add(2)),
+        encryption: None,
     }
 }
 
@@ -113,6 +114,7 @@ fn fixed_manifest() -> Manifest {
             )
             .unwrap(),
         ],
+        encryption: None,
     }
 }
 
@@ -182,6 +184,7 @@ async fn write_golden_repo(repo: &Repository) {
             .into_iter()
             .map(|(t, o)| TableData::from_objects(t.name, vec![o]).unwrap())
             .collect(),
+        encryption: None,
     };
     m.store(repo).await.unwrap();
 }

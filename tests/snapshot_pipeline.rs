@@ -75,6 +75,7 @@ fn manifest_for(
             .into_iter()
             .map(|(t, o)| TableData::from_objects(t.name, vec![o]).unwrap())
             .collect(),
+        encryption: None,
     }
 }
 

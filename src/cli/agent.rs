@@ -59,13 +59,22 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     pub metrics_refresh: Duration,
 
+    /// Encrypt every scheduled snapshot to these age recipients.
+    #[command(flatten)]
+    pub recipients: super::keys::RecipientArgs,
+
+    /// Lets the verify job decrypt encrypted snapshots (without it, it checks only the stored bytes).
+    #[command(flatten)]
+    pub identity: super::keys::IdentityArgs,
+
     #[command(flatten)]
     pub lock: LockArgs,
 }
 
 pub(crate) async fn run(args: &AgentArgs) -> anyhow::Result<u8> {
     let datastore = args.datastore.resolve()?;
-    let repo = args.repo.open()?;
+    let keyring = super::keys::keyring(&args.recipients, &args.identity, false)?;
+    let repo = args.repo.open()?.with_keyring(keyring);
     let schedule = Schedule::parse(&args.schedule)?;
     let verify_schedule = args
         .verify_schedule

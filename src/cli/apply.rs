@@ -48,6 +48,14 @@ pub struct ApplyArgs {
     /// The journal file (default: next to the plan, NAME.journal.jsonl).
     #[arg(long, value_name = "PATH")]
     pub journal: Option<PathBuf>,
+
+    /// Encrypt the pre-upgrade snapshot (needs --identity too, for the rollback).
+    #[command(flatten)]
+    pub recipients: super::keys::RecipientArgs,
+
+    /// Decrypts the pre-upgrade snapshot if a rollback restores it.
+    #[command(flatten)]
+    pub identity: super::keys::IdentityArgs,
 }
 
 /// The exit code for an outcome.
@@ -77,6 +85,7 @@ pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
             exit::OK
         });
     }
+    let keyring = super::keys::keyring(&args.recipients, &args.identity, true)?;
     // A first SIGTERM/SIGINT stops `apply` before its next step (and a
     // snapshot or restore under the lease before it commits); a second one
     // stops it at once. Either way the journal says where `--resume` goes on.
@@ -97,6 +106,7 @@ pub(crate) async fn run(args: &ApplyArgs, json: bool) -> anyhow::Result<u8> {
             .clone()
             .unwrap_or_else(|| journal::path_for(&args.plan)),
         signals: Some(signals),
+        keyring,
     };
     let progress = TermProgress::new(!json && std::io::stderr().is_terminal());
     if !progress.is_terminal() {

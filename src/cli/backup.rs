@@ -38,6 +38,9 @@ pub struct BackupArgs {
     pub compression_workers: u32,
 
     #[command(flatten)]
+    pub recipients: super::keys::RecipientArgs,
+
+    #[command(flatten)]
     pub lock: LockArgs,
 
     #[command(flatten)]
@@ -144,7 +147,13 @@ impl OneShotMetricsArgs {
 
 pub(crate) async fn run(args: &BackupArgs, json: bool) -> anyhow::Result<u8> {
     args.metrics.validate()?;
+    // A bad recipient stops the backup here, before anything is read or written.
+    let recipients = args.recipients.parse()?;
     let repo = args.repo.open()?;
+    let repo = match recipients {
+        Some(r) => repo.with_recipients(r),
+        None => repo,
+    };
     let result = take(args, &repo, json).await;
     let failed = result.as_ref().err().map(|e| {
         e.downcast_ref::<crate::Error>()

@@ -125,6 +125,12 @@ pub(crate) async fn show(args: &ShowArgs, json: bool) -> anyhow::Result<u8> {
         }
     );
     println!("written by   spirekeep {}", manifest.spirekeep_version);
+    if manifest.is_encrypted() {
+        println!(
+            "encrypted    age, to {} (restore and full verify need a matching --identity)",
+            manifest.recipients().join(", ")
+        );
+    }
     println!(
         "size         {} stored, {} rows",
         human_bytes(manifest.total_size()),

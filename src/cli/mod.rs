@@ -6,6 +6,7 @@ mod apply;
 mod backup;
 mod check;
 mod inspect;
+mod keys;
 mod list;
 mod lock;
 pub mod logging;
@@ -134,6 +135,8 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Show where a plan stands, from its journal.
     Status(status::StatusArgs),
+    /// Create an age identity file for encrypted snapshots and print its public key (or, with -y, print an identity file's public keys).
+    Keygen(keys::KeygenArgs),
 }
 
 /// How to reach the datastore: a connection string or SPIRE's server.conf.
@@ -216,6 +219,7 @@ pub async fn run(cli: Cli) -> u8 {
             Command::Plan(args) => plan::run(args, cli.json).await,
             Command::Apply(args) => apply::run(args, cli.json).await,
             Command::Status(args) => status::run(args, cli.json).await,
+            Command::Keygen(args) => keys::run(args, cli.json),
         }
     }
     .instrument(span.clone())
@@ -272,6 +276,7 @@ impl Command {
             Self::Plan(_) => "plan",
             Self::Apply(_) => "apply",
             Self::Status(_) => "status",
+            Self::Keygen(_) => "keygen",
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::error::{Error, ErrorKind};
 use crate::snapshot::Manifest;
 use crate::snapshot::adapt::ChangeKind;
 use crate::snapshot::listing::{human_bytes, resolve, rfc3339};
+use crate::snapshot::manifest::RowAccess;
 use crate::snapshot::restore::{RestoreOptions, RestorePlan, RestoreReport, execute_fenced, plan};
 
 #[derive(Debug, Args)]
@@ -26,6 +27,10 @@ pub struct RestoreArgs {
 
     #[command(flatten)]
     pub repo: RepoArgs,
+
+    /// Needed to restore an encrypted snapshot.
+    #[command(flatten)]
+    pub identity: super::keys::IdentityArgs,
 
     /// Replace a datastore that already holds tables (every table in it is dropped). Stop every SPIRE server first:
     /// a target that other clients still use is refused (see --force).
@@ -54,9 +59,13 @@ pub struct RestoreArgs {
 
 pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
     let resolved = args.datastore.resolve()?;
-    let repo = args.repo.open()?;
+    let repo = args.identity.attach(args.repo.open()?)?;
     let id = resolve(&repo, &args.snapshot).await?;
     let manifest = Manifest::load(&repo, &id).await.map_err(Error::from)?;
+    // Before the target is even opened: no identity, no rows.
+    if manifest.row_access(repo.identities())? == RowAccess::NoIdentity {
+        return Err(manifest.needs_identity("restoring it").into());
+    }
     let options = RestoreOptions {
         replace: args.replace,
         accept_changes: args.accept_changes,

@@ -51,6 +51,11 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
 
+    /// Needed to decrypt an encrypted snapshot's rows; without it only the stored (encrypted) bytes
+    /// are checked, and the report says what was not.
+    #[command(flatten)]
+    pub identity: super::keys::IdentityArgs,
+
     /// The repository lock, held while the snapshot is read (no prune can
     /// delete its objects meanwhile).
     #[command(flatten)]
@@ -77,7 +82,7 @@ pub(crate) async fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
         }
         None => None,
     };
-    let repo = args.repo.open()?;
+    let repo = args.identity.attach(args.repo.open()?)?;
     // Under a shared lease of the repository lock, so no prune deletes the
     // snapshot's objects while they are read (a verify racing a prune would
     // report a damaged snapshot that was only being deleted); other verifies
@@ -161,7 +166,7 @@ async fn rehearse(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
         trust_domain: args.trust_domain.clone(),
         timeout: args.rehearse_timeout,
     };
-    let repo = args.repo.open()?;
+    let repo = args.identity.attach(args.repo.open()?)?;
     // Under a shared lease, like any verify: no prune deletes the snapshot meanwhile.
     let held = super::lock::Held::acquire_shared(&repo, &args.lock, "verify --rehearse").await?;
     let work = async {
@@ -218,14 +223,18 @@ fn print_rehearsal(r: &RehearsalReport) {
 }
 
 fn print_text(r: &VerifyReport) {
+    let rows = if r.unchecked.is_empty() {
+        format!("{} rows", r.rows)
+    } else {
+        "rows not decrypted".to_owned()
+    };
     println!(
-        "snapshot {}: {} ({} verification): {} objects, {} read, {} rows in {} tables, {:.1} s",
+        "snapshot {}: {} ({} verification): {} objects, {} read, {rows} in {} tables, {:.1} s",
         r.snapshot_id,
         if r.ok { "ok" } else { "FAILED" },
         r.kind.as_str(),
         r.objects,
         human_bytes(r.stored_bytes),
-        r.rows,
         r.tables.len(),
         r.seconds
     );
@@ -242,6 +251,12 @@ fn print_text(r: &VerifyReport) {
     }
     for p in &r.problems {
         println!("  problem: {p}");
+    }
+    if !r.unchecked.is_empty() {
+        println!("  NOT checked (the snapshot is encrypted and no --identity was given):");
+        for u in &r.unchecked {
+            println!("    - {u}");
+        }
     }
     for n in &r.notes {
         println!("  note: {n}");

@@ -7,6 +7,9 @@
 //! stays bounded by a few batches whatever the table size. A table larger than
 //! [`BackupOptions::part_raw_bytes`] is split into several objects.
 //!
+//! A repository handle with age recipients gets every data object encrypted
+//! (see [`crate::store::crypt`]); the manifest then names the recipients.
+//!
 //! Nothing is a snapshot until its manifest exists. On any failure the data
 //! objects written so far are deleted (best effort; `prune` removes what a
 //! killed process leaves behind once it is older than the grace period) —
@@ -18,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::codec::{CodecOptions, TableWriter};
 use super::manifest::{
-    DataFormat, DataObject, MANIFEST_FORMAT_VERSION, Manifest, SPIREKEEP_VERSION, TableData,
+    DataFormat, DataObject, Encryption, Manifest, ObjectEncryption, SPIREKEEP_VERSION, TableData,
 };
 use crate::datastore::{
     Catalogue, Datastore, MigrationsRow, RowBatch, SnapshotRead, Table, Value, ddl,
@@ -156,8 +159,14 @@ pub async fn backup_fenced(
             return Err(e);
         }
     };
-    let manifest = Manifest {
-        format_version: MANIFEST_FORMAT_VERSION,
+    // The writers encrypted every object to the handle's recipients (if
+    // any); validate() refuses a manifest where that is not so.
+    let encryption = repo.recipients().map(|r| Encryption {
+        scheme: ObjectEncryption::Age,
+        recipients: r.public_keys(),
+    });
+    let mut manifest = Manifest {
+        format_version: 0,
         snapshot_id: id,
         spirekeep_version: SPIREKEEP_VERSION.into(),
         engine: ds.engine(),
@@ -170,7 +179,9 @@ pub async fn backup_fenced(
         data_format: DataFormat::current(&options.codec),
         catalogue,
         tables: copied.tables,
+        encryption,
     };
+    manifest.format_version = manifest.required_format_version();
     let ready = match manifest.validate() {
         Ok(()) => fence.confirm().await.map_err(Error::from),
         Err(source) => Err(Error::Integrity(format!(

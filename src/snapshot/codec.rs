@@ -22,10 +22,20 @@
 //! synchronous cores ([`ObjectEncoder`], [`ObjectDecoder`]) work on any
 //! `Write`/`Read` with the same code as the pipeline.
 //!
+//! # Encryption
+//!
+//! When the repository handle carries age recipients
+//! ([`Repository::with_recipients`]), the compressed bytes are encrypted
+//! before they leave the blocking thread (compress, then encrypt: ciphertext
+//! does not compress), as one age file per object; reading decrypts with the
+//! handle's identities before decompressing. Both run inside the same
+//! blocking stage, so the pipeline and its bounds are unchanged.
+//!
 //! # Hashes
 //!
-//! - `sha256`: SHA-256 of the stored (compressed) bytes: what `verify` checks
-//!   without decompressing.
+//! - `sha256`: SHA-256 of the stored bytes (compressed, and encrypted when
+//!   the object is): what `verify` checks without decompressing, and without
+//!   the identity.
 //! - `raw_sha256`: SHA-256 of the decompressed SPKD stream.
 //! - content hash: `Σ SHA-256(canonical encoding of row) mod 2^256` over the
 //!   table's rows, with the row count beside it. The canonical encoding is
@@ -39,6 +49,7 @@
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::{Buf, Bytes};
 use futures::StreamExt;
@@ -49,7 +60,9 @@ use tokio::task::JoinHandle;
 use super::SnapshotError;
 use super::format::{self, Header, RowEncoder};
 use super::manifest::DataObject;
+use super::manifest::ObjectEncryption;
 use crate::datastore::{ROW_BATCH, Table, Value};
+use crate::store::crypt::{Identities, OpenError, Recipients, Sealer};
 use crate::store::keys::{self, SnapshotId};
 use crate::store::{ObjectUpload, Repository, StoreError};
 
@@ -252,6 +265,8 @@ pub struct ObjectDigest {
     pub raw_sha256: String,
     /// Content hash of the object's rows (with the row count).
     pub content: ContentHash,
+    /// How the stored bytes are encrypted, if they are.
+    pub encryption: Option<ObjectEncryption>,
 }
 
 impl ObjectDigest {
@@ -266,6 +281,7 @@ impl ObjectDigest {
             raw_sha256: self.raw_sha256,
             rows: self.content.rows(),
             content_hash: self.content.hex(),
+            encryption: self.encryption,
         }
     }
 }
@@ -336,7 +352,53 @@ impl<R: Read> Read for HashReader<R> {
     }
 }
 
-type ZstdWriter<S> = zstd::stream::write::Encoder<'static, HashWriter<S>>;
+/// Where compressed bytes go: straight to the (hashing) sink, or through an
+/// age encryptor first.
+enum Seal<W: Write> {
+    Plain(W),
+    Age(Sealer<W>),
+}
+
+impl<W: Write> Seal<W> {
+    fn new(sink: W, recipients: Option<&Recipients>) -> io::Result<Self> {
+        Ok(match recipients {
+            None => Self::Plain(sink),
+            Some(r) => Self::Age(r.seal(sink)?),
+        })
+    }
+
+    fn encryption(&self) -> Option<ObjectEncryption> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Age(_) => Some(ObjectEncryption::Age),
+        }
+    }
+
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Self::Plain(w) => Ok(w),
+            Self::Age(w) => w.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Seal<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(w) => w.write(buf),
+            Self::Age(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(w) => w.flush(),
+            Self::Age(w) => w.flush(),
+        }
+    }
+}
+
+type ZstdWriter<S> = zstd::stream::write::Encoder<'static, Seal<HashWriter<S>>>;
 
 /// SPKD bytes on their way to the compressor, with the place of each row's
 /// canonical encoding (for the content hash).
@@ -346,19 +408,26 @@ struct EncodedChunk {
     rows: Vec<Range<usize>>,
 }
 
-/// Hashes (raw and per row) and compresses an SPKD byte stream, then hashes
-/// the compressed bytes on their way to `sink`.
+/// Hashes (raw and per row) and compresses an SPKD byte stream, encrypts it
+/// when given recipients, then hashes the stored bytes on their way to `sink`.
 struct Compressor<S: Write> {
     raw: HashWriter<ZstdWriter<S>>,
     content: ContentHasher,
     table: String,
+    encryption: Option<ObjectEncryption>,
 }
 
 impl<S: Write> Compressor<S> {
-    fn new(sink: S, table: &str, options: &CodecOptions) -> Result<Self, SnapshotError> {
+    fn new(
+        sink: S,
+        table: &str,
+        options: &CodecOptions,
+        recipients: Option<&Recipients>,
+    ) -> Result<Self, SnapshotError> {
         let werr = |e| SnapshotError::from_write_error(table, e);
-        let mut z = zstd::stream::write::Encoder::new(HashWriter::new(sink), options.level)
-            .map_err(werr)?;
+        let sealed = Seal::new(HashWriter::new(sink), recipients).map_err(werr)?;
+        let encryption = sealed.encryption();
+        let mut z = zstd::stream::write::Encoder::new(sealed, options.level).map_err(werr)?;
         z.include_checksum(true).map_err(werr)?;
         if options.workers > 0 {
             z.multithread(options.workers).map_err(werr)?;
@@ -367,6 +436,7 @@ impl<S: Write> Compressor<S> {
             raw: HashWriter::new(z),
             content: ContentHasher::new(),
             table: table.to_owned(),
+            encryption,
         })
     }
 
@@ -382,8 +452,9 @@ impl<S: Write> Compressor<S> {
     fn finish(self) -> Result<(S, ObjectDigest), SnapshotError> {
         let werr = |e| SnapshotError::from_write_error(&self.table, e);
         let (z, raw_sha256, raw_size) = self.raw.into_parts();
-        let compressed = z.finish().map_err(werr)?;
-        let (mut sink, sha256, size) = compressed.into_parts();
+        let sealed = z.finish().map_err(werr)?;
+        let stored = sealed.finish().map_err(werr)?;
+        let (mut sink, sha256, size) = stored.into_parts();
         sink.flush().map_err(werr)?;
         Ok((
             sink,
@@ -393,6 +464,7 @@ impl<S: Write> Compressor<S> {
                 raw_size,
                 raw_sha256,
                 content: self.content.current(),
+                encryption: self.encryption,
             },
         ))
     }
@@ -411,7 +483,21 @@ impl<S: Write> ObjectEncoder<S> {
     /// # Errors
     /// Bad zstd options or a header outside the format's limits.
     pub fn new(sink: S, header: &Header, options: &CodecOptions) -> Result<Self, SnapshotError> {
-        let compressor = Compressor::new(sink, &header.table, options)?;
+        Self::sealed(sink, header, options, None)
+    }
+
+    /// [`Self::new`], encrypting the compressed bytes to `recipients` (when
+    /// given) before they reach `sink`.
+    ///
+    /// # Errors
+    /// As [`Self::new`], and the sink's failure to take the age header.
+    pub fn sealed(
+        sink: S,
+        header: &Header,
+        options: &CodecOptions,
+        recipients: Option<&Recipients>,
+    ) -> Result<Self, SnapshotError> {
+        let compressor = Compressor::new(sink, &header.table, options, recipients)?;
         let mut chunk = EncodedChunk {
             bytes: Vec::with_capacity(ENCODED_CHUNK + 4096),
             rows: Vec::new(),
@@ -457,26 +543,100 @@ impl<S: Write> ObjectEncoder<S> {
     }
 }
 
-type ZstdReader<R> = zstd::stream::read::Decoder<'static, BufReader<HashReader<R>>>;
+/// The stored bytes as read, with their hash and count. Shared, because
+/// the age reader above it cannot give its input back: the decoder keeps a
+/// handle to hash whatever follows the end of the age file too.
+struct Tapped<R> {
+    inner: R,
+    sha: Sha256,
+    count: u64,
+}
+
+struct Tap<R>(Arc<Mutex<Tapped<R>>>);
+
+impl<R> Tap<R> {
+    fn lock(&self) -> MutexGuard<'_, Tapped<R>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<R: Read> Read for Tap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut t = self.lock();
+        let n = t.inner.read(buf)?;
+        t.sha.update(&buf[..n]);
+        t.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// The compressed bytes: the stored bytes themselves, or an age reader that
+/// decrypts them (checking every chunk's tag and the end of the file).
+enum Unseal<R: Read> {
+    Plain(R),
+    Age(age::stream::StreamReader<R>),
+}
+
+impl<R: Read> Read for Unseal<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(r) => r.read(buf),
+            Self::Age(r) => r.read(buf),
+        }
+    }
+}
+
+type ZstdReader<R> = zstd::stream::read::Decoder<'static, BufReader<Unseal<Tap<R>>>>;
 
 /// Decompresses, decodes and hashes a data object from any [`Read`] (synchronous).
 pub struct ObjectDecoder<R: Read> {
     dec: format::Decoder<HashReader<ZstdReader<R>>>,
+    stored: Tap<R>,
+    encryption: Option<ObjectEncryption>,
     content: ContentHasher,
     object: String,
 }
 
 impl<R: Read> ObjectDecoder<R> {
-    /// Reads the object's header. `object` names it in errors.
+    /// Reads the header of a plaintext object. `object` names it in errors.
     ///
     /// # Errors
     /// Anything that stops the header from being read.
     pub fn new(compressed: R, object: &str) -> Result<Self, SnapshotError> {
-        let z = zstd::stream::read::Decoder::new(HashReader::new(compressed))
+        Self::open(compressed, object, None)
+    }
+
+    /// Reads the object's header; with `identities`, the stored bytes are an
+    /// age file that is decrypted first.
+    ///
+    /// # Errors
+    /// Anything that stops the header from being read; for an encrypted
+    /// object, a damaged age header or no matching identity.
+    pub fn open(
+        stored: R,
+        object: &str,
+        identities: Option<&Identities>,
+    ) -> Result<Self, SnapshotError> {
+        let shared = Arc::new(Mutex::new(Tapped {
+            inner: stored,
+            sha: Sha256::new(),
+            count: 0,
+        }));
+        let tap = Tap(Arc::clone(&shared));
+        let (unsealed, encryption) = match identities {
+            None => (Unseal::Plain(tap), None),
+            Some(ids) => {
+                let reader = ids.open(tap).map_err(|e| open_error(object, ids, e))?;
+                (Unseal::Age(reader), Some(ObjectEncryption::Age))
+            }
+        };
+        let z = zstd::stream::read::Decoder::new(unsealed)
             .map_err(|e| SnapshotError::from_read_error(object, 0, e))?;
         let dec = format::Decoder::new(HashReader::new(z), object)?;
         Ok(Self {
             dec,
+            stored: Tap(shared),
+            encryption,
             content: ContentHasher::new(),
             object: object.to_owned(),
         })
@@ -515,17 +675,45 @@ impl<R: Read> ObjectDecoder<R> {
         let offset = self.dec.offset();
         let (z, raw_sha256, raw_size) = self.dec.into_inner().into_parts();
         let mut rest = z.finish();
-        // zstd reads to the end of its input; anything left is hashed too.
+        // zstd reads to the end of its input (and age to the end of its
+        // file, checking the last chunk); anything left is hashed too.
         io::copy(&mut rest, &mut io::sink())
             .map_err(|e| SnapshotError::from_read_error(&self.object, offset, e))?;
-        let (_, sha256, size) = rest.into_inner().into_parts();
+        drop(rest);
+        io::copy(&mut self.stored, &mut io::sink())
+            .map_err(|e| SnapshotError::from_read_error(&self.object, offset, e))?;
+        let (sha256, size) = {
+            let mut t = self.stored.lock();
+            let sha = std::mem::take(&mut t.sha);
+            let d: [u8; 32] = sha.finalize().into();
+            (to_hex(&d), t.count)
+        };
         Ok(ObjectDigest {
             size,
             sha256,
             raw_size,
             raw_sha256,
             content: self.content.current(),
+            encryption: self.encryption,
         })
+    }
+}
+
+fn open_error(object: &str, ids: &Identities, e: OpenError) -> SnapshotError {
+    match e {
+        OpenError::Io(e) => SnapshotError::from_read_error(object, 0, e),
+        OpenError::NoMatchingKey => SnapshotError::Undecryptable {
+            object: object.to_owned(),
+            detail: format!(
+                "none of the keys in {} ({}) is among its recipients",
+                ids.source().display(),
+                ids.public_keys().join(", ")
+            ),
+        },
+        OpenError::Damaged(_) => SnapshotError::Undecryptable {
+            object: object.to_owned(),
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -543,6 +731,19 @@ pub fn check_digest(expected: &DataObject, actual: &ObjectDigest) -> Result<(), 
             actual: a,
         })
     };
+    if expected.encryption != actual.encryption {
+        let shown = |e: Option<ObjectEncryption>| {
+            e.map_or_else(
+                || "plaintext".to_owned(),
+                |e| format!("{e:?}").to_lowercase(),
+            )
+        };
+        return mismatch(
+            "encryption",
+            shown(expected.encryption),
+            shown(actual.encryption),
+        );
+    }
     if expected.size != actual.size {
         return mismatch(
             "size",
@@ -666,8 +867,9 @@ impl fmt::Debug for TableWriter {
 }
 
 impl TableWriter {
-    /// Starts writing `header`'s rows to `key`. Must be called inside a Tokio
-    /// runtime (it spawns the compressor and the uploader).
+    /// Starts writing `header`'s rows to `key`, encrypted to the
+    /// repository handle's recipients if it has any. Must be called inside a
+    /// Tokio runtime (it spawns the compressor and the uploader).
     ///
     /// # Errors
     /// An invalid key, a header outside the format's limits, or bad zstd options.
@@ -690,7 +892,7 @@ impl TableWriter {
             buf: Vec::with_capacity(CHUNK_SIZE),
         };
         // Fail now, not on the first row, if zstd refuses the options.
-        let compressor = Compressor::new(sink, &header.table, &options)?;
+        let compressor = Compressor::new(sink, &header.table, &options, repo.recipients())?;
         let upload = tokio::spawn(upload_chunks(upload, chunk_rx));
         let compress = tokio::task::spawn_blocking(move || compress_chunks(rx, compressor));
         Ok(Self {
@@ -716,12 +918,12 @@ impl TableWriter {
         part: u32,
         options: CodecOptions,
     ) -> Result<Self, SnapshotError> {
-        Self::new(
-            repo,
-            &keys::data_object(id, &table.name, part),
-            &Header::for_table(table),
-            options,
-        )
+        let key = if repo.recipients().is_some() {
+            keys::encrypted_data_object(id, &table.name, part)
+        } else {
+            keys::data_object(id, &table.name, part)
+        };
+        Self::new(repo, &key, &Header::for_table(table), options)
     }
 
     /// The key being written.
@@ -986,6 +1188,15 @@ impl TableReader {
         table: &Table,
         object: &DataObject,
     ) -> Result<Self, SnapshotError> {
+        let identities = match object.encryption {
+            None => None,
+            Some(_) => Some(
+                repo.shared_identities()
+                    .ok_or_else(|| SnapshotError::NoIdentity {
+                        object: object.key.clone(),
+                    })?,
+            ),
+        };
         let mut stream = repo.get_stream(&object.key).await?;
         let (bytes_tx, bytes_rx) = mpsc::channel::<Result<Bytes, StoreError>>(CHUNKS_IN_FLIGHT);
         let forward = tokio::spawn(async move {
@@ -1005,7 +1216,8 @@ impl TableReader {
             current: Bytes::new(),
         };
         let decode = tokio::task::spawn_blocking(move || {
-            decode_rows(reader, &key, raw_size, header_tx, &rows_tx)
+            let ids = identities.as_deref();
+            decode_rows(reader, &key, ids, raw_size, header_tx, &rows_tx)
         });
         let header = if let Ok(h) = header_rx.await {
             h
@@ -1113,11 +1325,12 @@ const VALUE_OVERHEAD: u64 = std::mem::size_of::<Value>() as u64;
 fn decode_rows(
     reader: ChannelReader,
     key: &str,
+    identities: Option<&Identities>,
     raw_size: u64,
     header_tx: oneshot::Sender<Header>,
     rows_tx: &mpsc::Sender<Vec<Vec<Value>>>,
 ) -> Result<ObjectDigest, SnapshotError> {
-    let mut dec = ObjectDecoder::new(reader, key)?;
+    let mut dec = ObjectDecoder::open(reader, key, identities)?;
     let stopped = || SnapshotError::Pipeline {
         table: String::new(),
         detail: format!("the reader of {key} was dropped"),
@@ -1386,6 +1599,89 @@ mod tests {
             read(b"SPKD not compressed"),
             Err(SnapshotError::Unreadable { .. })
         ));
+    }
+
+    #[test]
+    fn encrypted_objects_round_trip_and_hide_their_rows() {
+        let (ids, recipients) = crate::store::crypt::test_keys();
+        let marker = "spirekeep-marker-b3f1c0de";
+        let rows: Vec<Vec<Value>> = (0..3000)
+            .map(|i| {
+                vec![
+                    Value::Text(format!("{marker}-{i}")),
+                    Value::Int(i),
+                    Value::Null,
+                ]
+            })
+            .collect();
+        let mut enc = ObjectEncoder::sealed(
+            Dribble {
+                out: Vec::new(),
+                step: 1000,
+            },
+            &header(),
+            &CodecOptions::default(),
+            Some(&recipients),
+        )
+        .unwrap();
+        for r in &rows {
+            enc.write_row(r).unwrap();
+        }
+        let (sink, digest) = enc.finish().unwrap();
+        let stored = sink.out;
+        assert_eq!(digest.encryption, Some(ObjectEncryption::Age));
+        assert!(stored.starts_with(b"age-encryption.org/v1"));
+        // The stored hash is of the ciphertext, so it is checkable without a key.
+        assert_eq!(digest.size, stored.len() as u64);
+        assert_eq!(digest.sha256, sha256_hex(&stored));
+        assert!(
+            !stored.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "a row value is readable in the stored bytes"
+        );
+        // With the identity: the same digest (ciphertext and plaintext hashes).
+        let mut dec = ObjectDecoder::open(
+            Trickle {
+                data: &stored,
+                step: 777,
+            },
+            "obj",
+            Some(&ids),
+        )
+        .unwrap();
+        let mut back = Vec::new();
+        while let Some(r) = dec.next_row().unwrap() {
+            back.push(r);
+        }
+        assert_eq!(back, rows);
+        let read = dec.finish().unwrap();
+        assert_eq!(read, digest);
+        check_digest(&digest.clone().into_data_object("obj".into()), &read).unwrap();
+        // Another identity: refused as undecryptable, naming no secret.
+        let (other, _) = crate::store::crypt::test_keys();
+        let err = ObjectDecoder::open(&stored[..], "obj", Some(&other))
+            .err()
+            .unwrap();
+        assert!(matches!(err, SnapshotError::Undecryptable { .. }), "{err}");
+        assert!(!err.to_string().contains("AGE-SECRET-KEY"), "{err}");
+        // Read as plaintext (no identity): not zstd, an integrity error.
+        let err = ObjectDecoder::new(&stored[..], "obj").and_then(ObjectDecoder::finish);
+        assert_eq!(err.unwrap_err().kind(), crate::error::ErrorKind::Integrity);
+        // Cut, flipped or extended: an error or a different stored hash.
+        let read = |bytes: &[u8]| ObjectDecoder::open(bytes, "obj", Some(&ids))?.finish();
+        assert!(read(&stored[..stored.len() - 1]).is_err());
+        let mut flipped = stored.clone();
+        let at = flipped.len() / 2;
+        flipped[at] ^= 0x04;
+        assert_eq!(
+            read(&flipped).unwrap_err().kind(),
+            crate::error::ErrorKind::Integrity
+        );
+        let mut longer = stored.clone();
+        longer.extend_from_slice(b"junk");
+        match read(&longer) {
+            Err(e) => assert_eq!(e.kind(), crate::error::ErrorKind::Integrity),
+            Ok(d) => assert_ne!(d.sha256, digest.sha256, "appended bytes went unnoticed"),
+        }
     }
 
     proptest! {

@@ -53,6 +53,18 @@ pub enum SnapshotError {
         actual: String,
     },
 
+    #[error(
+        "data object {object} cannot be decrypted: {detail}; the object was damaged or replaced after \
+         the backup: restore from another snapshot"
+    )]
+    Undecryptable { object: String, detail: String },
+
+    #[error(
+        "data object {object} is encrypted and no identity was given: pass --identity FILE (or set \
+         SPIREKEEP_AGE_IDENTITY_FILE) naming an age identity file with a matching key"
+    )]
+    NoIdentity { object: String },
+
     #[error("table {table} cannot be written to a snapshot: {problem}")]
     Encode { table: String, problem: String },
 
@@ -107,7 +119,9 @@ impl SnapshotError {
             Self::Malformed { .. }
             | Self::Truncated { .. }
             | Self::Unreadable { .. }
-            | Self::Mismatch { .. } => ErrorKind::Integrity,
+            | Self::Mismatch { .. }
+            | Self::Undecryptable { .. } => ErrorKind::Integrity,
+            Self::NoIdentity { .. } => ErrorKind::Usage,
             Self::Manifest { problem, .. } => match problem {
                 ManifestError::TooNew { .. } | ManifestError::TooOld { .. } => ErrorKind::Usage,
                 ManifestError::Parse(_) | ManifestError::Invalid(_) => ErrorKind::Integrity,

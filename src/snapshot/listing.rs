@@ -134,6 +134,9 @@ pub struct SnapshotSummary {
     pub last_verified_ok: Option<VerificationState>,
     /// The newest successful deep verification (restore drill), if any.
     pub last_deep_ok: Option<VerificationState>,
+    /// The public keys (`age1…`) the data objects are encrypted to; empty
+    /// for a plaintext snapshot.
+    pub encrypted_to: Vec<String>,
 }
 
 impl SnapshotSummary {
@@ -155,6 +158,7 @@ impl SnapshotSummary {
             server_version: manifest.server_version.clone(),
             schema_version: manifest.spire.schema_version,
             code_version: manifest.spire.code_version.clone(),
+            encrypted_to: manifest.recipients().to_vec(),
             size: manifest.total_size(),
             rows: manifest.total_rows(),
             labels: manifest.labels.clone(),

@@ -5,12 +5,23 @@
 //! a snapshot exists exactly when its manifest does, so an interrupted backup
 //! never leaves something that looks whole.
 //!
-//! Both documents carry `format_version` (currently
-//! [`MANIFEST_FORMAT_VERSION`]). Readers accept the current version and the
-//! one before it (converting the older one on read); a newer version is
-//! refused with a request to upgrade spirekeep, before any other field is
-//! looked at. Unknown fields are ignored, so a later release may add optional
-//! fields without a version bump.
+//! Both documents carry `format_version`. A manifest is written at the
+//! lowest version that describes it: [`MANIFEST_FORMAT_VERSION`] (1) for a
+//! plaintext snapshot, [`ENCRYPTED_MANIFEST_FORMAT_VERSION`] (2) for one
+//! whose data objects are age-encrypted, so a spirekeep that predates
+//! encryption refuses such a snapshot ("upgrade spirekeep") instead of
+//! reading ciphertext as zstd. Readers accept every version from
+//! [`OLDEST_MANIFEST_FORMAT_VERSION`] to [`NEWEST_MANIFEST_FORMAT_VERSION`]
+//! (version 1 is version 2 without encryption, so it needs no conversion); a
+//! newer version is refused with a request to upgrade spirekeep, before any
+//! other field is looked at. Unknown fields are ignored, so a later release
+//! may add optional fields without a version bump.
+//!
+//! The manifest stays plaintext even for an encrypted snapshot (list, show,
+//! prune and metrics need no key). It holds no row values, but it does hold
+//! hashes of the plaintext (`raw_sha256`, `content_hash`): they confirm a
+//! guessed table content, which matters only for low-entropy tables; see
+//! docs/format.md.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -22,11 +33,19 @@ use super::codec::{CodecOptions, ContentHash};
 use super::error::ManifestError;
 use super::format;
 use crate::datastore::{Catalogue, Engine, MigrationsRow};
+use crate::error::Error;
+use crate::store::crypt::Identities;
 use crate::store::keys::{self, SnapshotId, VerifyKind};
 use crate::store::{MAX_MANIFEST_BYTES, MAX_RECORD_BYTES, Repository, StoreError};
 
-/// The manifest and verification-record format this spirekeep writes.
+/// The format of a plaintext snapshot's manifest, and of verification and
+/// restore records.
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// The format of a manifest whose data objects are encrypted (version 1 plus
+/// the `encryption` fields).
+pub const ENCRYPTED_MANIFEST_FORMAT_VERSION: u32 = 2;
+/// The newest format this spirekeep reads.
+pub const NEWEST_MANIFEST_FORMAT_VERSION: u32 = ENCRYPTED_MANIFEST_FORMAT_VERSION;
 /// The oldest format this spirekeep reads.
 pub const OLDEST_MANIFEST_FORMAT_VERSION: u32 = 1;
 /// The largest decompressed size a data object may record: backups start a
@@ -67,6 +86,38 @@ pub struct Manifest {
     pub catalogue: Catalogue,
     /// The data of every catalogue table, in catalogue order.
     pub tables: Vec<TableData>,
+    /// How the data objects are encrypted; absent for a plaintext snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// Whether a snapshot's rows can be read (see [`Manifest::row_access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowAccess {
+    /// The data objects are not encrypted.
+    Plaintext,
+    /// Encrypted, and one of the identities is a recipient.
+    Decrypt,
+    /// Encrypted, and no identity was given: only the stored bytes can be checked.
+    NoIdentity,
+}
+
+/// Client-side encryption of a snapshot's data objects. Public keys only:
+/// no secret ever goes into a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// How each object is encrypted (`age`).
+    pub scheme: ObjectEncryption,
+    /// The recipients' public keys (`age1…`): any matching identity decrypts.
+    pub recipients: Vec<String>,
+}
+
+/// How one data object is encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectEncryption {
+    /// An age file (X25519 recipients, STREAM payload) around the zstd frame.
+    Age,
 }
 
 /// How data objects are encoded.
@@ -160,6 +211,10 @@ pub struct DataObject {
     pub rows: u64,
     /// Content hash of this object's rows, hex.
     pub content_hash: String,
+    /// Set when the stored bytes are encrypted (then `size` and `sha256` are
+    /// those of the ciphertext, and the other fields of the plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<ObjectEncryption>,
 }
 
 impl Manifest {
@@ -183,6 +238,81 @@ impl Manifest {
             .flat_map(|t| &t.objects)
             .map(|o| o.size)
             .sum()
+    }
+
+    /// Whether any data object is encrypted (reading rows needs an identity).
+    #[must_use]
+    pub fn is_encrypted(&self) -> bool {
+        self.encryption.is_some()
+            || self
+                .tables
+                .iter()
+                .flat_map(|t| &t.objects)
+                .any(|o| o.encryption.is_some())
+    }
+
+    /// The public keys the data objects were encrypted to (empty if none).
+    #[must_use]
+    pub fn recipients(&self) -> &[String] {
+        self.encryption.as_ref().map_or(&[], |e| &e.recipients)
+    }
+
+    /// Whether this snapshot's rows can be read with `identities` (the
+    /// repository handle's). Decided from the recorded public keys, before
+    /// any object is read.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when identities were given but none of them is
+    /// a recipient of this snapshot.
+    pub fn row_access(&self, identities: Option<&Identities>) -> Result<RowAccess, Error> {
+        if !self.is_encrypted() {
+            return Ok(RowAccess::Plaintext);
+        }
+        let Some(ids) = identities else {
+            return Ok(RowAccess::NoIdentity);
+        };
+        if ids.matches_any(self.recipients()) {
+            return Ok(RowAccess::Decrypt);
+        }
+        Err(Error::Unsupported(format!(
+            "snapshot {} was encrypted to {}, and none of the keys in {} ({}) is one of them: pass the \
+             identity file of one of those recipients with --identity",
+            self.snapshot_id,
+            self.recipients_shown(),
+            ids.source().display(),
+            ids.public_keys().join(", ")
+        )))
+    }
+
+    /// The error for reading this encrypted snapshot's rows without an
+    /// identity: it names the recipients and the way in.
+    #[must_use]
+    pub fn needs_identity(&self, what: &str) -> Error {
+        Error::Unsupported(format!(
+            "snapshot {} is encrypted to {}: {what} needs the identity of one of them: pass --identity FILE \
+             (or set SPIREKEEP_AGE_IDENTITY_FILE to its path)",
+            self.snapshot_id,
+            self.recipients_shown()
+        ))
+    }
+
+    fn recipients_shown(&self) -> String {
+        if self.recipients().is_empty() {
+            "unknown recipients".into()
+        } else {
+            self.recipients().join(", ")
+        }
+    }
+
+    /// The format version this manifest must carry: the lowest that
+    /// describes it.
+    #[must_use]
+    pub fn required_format_version(&self) -> u32 {
+        if self.is_encrypted() {
+            ENCRYPTED_MANIFEST_FORMAT_VERSION
+        } else {
+            MANIFEST_FORMAT_VERSION
+        }
     }
 
     /// The data entry of table `name`.
@@ -211,7 +341,8 @@ impl Manifest {
     /// [`ManifestError::Parse`].
     pub fn from_json(json: &[u8]) -> Result<Self, ManifestError> {
         match check_version(json)? {
-            1 => serde_json::from_slice(json).map_err(|e| ManifestError::Parse(e.to_string())),
+            // Version 1 is version 2 without the optional encryption fields.
+            1 | 2 => serde_json::from_slice(json).map_err(|e| ManifestError::Parse(e.to_string())),
             v => unreachable!("check_version accepted version {v}"),
         }
     }
@@ -224,12 +355,14 @@ impl Manifest {
     #[must_use]
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if self.format_version != MANIFEST_FORMAT_VERSION {
+        let required = self.required_format_version();
+        if self.format_version != required {
             p.push(format!(
-                "format_version is {}, expected {MANIFEST_FORMAT_VERSION}",
+                "format_version is {}, expected {required}",
                 self.format_version
             ));
         }
+        p.extend(self.encryption_problems());
         if self.finished_at < self.started_at {
             p.push("finished_at is before started_at".into());
         }
@@ -336,6 +469,42 @@ impl Manifest {
         p
     }
 
+    /// An encrypted snapshot names its recipients and has every object
+    /// encrypted; a plaintext one has none.
+    fn encryption_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let objects = self.tables.iter().flat_map(|t| &t.objects);
+        match &self.encryption {
+            Some(e) => {
+                if e.recipients.is_empty() {
+                    p.push("encryption names no recipients".into());
+                }
+                for r in &e.recipients {
+                    if !crate::store::crypt::is_public_key(r) {
+                        p.push(format!(
+                            "encryption recipient {r:?} is not an age X25519 public key"
+                        ));
+                    }
+                }
+                for o in objects.filter(|o| o.encryption != Some(e.scheme)) {
+                    p.push(format!(
+                        "object {} is not encrypted in an encrypted snapshot",
+                        o.key
+                    ));
+                }
+            }
+            None => {
+                for o in objects.filter(|o| o.encryption.is_some()) {
+                    p.push(format!(
+                        "object {} is encrypted but the manifest has no encryption section",
+                        o.key
+                    ));
+                }
+            }
+        }
+        p
+    }
+
     /// Fails with every problem [`Self::problems`] finds.
     ///
     /// # Errors
@@ -418,6 +587,10 @@ pub struct VerificationRecord {
     /// Each problem found, e.g. a mismatch naming its object.
     pub problems: Vec<String>,
     pub spirekeep_version: String,
+    /// What this run could not check (an encrypted snapshot verified
+    /// without its identity: only the stored bytes were checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchecked: Vec<String>,
 }
 
 impl VerificationRecord {
@@ -437,7 +610,15 @@ impl VerificationRecord {
             ok: problems.is_empty(),
             problems,
             spirekeep_version: SPIREKEEP_VERSION.into(),
+            unchecked: Vec::new(),
         }
+    }
+
+    /// The same record, naming what the run could not check.
+    #[must_use]
+    pub fn with_unchecked(mut self, unchecked: Vec<String>) -> Self {
+        self.unchecked = unchecked;
+        self
     }
 
     /// The record's key in the repository.
@@ -463,7 +644,9 @@ impl VerificationRecord {
     /// As [`Manifest::from_json`], and a record whose `ok` contradicts its problems.
     pub fn from_json(json: &[u8]) -> Result<Self, ManifestError> {
         let record: Self = match check_version(json)? {
-            1 => serde_json::from_slice(json).map_err(|e| ManifestError::Parse(e.to_string()))?,
+            1 | 2 => {
+                serde_json::from_slice(json).map_err(|e| ManifestError::Parse(e.to_string()))?
+            }
             v => unreachable!("check_version accepted version {v}"),
         };
         if record.ok != record.problems.is_empty() {
@@ -513,18 +696,18 @@ fn check_version(json: &[u8]) -> Result<u32, ManifestError> {
     let found = probe
         .format_version
         .ok_or_else(|| ManifestError::Parse("no format_version field".into()))?;
-    if found > MANIFEST_FORMAT_VERSION {
+    if found > NEWEST_MANIFEST_FORMAT_VERSION {
         return Err(ManifestError::TooNew {
             found,
             oldest: OLDEST_MANIFEST_FORMAT_VERSION,
-            current: MANIFEST_FORMAT_VERSION,
+            current: NEWEST_MANIFEST_FORMAT_VERSION,
         });
     }
     if found < OLDEST_MANIFEST_FORMAT_VERSION {
         return Err(ManifestError::TooOld {
             found,
             oldest: OLDEST_MANIFEST_FORMAT_VERSION,
-            current: MANIFEST_FORMAT_VERSION,
+            current: NEWEST_MANIFEST_FORMAT_VERSION,
         });
     }
     Ok(found)
@@ -573,6 +756,7 @@ mod tests {
             raw_sha256: fill.to_string().repeat(64),
             rows,
             content_hash: format!("{:064x}", u64::from(fill) * 1000 + rows),
+            encryption: None,
         }
     }
 
@@ -619,6 +803,7 @@ mod tests {
                 tables: vec![table("a"), table("b")],
             },
             tables: vec![t1, t2],
+            encryption: None,
         }
     }
 
@@ -639,9 +824,9 @@ mod tests {
 
     #[test]
     fn versions_are_checked_first() {
-        let newer = br#"{"format_version": 2, "something": "else entirely"}"#;
+        let newer = br#"{"format_version": 3, "something": "else entirely"}"#;
         let err = Manifest::from_json(newer).unwrap_err();
-        assert!(matches!(err, ManifestError::TooNew { found: 2, .. }));
+        assert!(matches!(err, ManifestError::TooNew { found: 3, .. }));
         assert!(err.to_string().contains("upgrade spirekeep"), "{err}");
         let older = br#"{"format_version": 0}"#;
         assert!(matches!(
@@ -715,6 +900,78 @@ mod tests {
                 proptest::prop_assert!(Manifest::from_json(&json.as_bytes()[..cut]).is_err());
             }
         }
+    }
+
+    fn encrypted(mut m: Manifest, recipient: &str) -> Manifest {
+        for o in m.tables.iter_mut().flat_map(|t| &mut t.objects) {
+            o.encryption = Some(ObjectEncryption::Age);
+        }
+        m.encryption = Some(Encryption {
+            scheme: ObjectEncryption::Age,
+            recipients: vec![recipient.to_owned()],
+        });
+        m.format_version = ENCRYPTED_MANIFEST_FORMAT_VERSION;
+        m
+    }
+
+    #[test]
+    fn an_encrypted_manifest_round_trips_and_records_public_keys_only() {
+        let (secret, public) = crate::store::crypt::generate();
+        let m = encrypted(manifest(), &public);
+        assert_eq!(m.problems(), Vec::<String>::new());
+        assert!(m.is_encrypted());
+        assert_eq!(m.recipients(), std::slice::from_ref(&public));
+        let json = m.to_json_pretty();
+        assert!(json.contains("\"format_version\": 2"), "{json}");
+        assert!(json.contains("\"encryption\": \"age\""), "{json}");
+        assert!(json.contains(&public), "{json}");
+        let secret_line = secret.lines().last().unwrap();
+        assert!(!json.contains(secret_line) && !json.contains("AGE-SECRET-KEY"));
+        assert_eq!(Manifest::from_json(json.as_bytes()).unwrap(), m);
+        // A plaintext manifest stays at version 1, without encryption fields.
+        let plain = manifest().to_json_pretty();
+        assert!(plain.contains("\"format_version\": 1") && !plain.contains("encryption"));
+    }
+
+    #[test]
+    fn encryption_must_be_whole_and_match_the_version() {
+        let (_, public) = crate::store::crypt::generate();
+        let mut half = encrypted(manifest(), &public);
+        half.tables[1].objects[0].encryption = None;
+        let all = half.problems().join("\n");
+        assert!(
+            all.contains("is not encrypted in an encrypted snapshot"),
+            "{all}"
+        );
+        let mut v1 = encrypted(manifest(), &public);
+        v1.format_version = 1;
+        assert!(
+            v1.problems()
+                .join("\n")
+                .contains("format_version is 1, expected 2")
+        );
+        let mut no_section = encrypted(manifest(), &public);
+        no_section.encryption = None;
+        assert!(
+            no_section
+                .problems()
+                .join("\n")
+                .contains("the manifest has no encryption section")
+        );
+        let mut bad_key = encrypted(manifest(), &public);
+        bad_key.encryption.as_mut().unwrap().recipients = vec!["age1nope".into()];
+        assert!(
+            bad_key
+                .problems()
+                .join("\n")
+                .contains("not an age X25519 public key")
+        );
+        let mut unknown = serde_json::to_value(encrypted(manifest(), &public)).unwrap();
+        unknown["encryption"]["scheme"] = serde_json::json!("rot13");
+        assert!(matches!(
+            Manifest::from_json(unknown.to_string().as_bytes()),
+            Err(ManifestError::Parse(_))
+        ));
     }
 
     #[test]

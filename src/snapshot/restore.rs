@@ -52,7 +52,7 @@ use tokio::sync::mpsc;
 use super::adapt::{Adapter, Change, ChangeKind};
 use super::codec::{ContentHash, ContentHasher, TableReader, to_hex};
 use super::impact::{AgentFacts, AgentImpact, KeyDiff, agent_impact, key_diff};
-use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, SPIREKEEP_VERSION};
+use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, RowAccess, SPIREKEEP_VERSION};
 use super::verify::{check_every_stored_object, read_every_object};
 use crate::datastore::{
     Column, ColumnKind, Datastore, Engine, LiveSession, RestoreWrite, RowBatch, SnapshotRead,
@@ -408,6 +408,11 @@ async fn plan_inner(
     observer: &dyn RestoreObserver,
     check_hashes: bool,
 ) -> Result<RestorePlan> {
+    // Refused before the target is even looked at: without a matching
+    // identity no row can be read.
+    if manifest.row_access(repo.identities())? == RowAccess::NoIdentity {
+        return Err(manifest.needs_identity("restoring it"));
+    }
     // A snapshot taken before staging tables were left out may carry them:
     // they are never restored, so they are not read or checked either.
     let restorable = without_staging_tables(manifest);
@@ -817,6 +822,7 @@ async fn execute_inner(
         tracing::warn!("{w}");
     }
     if write_record {
+        let encrypted = manifest.is_encrypted();
         let record = RestoreRecord {
             format_version: MANIFEST_FORMAT_VERSION,
             snapshot_id: plan.snapshot_id.clone(),
@@ -831,7 +837,14 @@ async fn execute_inner(
             problems: report.problems.clone(),
             changes_total: plan.preflight.total,
             change_counts: plan.preflight.counts.clone(),
-            changes: plan.preflight.changes.clone(),
+            // Each change names a row by its key and may quote values: an
+            // encrypted snapshot's rows stay out of the plaintext record
+            // (the counts and the digest remain).
+            changes: if encrypted {
+                Vec::new()
+            } else {
+                plan.preflight.changes.clone()
+            },
             changes_truncated: plan.preflight.truncated,
             changes_digest: plan.preflight.digest.clone(),
         };

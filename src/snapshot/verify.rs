@@ -7,6 +7,11 @@
 //! repository as a [`VerificationRecord`], also when it failed, so the
 //! freshness of the last *verified* snapshot is known (`list`, metrics).
 //!
+//! An encrypted snapshot read through a repository handle without a matching
+//! identity can only be checked as stored: every object's existence, size
+//! and SHA-256 of its ciphertext. The report (and the record) then lists
+//! what was not checked, and the run is recorded as shallow.
+//!
 //! ```no_run
 //! # async fn demo(repo: &spirekeep::store::Repository, id: &spirekeep::store::keys::SnapshotId)
 //! #     -> spirekeep::Result<()> {
@@ -28,7 +33,7 @@ use time::OffsetDateTime;
 
 use super::SnapshotError;
 use super::codec::{TableReader, check_stored_bytes};
-use super::manifest::{Manifest, VerificationRecord};
+use super::manifest::{Manifest, RowAccess, VerificationRecord};
 use super::restore::{self, RestoreObserver, RestoreOptions};
 use crate::datastore::{self, Datastore, OpenMode, Table, Value, dsn, quote_ident};
 use crate::error::{Error, ErrorKind, Result};
@@ -102,6 +107,11 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Remarks that are not problems (values a scratch engine had to adapt).
     pub notes: Vec<String>,
+    /// Whether the snapshot's data objects are encrypted.
+    pub encrypted: bool,
+    /// What could not be checked (an encrypted snapshot verified without
+    /// its identity); empty when everything was.
+    pub unchecked: Vec<String>,
     pub objects: u64,
     /// Stored (compressed) bytes read.
     pub stored_bytes: u64,
@@ -149,6 +159,9 @@ pub async fn verify_observed(
     observer: &dyn RestoreObserver,
 ) -> Result<VerifyReport> {
     let clock = Instant::now();
+    if manifest.row_access(repo.identities())? == RowAccess::NoIdentity {
+        return verify_stored_bytes(repo, manifest, mode, observer, clock).await;
+    }
     let kind = mode.kind();
     tracing::info!(event = "verify_started", snapshot_id = %manifest.snapshot_id, kind = kind.as_str(), "verifying every object");
     observer.stage(&format!(
@@ -185,6 +198,8 @@ pub async fn verify_observed(
         ok: false,
         problems: read.problems,
         notes: Vec::new(),
+        encrypted: manifest.is_encrypted(),
+        unchecked: Vec::new(),
         objects: read.objects,
         stored_bytes: read.stored_bytes,
         rows: read.tables.iter().map(|t| t.rows_read).sum(),
@@ -210,6 +225,62 @@ pub async fn verify_observed(
         }
     }
     report.seconds = clock.elapsed().as_secs_f64();
+    record(repo, &mut report).await?;
+    Ok(report)
+}
+
+/// What a verification without the identity leaves unchecked.
+pub const UNCHECKED_WITHOUT_IDENTITY: [&str; 3] = [
+    "decrypting and decoding every object's rows (decompressed size and SHA-256, row count)",
+    "the per-table row counts and content hashes",
+    "the restore drill",
+];
+
+/// An encrypted snapshot without its identity: every object's existence,
+/// size and SHA-256 of the stored (encrypted) bytes are checked, and the
+/// report says what was not. Recorded as a shallow verification (what was
+/// done), with the unchecked parts in the record.
+async fn verify_stored_bytes(
+    repo: &Repository,
+    manifest: &Manifest,
+    mode: VerifyMode<'_>,
+    observer: &dyn RestoreObserver,
+    clock: Instant,
+) -> Result<VerifyReport> {
+    tracing::info!(event = "verify_started", snapshot_id = %manifest.snapshot_id, kind = "shallow", "verifying the encrypted objects without an identity");
+    observer.stage(&format!(
+        "snapshot {}: encrypted, no identity: checking every object's stored bytes",
+        manifest.snapshot_id
+    ));
+    let read = check_every_stored_object(repo, manifest).await?;
+    let mut unchecked: Vec<String> = UNCHECKED_WITHOUT_IDENTITY[..2]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    if mode.kind() == VerifyKind::Deep {
+        unchecked.push(UNCHECKED_WITHOUT_IDENTITY[2].to_owned());
+    }
+    let mut report = VerifyReport {
+        snapshot_id: manifest.snapshot_id.clone(),
+        kind: VerifyKind::Shallow,
+        ok: false,
+        problems: read.problems,
+        notes: vec![format!(
+            "the snapshot is encrypted to {}; without an identity only the stored (encrypted) bytes were \
+             checked: pass --identity FILE (or set SPIREKEEP_AGE_IDENTITY_FILE) to check the rest",
+            manifest.recipients().join(", ")
+        )],
+        encrypted: true,
+        unchecked,
+        objects: read.objects,
+        stored_bytes: read.stored_bytes,
+        rows: 0,
+        tables: read.tables,
+        scratch: None,
+        verified_at: OffsetDateTime::now_utc(),
+        seconds: clock.elapsed().as_secs_f64(),
+        record_key: None,
+    };
     record(repo, &mut report).await?;
     Ok(report)
 }
@@ -252,6 +323,8 @@ pub async fn verify_snapshot_observed(
                     "{e}; the snapshot cannot be trusted or restored: restore from another snapshot"
                 )],
                 notes: Vec::new(),
+                encrypted: false,
+                unchecked: Vec::new(),
                 objects: 0,
                 stored_bytes: 0,
                 rows: 0,
@@ -276,7 +349,8 @@ async fn record(repo: &Repository, report: &mut VerifyReport) -> Result<()> {
         report.verified_at,
         report.kind,
         report.problems.clone(),
-    );
+    )
+    .with_unchecked(report.unchecked.clone());
     match record.store(repo).await {
         Ok(key) => {
             report.record_key = Some(key);

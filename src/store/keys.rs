@@ -195,6 +195,13 @@ pub fn data_object(id: &SnapshotId, table: &str, part: u32) -> String {
     )
 }
 
+/// The key of an encrypted data object: [`data_object`] with `.age` after
+/// it, so the key says how to read the bytes (`age -d`, then `zstd -d`).
+#[must_use]
+pub fn encrypted_data_object(id: &SnapshotId, table: &str, part: u32) -> String {
+    format!("{}.age", data_object(id, table, part))
+}
+
 /// The snapshot a manifest key belongs to: `Some(id)` for
 /// `snapshots/<id>/manifest.json`, `None` for any other key. Used to list
 /// snapshots: a snapshot exists exactly when its manifest does.

@@ -14,11 +14,16 @@
 //!
 //! Keys are relative to the repository root; their layout is in [`keys`].
 //!
+//! A handle may carry age keys ([`crypt`]): recipients its snapshot writers
+//! encrypt to, identities its row readers decrypt with. The store itself
+//! never encrypts; the snapshot codec does, per data object.
+//!
 //! Credentials are never arguments: they come from the environment the way
 //! each cloud's own tools read them (`AWS_*`, `GOOGLE_*`, `AZURE_*`, and instance
 //! or workload identity), and the display form of a repository
 //! ([`Repository::location`]) never carries any.
 
+pub mod crypt;
 pub mod keys;
 pub mod lease_run;
 pub mod lock;
@@ -202,6 +207,12 @@ pub struct Repository {
     store: Arc<dyn ObjectStore>,
     display: Arc<str>,
     retry: RetryPolicy,
+    /// The age keys the handle was opened with. They travel with the handle
+    /// (as a key does with an opened rustic repository) so every reader of
+    /// row data (verify, its restore drill, restore, the upgrade rollback,
+    /// the rehearsal) can decrypt without a key parameter threaded through
+    /// each, and every writer of a snapshot encrypts.
+    keys: crypt::Keyring,
 }
 
 impl fmt::Debug for Repository {
@@ -377,6 +388,7 @@ impl Repository {
             store,
             display: display.into(),
             retry: RetryPolicy::default(),
+            keys: crypt::Keyring::default(),
         })
     }
 
@@ -399,6 +411,7 @@ impl Repository {
             store: Arc::new(fs),
             display: shown.into(),
             retry: RetryPolicy::default(),
+            keys: crypt::Keyring::default(),
         })
     }
 
@@ -409,6 +422,7 @@ impl Repository {
             store: Arc::new(InMemory::new()),
             display: "memory://".into(),
             retry: RetryPolicy::default(),
+            keys: crypt::Keyring::default(),
         }
     }
 
@@ -438,6 +452,7 @@ impl Repository {
             store,
             display: display.into(),
             retry: RetryPolicy::default(),
+            keys: crypt::Keyring::default(),
         })
     }
 
@@ -445,6 +460,45 @@ impl Repository {
     #[must_use]
     pub fn location(&self) -> &str {
         &self.display
+    }
+
+    /// The same repository, encrypting the data objects of new snapshots to
+    /// `recipients` (see [`crypt`]).
+    #[must_use]
+    pub fn with_recipients(mut self, recipients: crypt::Recipients) -> Self {
+        self.keys.recipients = Some(Arc::new(recipients));
+        self
+    }
+
+    /// The same repository, able to decrypt data objects with `identities`.
+    #[must_use]
+    pub fn with_identities(mut self, identities: crypt::Identities) -> Self {
+        self.keys.identities = Some(Arc::new(identities));
+        self
+    }
+
+    /// The same repository with both `keyring`'s recipients and identities.
+    #[must_use]
+    pub fn with_keyring(mut self, keyring: crypt::Keyring) -> Self {
+        self.keys = keyring;
+        self
+    }
+
+    /// The recipients new data objects are encrypted to (`None`: plaintext).
+    #[must_use]
+    pub fn recipients(&self) -> Option<&crypt::Recipients> {
+        self.keys.recipients.as_deref()
+    }
+
+    /// The identities data objects are decrypted with, if any were given.
+    #[must_use]
+    pub fn identities(&self) -> Option<&crypt::Identities> {
+        self.keys.identities.as_deref()
+    }
+
+    /// The identities, shared with a blocking decoder thread.
+    pub(crate) fn shared_identities(&self) -> Option<Arc<crypt::Identities>> {
+        self.keys.identities.clone()
     }
 
     /// The same repository with another retry policy (see [`retry`]).

@@ -68,6 +68,9 @@ pub struct ApplyOptions {
     /// repository lease is stopped before it commits; the journal says where
     /// `--resume` continues.
     pub signals: Option<tokio::sync::watch::Receiver<u32>>,
+    /// age keys: the pre-upgrade snapshot is encrypted to the recipients,
+    /// and a rollback decrypts it with the identities.
+    pub keyring: crate::store::crypt::Keyring,
 }
 
 /// Progress callbacks (a terminal display, logs).
@@ -209,7 +212,8 @@ pub async fn apply_with_executor(
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
     let plan = saved.plan()?;
-    let repo = Repository::open(&plan.repository, &plan.repo_options)?;
+    let repo = Repository::open(&plan.repository, &plan.repo_options)?
+        .with_keyring(options.keyring.clone());
     let mut journal = Journal::open(&options.journal, &saved.plan_id, Some(repo.clone()))?;
     let state = journal.state();
     if let Some(fp) = &state.fingerprint

@@ -258,6 +258,7 @@ members = [{{ name = "a1" }}, {{ name = "a2" }}]
             resume,
             journal: journal.to_path_buf(),
             signals: self.signals.clone(),
+            keyring: crate::store::crypt::Keyring::default(),
         };
         apply_with_executor(
             &self.saved,
@@ -514,6 +515,7 @@ async fn a_signal_stops_between_steps_and_resume_continues() {
         resume: false,
         journal: s.journal(),
         signals: s.signals.clone(),
+        keyring: crate::store::crypt::Keyring::default(),
     };
     let err = apply_with_executor(
         &s.saved,

@@ -483,3 +483,65 @@ async fn s3_repository_with_environment_credentials() {
         repository.delete(&m.key).await.unwrap();
     }
 }
+
+/// Regression (kill campaign, open finding 1): `information_schema` takes no
+/// metadata lock, so a MariaDB reader listing the tables while a restore's
+/// multi-table `RENAME TABLE` was halfway (here: one table moved aside, its
+/// replacement not yet in) saw a datastore with tables missing, and would
+/// have backed it up so. Readers now list the tables under the swap lock a
+/// restore holds across its rename (named as in `datastore::mysql`), so they
+/// wait for the swap and then see every table.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mysql_reader_never_lists_the_tables_halfway_through_a_swap() {
+    use sqlx::Connection;
+    let Some(fx) = SpireFixture::create(Engine::Mysql, "swap-list", &population(3)).await else {
+        return;
+    };
+    let mut swapper = sqlx::MySqlConnection::connect(&fx.url()).await.unwrap();
+    let got: Option<i64> =
+        sqlx::query_scalar("SELECT GET_LOCK(CONCAT('spirekeep.swap.', SHA1(DATABASE())), 5)")
+            .fetch_one(&mut swapper)
+            .await
+            .unwrap();
+    assert_eq!(got, Some(1));
+    sqlx::raw_sql("RENAME TABLE `bundles` TO `_spirekeep_old_bundles`")
+        .execute(&mut swapper)
+        .await
+        .unwrap();
+    let ds = fx.open().await;
+    let started = std::time::Instant::now();
+    let listing = async {
+        let plain = ds.catalogue().await.unwrap();
+        let mut snapshot = ds.begin_snapshot().await.unwrap();
+        let in_snapshot = snapshot.catalogue().await.unwrap();
+        snapshot.finish().await.unwrap();
+        (plain, in_snapshot, started.elapsed())
+    };
+    let finish_swap = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        sqlx::raw_sql("RENAME TABLE `_spirekeep_old_bundles` TO `bundles`")
+            .execute(&mut swapper)
+            .await
+            .unwrap();
+        sqlx::raw_sql("DO RELEASE_LOCK(CONCAT('spirekeep.swap.', SHA1(DATABASE())))")
+            .execute(&mut swapper)
+            .await
+            .unwrap();
+    };
+    let ((plain, in_snapshot, waited), ()) = tokio::join!(listing, finish_swap);
+    for catalogue in [&plain, &in_snapshot] {
+        let names: Vec<&str> = catalogue.tables.iter().map(|t| t.name.as_str()).collect();
+        assert!(names.contains(&"bundles"), "listed mid-swap: {names:?}");
+        assert!(
+            !names.iter().any(|n| n.starts_with("_spirekeep_")),
+            "{names:?}"
+        );
+    }
+    assert!(
+        waited >= Duration::from_millis(700),
+        "did not wait for the swap: {waited:?}"
+    );
+    ds.close().await;
+    swapper.close().await.unwrap();
+    fx.cleanup().await;
+}

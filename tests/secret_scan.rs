@@ -14,6 +14,11 @@
 //! - the argument list, the parent's argument list and the environment of
 //!   every process `apply` starts (a recorder wraps each command and gate).
 //!
+//! An age identity is key material too: encrypted backups, `verify` and
+//! `restore` with the identity file, a refused wrong identity, `keygen` and
+//! `agent`/`apply` with recipients and an identity from the environment
+//! must never show the identity's secret key.
+//!
 //! The scan proves it can see: the join token must be found in the data
 //! objects, and the recorder must have run.
 
@@ -52,6 +57,10 @@ fn s3_env() -> Vec<(&'static str, &'static str)> {
     ]
 }
 
+/// The secret key line of the age identity the test generates
+/// (`AGE-SECRET-KEY-1…`), once `keygen` has written it.
+static AGE_SECRET_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Every secret, and whether it may appear in a data object's rows.
 fn secrets() -> Vec<(String, bool)> {
     let mut s: Vec<(String, bool)> = [
@@ -66,6 +75,11 @@ fn secrets() -> Vec<(String, bool)> {
     .map(|s| ((*s).to_string(), false))
     .collect();
     s.push((JOIN_TOKEN.into(), true));
+    if let Some(key) = AGE_SECRET_KEY.get() {
+        // The whole key, and its payload alone (after the fixed prefix).
+        s.push((key.clone(), false));
+        s.push((key["AGE-SECRET-KEY-1".len()..].to_string(), false));
+    }
     // The fallback password is also the user name, which may appear.
     let password = test_password();
     if password != "spirekeep" {
@@ -80,6 +94,8 @@ struct Scan {
     findings: Vec<String>,
     scanned: usize,
     join_token_in_data: bool,
+    /// Data objects stored encrypted (and read back with the identity).
+    encrypted_objects: usize,
 }
 
 impl Scan {
@@ -198,7 +214,7 @@ impl S3Prefix {
     }
 
     /// Scans every object: its attributes (metadata) always, its body by kind.
-    async fn scan(&self, scan: &mut Scan) -> usize {
+    async fn scan(&self, scan: &mut Scan, identity: Option<&Path>) -> usize {
         use futures::TryStreamExt;
         use object_store::{ObjectStore, ObjectStoreExt};
         let client = self.client();
@@ -220,7 +236,19 @@ impl S3Prefix {
                 ),
             );
             let body = got.bytes().await.unwrap();
-            if key.ends_with(".zst") {
+            if key.ends_with(".zst.age") {
+                // The ciphertext as stored, then the rows it holds.
+                scan.data(&format!("s3 encrypted object {key}"), &body);
+                let identities = spirekeep::store::crypt::Identities::from_file(
+                    identity.expect("an encrypted object, and no identity to read it"),
+                )
+                .unwrap();
+                let plain = identities.open(&body[..]).unwrap();
+                let rows = zstd::decode_all(plain)
+                    .unwrap_or_else(|e| panic!("{key} does not decrypt to zstd: {e}"));
+                scan.data(&format!("s3 data object {key}, decrypted"), &rows);
+                scan.encrypted_objects += 1;
+            } else if key.ends_with(".zst") {
                 let rows = zstd::decode_all(&body[..])
                     .unwrap_or_else(|e| panic!("{key} is not zstd: {e}"));
                 scan.data(&format!("s3 data object {key}"), &rows);
@@ -280,7 +308,12 @@ fn start_pushgateway() -> Option<(KillOnDrop, String)> {
 
 /// `spirekeep agent` on a 2-second schedule until it has backed up once:
 /// its output and its `/metrics`.
-fn run_agent(log_args: &[&str], datastore: &str, repo: &[String]) -> (Output, String) {
+fn run_agent(
+    log_args: &[&str],
+    datastore: &str,
+    repo: &[String],
+    env: &[(String, String)],
+) -> (Output, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut args: Vec<&str> = log_args.to_vec();
     args.extend([
@@ -304,6 +337,7 @@ fn run_agent(log_args: &[&str], datastore: &str, repo: &[String]) -> (Output, St
     let child = cmd
         .args(&args)
         .envs(s3_env())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -486,6 +520,62 @@ fn data_commands(
     outputs
 }
 
+/// The encrypted path: a backup to an age recipient, then list, show,
+/// verify without and with the identity, a restore with it, and a restore
+/// refused for a wrong identity; each run with `log_args`.
+#[allow(clippy::too_many_arguments)]
+fn age_commands(
+    log_args: &[&str],
+    json: bool,
+    url: &str,
+    repo: &[String],
+    recipient: &str,
+    identity: &str,
+    wrong_identity: &str,
+    scratch: &str,
+) -> Vec<(String, Output)> {
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["keygen", "-y", identity],
+        vec!["backup", "--datastore", url, "--recipient", recipient],
+        vec!["list"],
+        vec!["show", "latest"],
+        vec!["verify", "latest", "--deep"],
+        vec!["verify", "latest", "--deep", "--identity", identity],
+        vec![
+            "restore",
+            "latest",
+            "--datastore",
+            scratch,
+            "--identity",
+            identity,
+        ],
+        // Refused: the snapshot is not encrypted to this identity.
+        vec![
+            "restore",
+            "latest",
+            "--datastore",
+            scratch,
+            "--identity",
+            wrong_identity,
+        ],
+    ];
+    commands
+        .into_iter()
+        .map(|command| {
+            let mut args: Vec<&str> = log_args.to_vec();
+            args.push("-vv");
+            if json {
+                args.push("--json");
+            }
+            args.extend(command.iter().copied());
+            if command[0] != "keygen" {
+                args.extend(repo.iter().map(String::as_str));
+            }
+            (command.join(" "), spirekeep(&args, &s3_env()))
+        })
+        .collect()
+}
+
 /// plan, apply (real in one round, `--dry-run` in the other) and status on a
 /// stand-in fleet whose datastore has a password; every command and gate
 /// goes through the recorder.
@@ -495,6 +585,7 @@ fn upgrade_commands(
     rec: &Path,
     log_args: &[&str],
     real: bool,
+    env: &[(String, String)],
 ) -> Vec<(String, Output)> {
     let sh = upgrade::FLEET_SH;
     let toml = fleet
@@ -521,7 +612,12 @@ fn upgrade_commands(
             let mut args: Vec<&str> = log_args.to_vec();
             args.push("-vv");
             args.extend(command.iter().copied());
-            let out = fleet.command(&args).envs(s3_env()).output().unwrap();
+            let out = fleet
+                .command(&args)
+                .envs(s3_env())
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .output()
+                .unwrap();
             (command.join(" "), out)
         })
         .collect()
@@ -533,6 +629,9 @@ async fn no_secret_reaches_any_output_object_metric_journal_or_child_process() {
         return;
     };
     let Some(apply_repo) = S3Prefix::new("secretscan-apply") else {
+        return;
+    };
+    let Some(age_repo) = S3Prefix::new("secretscan-age") else {
         return;
     };
     let pop = Population {
@@ -572,6 +671,46 @@ async fn no_secret_reaches_any_output_object_metric_journal_or_child_process() {
     .unwrap();
     let pushgateway = format!("http://pgw:{PUSH_PASSWORD}@{gateway_addr}");
 
+    // Age key material: an identity, and a second one the snapshots are not
+    // encrypted to. keygen prints the public key only.
+    let mut scan = Scan::default();
+    let identity = dir.path().join("identity.txt");
+    let wrong_identity = dir.path().join("wrong-identity.txt");
+    let mut recipient = String::new();
+    for (path, is_ours) in [(&identity, true), (&wrong_identity, false)] {
+        let out = spirekeep(&["keygen", "--output", path.to_str().unwrap()], &[]);
+        assert!(out.status.success(), "keygen: {}", stderr(&out));
+        let key = std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("AGE-SECRET-KEY-1"))
+            .expect("keygen wrote no AGE-SECRET-KEY-1 line")
+            .to_string();
+        if is_ours {
+            AGE_SECRET_KEY.set(key).unwrap();
+            recipient = stdout(&out)
+                .split_whitespace()
+                .find(|w| w.starts_with("age1"))
+                .expect("keygen printed no age1 public key")
+                .to_string();
+        }
+        scan.output("keygen --output", &out);
+    }
+    let (identity_s, wrong_identity_s) =
+        (identity.to_str().unwrap(), wrong_identity.to_str().unwrap());
+    // The scan sees key material: the identity file itself is a finding.
+    let mut control = Scan::default();
+    control.file("the identity file", &identity);
+    assert!(
+        !control.findings.is_empty(),
+        "the scan does not recognise the age secret key"
+    );
+    // apply and the agent take their keys from the environment.
+    let age_env: Vec<(String, String)> = vec![
+        ("SPIREKEEP_AGE_RECIPIENTS".into(), recipient.clone()),
+        ("SPIREKEEP_AGE_IDENTITY_FILE".into(), identity_s.into()),
+    ];
+
     // The stand-in fleet's datastore, with a password of its own connection.
     let store = Store::create(Engine::Postgres, dir.path(), 24, "1.14.7")
         .await
@@ -584,7 +723,6 @@ async fn no_secret_reaches_any_output_object_metric_journal_or_child_process() {
     std::fs::create_dir_all(&rec_dir).unwrap();
     let rec = recorder(&rec_dir);
 
-    let mut scan = Scan::default();
     let mut files: Vec<PathBuf> = Vec::new();
     for (round, (log_args, json)) in [
         (vec!["--log-format", "text"], false),
@@ -626,11 +764,45 @@ async fn no_secret_reaches_any_output_object_metric_journal_or_child_process() {
         }
         files.push(textfile);
 
-        let (out, metrics) = run_agent(&log_args, &url, &repo.args());
+        let age_scratch = dir.path().join(format!("restored-age-{round}.sqlite3"));
+        let outputs = age_commands(
+            &log_args,
+            json,
+            &url,
+            &age_repo.args(),
+            &recipient,
+            identity_s,
+            wrong_identity_s,
+            age_scratch.to_str().unwrap(),
+        );
+        let (refused, ran) = outputs.split_last().unwrap();
+        for (what, out) in ran {
+            assert!(
+                out.status.success(),
+                "round {round}: {what}: {}{}",
+                stdout(out),
+                stderr(out)
+            );
+        }
+        assert!(
+            !refused.1.status.success(),
+            "{} should have failed",
+            refused.0
+        );
+        for (what, out) in &outputs {
+            scan.output(&format!("round {round}: {what}"), out);
+        }
+
+        // The agent: plaintext in the first round, encrypted in the second.
+        let (out, metrics) = if round == 0 {
+            run_agent(&log_args, &url, &repo.args(), &[])
+        } else {
+            run_agent(&log_args, &url, &age_repo.args(), &age_env)
+        };
         scan.output(&format!("round {round}: agent"), &out);
         scan.text(&format!("round {round}: agent /metrics"), &metrics);
 
-        let outputs = upgrade_commands(&fleet, &o, &rec, &log_args, json);
+        let outputs = upgrade_commands(&fleet, &o, &rec, &log_args, json, &age_env);
         for (what, out) in &outputs {
             assert!(
                 out.status.success(),
@@ -679,8 +851,15 @@ async fn no_secret_reaches_any_output_object_metric_journal_or_child_process() {
         );
     }
     // Every object in both repositories.
-    let objects = repo.scan(&mut scan).await + apply_repo.scan(&mut scan).await;
+    let objects = repo.scan(&mut scan, None).await
+        + apply_repo.scan(&mut scan, Some(&identity)).await
+        + age_repo.scan(&mut scan, Some(&identity)).await;
     assert!(objects >= 10, "only {objects} objects in the repositories");
+    assert!(
+        scan.encrypted_objects >= 13,
+        "only {} encrypted data objects: the encrypted backups did not run",
+        scan.encrypted_objects
+    );
     assert!(
         scan.join_token_in_data,
         "the join token was not found in any data object: the scan does not see the rows"
@@ -693,8 +872,9 @@ async fn no_secret_reaches_any_output_object_metric_journal_or_child_process() {
         scan.findings.join("\n\n")
     );
     eprintln!(
-        "secret scan: {} outputs, files and objects scanned ({objects} objects, {} child processes), no secret found",
+        "secret scan: {} outputs, files and objects scanned ({objects} objects, {} of them encrypted, {} child processes), no secret found",
         scan.scanned,
+        scan.encrypted_objects,
         recorded.len()
     );
     drop(fleet);

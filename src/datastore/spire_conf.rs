@@ -71,43 +71,103 @@ pub fn load(path: &Path, expand_env: bool) -> Result<SpireDatastoreConfig> {
 /// nesting (fuzzing found 991 bytes nested 37 deep that took over 10 s).
 const MAX_NESTING: usize = 16;
 
-/// Refuses text nested deeper than [`MAX_NESTING`] before the parser sees it
-/// (strings and comments are skipped).
+/// Refuses text nested deeper than [`MAX_NESTING`] before the parser sees it.
+/// Brackets count, and so do template interpolations (`${ … }`, `%{ … }`)
+/// inside strings, since the parser reads those as expressions (fuzzing found
+/// 564 bytes of interpolations and operators that took over 10 s). Other text
+/// in strings and comments does not count.
 fn check_nesting(text: &str) -> std::result::Result<(), String> {
-    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    /// What encloses the current character.
+    #[derive(PartialEq)]
+    enum Frame {
+        Bracket,
+        Interpolation,
+        Str,
+    }
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut depth = 0usize;
+    let (mut line, mut column) = (1usize, 0usize);
     let mut chars = text.chars().peekable();
-    let mut in_string = false;
     while let Some(c) = chars.next() {
         column += 1;
         if c == '\n' {
             (line, column) = (line + 1, 0);
-            continue;
+            if stack.last() != Some(&Frame::Str) {
+                continue;
+            }
         }
-        if in_string {
+        let opens = if stack.last() == Some(&Frame::Str) {
             match c {
+                '\\' | '$' | '%' if chars.peek() == Some(&c) => {
+                    // An escape, or `$${`/`%%{`: a literal, not an interpolation.
+                    chars.next();
+                    column += 1;
+                    false
+                }
                 '\\' => {
                     chars.next();
                     column += 1;
+                    false
                 }
-                '"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            '"' => in_string = true,
-            '#' => skip_line(&mut chars),
-            '/' if chars.peek() == Some(&'/') => skip_line(&mut chars),
-            '{' | '[' | '(' => {
-                depth += 1;
-                if depth > MAX_NESTING {
-                    return Err(format!(
-                        "invalid HCL at line {line}, column {column}: nested more than {MAX_NESTING} levels deep (a SPIRE server.conf needs far fewer)"
-                    ));
+                '"' => {
+                    stack.pop();
+                    false
                 }
+                '$' | '%' if chars.next_if_eq(&'{').is_some() => {
+                    column += 1;
+                    stack.push(Frame::Interpolation);
+                    true
+                }
+                _ => false,
             }
-            '}' | ']' | ')' => depth = depth.saturating_sub(1),
-            _ => {}
+        } else {
+            match c {
+                '"' => {
+                    stack.push(Frame::Str);
+                    false
+                }
+                '#' => {
+                    skip_line(&mut chars);
+                    false
+                }
+                '/' if chars.next_if_eq(&'/').is_some() => {
+                    skip_line(&mut chars);
+                    false
+                }
+                '/' if chars.next_if_eq(&'*').is_some() => {
+                    // A block comment: to its end, counting lines.
+                    let mut star = false;
+                    for c in chars.by_ref() {
+                        if c == '\n' {
+                            (line, column) = (line + 1, 0);
+                        }
+                        if star && c == '/' {
+                            break;
+                        }
+                        star = c == '*';
+                    }
+                    false
+                }
+                '{' | '[' | '(' => {
+                    stack.push(Frame::Bracket);
+                    true
+                }
+                '}' | ']' | ')' => {
+                    if stack.pop().is_some() {
+                        depth -= 1;
+                    }
+                    false
+                }
+                _ => false,
+            }
+        };
+        if opens {
+            depth += 1;
+            if depth > MAX_NESTING {
+                return Err(format!(
+                    "invalid HCL at line {line}, column {column}: nested more than {MAX_NESTING} levels deep (a SPIRE server.conf needs far fewer)"
+                ));
+            }
         }
     }
     Ok(())
@@ -340,6 +400,26 @@ mod tests {
         assert!(check_nesting(&conf).is_ok());
         assert!(check_nesting(&"[".repeat(16)).is_ok());
         assert!(check_nesting(&"[".repeat(17)).is_err());
+        assert!(check_nesting(&format!("/* {deep} */ x = 1")).is_ok());
+    }
+
+    /// Regression (fuzzing, `server_conf_hcl`): interpolations inside
+    /// strings nest too; 564 bytes of them kept the parser busy over 10 s.
+    #[test]
+    fn nesting_inside_string_interpolations_counts() {
+        let slow = include_str!("../../fuzz/known-slow/server_conf_hcl-timeout-4363b6e7.hcl");
+        let started = std::time::Instant::now();
+        let e = parse(slow).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(e.contains("nested more than 16 levels deep"), "{e}");
+        let nested = |n: usize| format!("x = {}1{}", "\"${".repeat(n), "}\"".repeat(n));
+        assert!(check_nesting(&nested(16)).is_ok());
+        assert!(check_nesting(&nested(17)).is_err());
+        // Escaped and literal forms open nothing.
+        let literal = format!("x = \"{}\"", "$${ %%{ \\\" {".repeat(20));
+        assert!(check_nesting(&literal).is_ok(), "{literal}");
+        // A string's own braces still do not count, nor do they close frames.
+        assert!(check_nesting("a = [\"}}}}\", [[\"]]\"]]").is_ok());
     }
 
     const SAMPLE: &str = r#"

@@ -24,6 +24,8 @@ pub struct ResolvedDatastore {
     pub spec: ConnectionSpec,
     /// `disable_migration` from server.conf (false for a bare connection string).
     pub disable_migration: bool,
+    /// Where the server keeps its data dir and keys (only from server.conf).
+    pub server: Option<spire_conf::ServerLayout>,
 }
 
 /// Resolves a datastore source. Relative SQLite paths resolve against `workdir`
@@ -57,6 +59,7 @@ pub fn resolve_datastore(
             Ok(ResolvedDatastore {
                 spec: dsn::parse(value, engine, workdir)?,
                 disable_migration: false,
+                server: None,
             })
         }
         DatastoreSource::SpireConfig { path, expand_env } => {
@@ -71,6 +74,7 @@ pub fn resolve_datastore(
             Ok(ResolvedDatastore {
                 spec,
                 disable_migration: conf.disable_migration,
+                server: Some(conf.server_layout(workdir)),
             })
         }
     }

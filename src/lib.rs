@@ -19,6 +19,7 @@
 //! ```
 
 pub mod agent;
+pub mod ca_keys;
 pub mod cli;
 pub mod compat;
 pub mod config;

@@ -34,6 +34,39 @@ pub struct SpireDatastoreConfig {
     pub disable_migration: bool,
     /// `server { data_dir = ... }`, if set.
     pub data_dir: Option<String>,
+    /// The `KeyManager` plugin: where the CA private keys live.
+    pub key_manager: KeyManagerConfig,
+}
+
+/// SPIRE's `KeyManager` plugin, as far as backups care: whether the CA
+/// private keys are in a file spirekeep can copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyManagerConfig {
+    /// `KeyManager "disk" { plugin_data { keys_path = ... } }`: the keys
+    /// file, exactly as written.
+    Disk { keys_path: String },
+    /// `KeyManager "memory"`: the keys exist only in the running server.
+    Memory,
+    /// Another KeyManager (a cloud KMS, an external plugin): its name.
+    Other(String),
+    /// No usable KeyManager block (none, several, or a disk one without
+    /// `keys_path`, all of which SPIRE refuses): why.
+    Unusable(String),
+}
+
+/// The files of a SPIRE server on disk, resolved against its working
+/// directory (see [`SpireDatastoreConfig::server_layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLayout {
+    /// `data_dir`, resolved; `None` when server.conf does not set it.
+    pub data_dir: Option<PathBuf>,
+    /// The disk KeyManager's `keys_path`, resolved; `None` for any other KeyManager.
+    pub keys_path: Option<PathBuf>,
+    /// The KeyManager as configured.
+    pub key_manager: KeyManagerConfig,
+    /// The SQLite datastore file, when the datastore is SQLite (the datastore
+    /// snapshot covers it, so a copy of the data dir leaves it out).
+    pub sqlite_path: Option<PathBuf>,
 }
 
 impl SpireDatastoreConfig {
@@ -46,6 +79,48 @@ impl SpireDatastoreConfig {
         let engine = Engine::from_database_type(&self.database_type)?;
         dsn::parse(&self.connection_string, Some(engine), workdir)
     }
+
+    /// Where the server keeps its files: `data_dir`, the disk KeyManager's
+    /// `keys_path` and the SQLite file, relative paths resolved against
+    /// `workdir` (the directory SPIRE runs in, as for [`Self::connection`]).
+    #[must_use]
+    pub fn server_layout(&self, workdir: &Path) -> ServerLayout {
+        let resolve = |p: &str| normalize(&workdir.join(p));
+        let sqlite_path = match self.connection(workdir) {
+            Ok(ConnectionSpec::Sqlite(s)) => Some(normalize(&s.path)),
+            _ => None,
+        };
+        ServerLayout {
+            data_dir: self.data_dir.as_deref().map(resolve),
+            keys_path: match &self.key_manager {
+                KeyManagerConfig::Disk { keys_path } => Some(resolve(keys_path)),
+                _ => None,
+            },
+            key_manager: self.key_manager.clone(),
+            sqlite_path,
+        }
+    }
+}
+
+/// A path with `.` removed and `..` applied lexically (no file system
+/// access), so `/opt/spire/./.data/keys.json` and `/opt/spire/.data` compare
+/// as SPIRE means them.
+#[must_use]
+pub fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// Reads and parses a SPIRE server config file.
@@ -272,7 +347,55 @@ pub fn parse(text: &str) -> std::result::Result<SpireDatastoreConfig, String> {
         connection_string,
         disable_migration,
         data_dir,
+        key_manager: key_manager(&body),
     })
+}
+
+/// The `KeyManager` block. Problems here never stop the datastore from
+/// being read: they become [`KeyManagerConfig::Unusable`].
+fn key_manager(body: &Body) -> KeyManagerConfig {
+    let blocks: Vec<&hcl::Block> = body
+        .blocks()
+        .filter(|b| b.identifier() == "plugins")
+        .flat_map(|p| p.body().blocks().filter(|b| b.identifier() == "KeyManager"))
+        .collect();
+    let block = match blocks.as_slice() {
+        [] => {
+            return KeyManagerConfig::Unusable(
+                "no KeyManager block under plugins { ... } (SPIRE requires exactly one)".into(),
+            );
+        }
+        [one] => *one,
+        _ => {
+            return KeyManagerConfig::Unusable(format!(
+                "{} KeyManager blocks (SPIRE requires exactly one)",
+                blocks.len()
+            ));
+        }
+    };
+    let name = block
+        .labels()
+        .first()
+        .map(|l| l.as_str().to_string())
+        .unwrap_or_default();
+    match name.as_str() {
+        "memory" => KeyManagerConfig::Memory,
+        "disk" => {
+            let keys_path = plugin_data(block.body()).and_then(|data| {
+                data.into_iter().find_map(|(k, v)| match v {
+                    Setting::Value(e) if k == "keys_path" => as_string(&e),
+                    _ => None,
+                })
+            });
+            match keys_path {
+                Some(p) if !p.is_empty() => KeyManagerConfig::Disk { keys_path: p },
+                _ => KeyManagerConfig::Unusable(
+                    "KeyManager \"disk\" has no keys_path string in its plugin_data (SPIRE refuses to start: \"keys_path is required\")".into(),
+                ),
+            }
+        }
+        _ => KeyManagerConfig::Other(name),
+    }
 }
 
 enum Setting {
@@ -459,6 +582,76 @@ plugins {
             spec.redacted(),
             "sqlite:/opt/spire/./.data/datastore.sqlite3"
         );
+    }
+
+    #[test]
+    fn reads_the_key_manager_and_resolves_paths_like_spire() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(
+            c.key_manager,
+            KeyManagerConfig::Disk {
+                keys_path: "./.data/keys.json".into()
+            }
+        );
+        let layout = c.server_layout(Path::new("/opt/spire"));
+        assert_eq!(layout.data_dir, Some(PathBuf::from("/opt/spire/.data")));
+        assert_eq!(
+            layout.keys_path,
+            Some(PathBuf::from("/opt/spire/.data/keys.json"))
+        );
+        assert_eq!(
+            layout.sqlite_path,
+            Some(PathBuf::from("/opt/spire/.data/datastore.sqlite3"))
+        );
+        // Absolute paths stay as written; `plugin_data = { ... }` works too.
+        let abs = SAMPLE
+            .replace("./.data/keys.json", "/var/lib/spire/../spire/keys.json")
+            .replace(
+                "plugin_data {\n            keys_path",
+                "plugin_data = {\n            keys_path",
+            );
+        let layout = parse(&abs).unwrap().server_layout(Path::new("/opt/spire"));
+        assert_eq!(
+            layout.keys_path,
+            Some(PathBuf::from("/var/lib/spire/keys.json"))
+        );
+    }
+
+    #[test]
+    fn memory_and_other_key_managers_are_recognised() {
+        let with = |km: &str| SAMPLE.replace("KeyManager \"disk\"", km);
+        let memory = parse(&with("KeyManager \"memory\"")).unwrap();
+        assert_eq!(memory.key_manager, KeyManagerConfig::Memory);
+        assert_eq!(memory.server_layout(Path::new("/x")).keys_path, None);
+        assert_eq!(
+            parse(&with("KeyManager \"aws_kms\"")).unwrap().key_manager,
+            KeyManagerConfig::Other("aws_kms".into())
+        );
+        let no_path = SAMPLE.replace("keys_path = \"./.data/keys.json\"", "");
+        assert!(matches!(
+            parse(&no_path).unwrap().key_manager,
+            KeyManagerConfig::Unusable(m) if m.contains("keys_path")
+        ));
+        let none = SAMPLE.replace("KeyManager \"disk\"", "NodeAttestor \"join_token\"");
+        assert!(matches!(
+            parse(&none).unwrap().key_manager,
+            KeyManagerConfig::Unusable(m) if m.contains("no KeyManager")
+        ));
+        // A non-SQLite datastore has no file to leave out.
+        let pg = SAMPLE
+            .replace("\"sqlite3\"", "\"postgres\"")
+            .replace("./.data/datastore.sqlite3", "dbname=spire host=db");
+        assert_eq!(
+            parse(&pg).unwrap().server_layout(Path::new("/x")).sqlite_path,
+            None
+        );
+    }
+
+    #[test]
+    fn normalize_is_lexical() {
+        assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+        assert_eq!(normalize(Path::new("./x")), PathBuf::from("x"));
+        assert_eq!(normalize(Path::new("../x")), PathBuf::from("../x"));
     }
 
     #[test]

@@ -115,6 +115,7 @@ fn fixed_manifest() -> Manifest {
             .unwrap(),
         ],
         encryption: None,
+        server_files: Vec::new(),
     }
 }
 
@@ -185,6 +186,7 @@ async fn write_golden_repo(repo: &Repository) {
             .map(|(t, o)| TableData::from_objects(t.name, vec![o]).unwrap())
             .collect(),
         encryption: None,
+        server_files: Vec::new(),
     };
     m.store(repo).await.unwrap();
 }

@@ -76,6 +76,7 @@ fn manifest_for(
             .map(|(t, o)| TableData::from_objects(t.name, vec![o]).unwrap())
             .collect(),
         encryption: None,
+        server_files: Vec::new(),
     }
 }
 

@@ -40,6 +40,16 @@ pub struct BackupArgs {
     #[command(flatten)]
     pub recipients: super::keys::RecipientArgs,
 
+    /// With --spire-config: store the server's keys file and data dir unencrypted when no --recipient is given
+    /// (without it such a backup is refused: they hold the CA private keys).
+    #[arg(long, conflicts_with = "no_server_files")]
+    pub server_files_in_clear: bool,
+
+    /// With --spire-config: back up only the datastore, not the server's keys file (disk KeyManager) and the
+    /// other files of its data dir.
+    #[arg(long)]
+    pub no_server_files: bool,
+
     #[command(flatten)]
     pub lock: LockArgs,
 
@@ -169,15 +179,21 @@ async fn take(
     json: bool,
 ) -> anyhow::Result<u8> {
     let resolved = args.datastore.resolve()?;
-    let ds = datastore::open(&resolved.spec, OpenMode::ReadOnly).await?;
     let options = BackupOptions {
         labels: args.labels.clone(),
         codec: CodecOptions {
             level: args.compression_level,
             workers: args.compression_workers,
         },
+        server_files: server_files_policy(args, resolved.server.as_ref()),
         ..BackupOptions::default()
     };
+    // A refusal (server files in clear) comes before the datastore is opened.
+    if let Some(policy) = &options.server_files {
+        let collected = crate::snapshot::server_files::collect(&policy.layout)?;
+        crate::snapshot::server_files::check_encryption(&collected, repo, policy.allow_clear)?;
+    }
+    let ds = datastore::open(&resolved.spec, OpenMode::ReadOnly).await?;
     let progress = BackupProgress::new(json, ds.as_ref()).await;
     let held = match Held::acquire(repo, &args.lock, "backup").await {
         Ok(held) => held,
@@ -197,6 +213,7 @@ async fn take(
     let manifest = result?;
     progress.finished(&manifest);
     let summary = SnapshotSummary::new(&manifest, &[]);
+    let server_files = &manifest.server_files;
     if json {
         print_json(&summary)?;
     } else {
@@ -216,8 +233,35 @@ async fn take(
             },
             rfc3339(manifest.started_at),
         );
+        if !server_files.is_empty() {
+            println!(
+                "  server files: {} ({}){}",
+                server_files.len(),
+                human_bytes(server_files.iter().map(|f| f.raw_size).sum()),
+                if manifest.is_encrypted() {
+                    ", encrypted"
+                } else {
+                    ", IN CLEAR (--server-files-in-clear)"
+                }
+            );
+        }
     }
     Ok(exit::OK)
+}
+
+/// Server files are backed up when the datastore came from server.conf,
+/// unless --no-server-files.
+fn server_files_policy(
+    args: &BackupArgs,
+    layout: Option<&crate::datastore::spire_conf::ServerLayout>,
+) -> Option<crate::snapshot::server_files::ServerFilesPolicy> {
+    if args.no_server_files {
+        return None;
+    }
+    layout.map(|l| crate::snapshot::server_files::ServerFilesPolicy {
+        layout: l.clone(),
+        allow_clear: args.server_files_in_clear,
+    })
 }
 
 /// Backup progress: a bar per table on a terminal (rows, rate, and an ETA
@@ -265,6 +309,11 @@ impl BackupObserver for BackupProgress {
 
     fn rows(&self, table: &str, copied: u64) {
         self.progress.set(table, copied);
+    }
+
+    fn warning(&self, message: &str) {
+        self.progress.clear();
+        print_warning(message);
     }
 
     fn table_done(&self, table: &TableData) {

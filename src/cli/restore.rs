@@ -13,6 +13,7 @@ use crate::snapshot::Manifest;
 use crate::snapshot::adapt::ChangeKind;
 use crate::snapshot::listing::{human_bytes, resolve, rfc3339};
 use crate::snapshot::manifest::RowAccess;
+use crate::snapshot::server_files;
 use crate::snapshot::restore::{RestoreOptions, RestorePlan, RestoreReport, execute_fenced, plan};
 
 #[derive(Debug, Args)]
@@ -52,6 +53,12 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// Also write the snapshot's SPIRE server files (the disk KeyManager's keys file, the data dir) under DIR, each
+    /// checked against its SHA-256 first; without DIR (put the flag last, or write --server-files=DIR), into the
+    /// data_dir of --spire-config. Existing files are refused unless --replace. An encrypted snapshot needs --identity.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    pub server_files: Option<Option<std::path::PathBuf>>,
+
     /// The repository lock, held while the restore runs (no prune can delete the snapshot meanwhile).
     #[command(flatten)]
     pub lock: super::lock::LockArgs,
@@ -65,6 +72,10 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
     // Before the target is even opened: no identity, no rows.
     if manifest.row_access(repo.identities())? == RowAccess::NoIdentity {
         return Err(manifest.needs_identity("restoring it").into());
+    }
+    let server_dir = server_files_dir(args, &resolved)?;
+    if let Some(dir) = &server_dir {
+        server_files::check_restore(&manifest, &repo, dir, args.replace)?;
     }
     let options = RestoreOptions {
         replace: args.replace,
@@ -110,6 +121,13 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
             print_json(&planned)?;
         } else {
             print_plan(&planned, &manifest);
+            if let Some(dir) = &server_dir {
+                println!(
+                    "  server files: {} would be written under {}",
+                    manifest.server_files.len(),
+                    dir.display()
+                );
+            }
         }
         return Ok(match planned.refusal_error() {
             None => {
@@ -160,12 +178,60 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
             planned.snapshot_id, planned.target
         ))
     })?;
+    let restored_files = match &server_dir {
+        Some(dir) => Some(
+            server_files::restore_files(&repo, &manifest, dir, args.replace)
+                .await
+                .map_err(|e| {
+                    anyhow::Error::from(e).context(format!(
+                        "snapshot {}'s datastore was restored into {}, but its server files were not",
+                        planned.snapshot_id, planned.target
+                    ))
+                })?,
+        ),
+        None => None,
+    };
     if json {
-        print_json(&report)?;
+        let mut value = serde_json::to_value(&report)?;
+        if let (Some(files), Some(obj)) = (&restored_files, value.as_object_mut()) {
+            obj.insert("server_files".into(), serde_json::to_value(files)?);
+        }
+        print_json(&value)?;
     } else {
         print_report(&report);
+        if let Some(f) = &restored_files {
+            println!(
+                "  server files: {} written under {} ({}); start the SPIRE server with this data dir and keys_path",
+                f.files.len(),
+                f.dir.display(),
+                human_bytes(f.bytes)
+            );
+        }
     }
     Ok(exit::OK)
+}
+
+/// Where `--server-files` writes: its DIR, or the data dir of --spire-config.
+fn server_files_dir(
+    args: &RestoreArgs,
+    resolved: &crate::config::ResolvedDatastore,
+) -> Result<Option<std::path::PathBuf>, Error> {
+    match &args.server_files {
+        None => Ok(None),
+        Some(Some(dir)) => Ok(Some(dir.clone())),
+        Some(None) => resolved
+            .server
+            .as_ref()
+            .and_then(|l| l.data_dir.clone())
+            .map(Some)
+            .ok_or_else(|| {
+                Error::Unsupported(
+                    "--server-files without a directory writes into the data_dir of --spire-config: give \
+                     --spire-config with a server.conf that sets data_dir, or --server-files DIR"
+                        .into(),
+                )
+            }),
+    }
 }
 
 fn print_plan(p: &RestorePlan, manifest: &Manifest) {

@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::codec::{CodecOptions, TableWriter};
+use super::server_files::{self, ServerFilesPolicy};
 use super::manifest::{
     DataFormat, DataObject, Encryption, Manifest, ObjectEncryption, SPIREKEEP_VERSION, TableData,
 };
@@ -44,6 +45,9 @@ pub struct BackupOptions {
     /// A table's data is split into a new object after this many
     /// uncompressed bytes, so no single upload or restore read grows without bound.
     pub part_raw_bytes: u64,
+    /// Also store the SPIRE server's keys file and data dir (see
+    /// [`super::server_files`]); `None` stores only the datastore.
+    pub server_files: Option<ServerFilesPolicy>,
 }
 
 impl Default for BackupOptions {
@@ -52,6 +56,7 @@ impl Default for BackupOptions {
             labels: Vec::new(),
             codec: CodecOptions::default(),
             part_raw_bytes: 512 * 1024 * 1024,
+            server_files: None,
         }
     }
 }
@@ -65,6 +70,11 @@ pub trait BackupObserver: Send + Sync {
     fn rows(&self, _table: &str, _copied: u64) {}
     /// `table` is complete.
     fn table_done(&self, _table: &TableData) {}
+    /// Something the operator should know that does not stop the backup (a
+    /// missing keys file). Logged as a warning unless overridden.
+    fn warning(&self, message: &str) {
+        tracing::warn!(event = "backup_warning", "{message}");
+    }
 }
 
 /// An observer that does nothing.
@@ -124,6 +134,15 @@ pub async fn backup_fenced(
     for label in &options.labels {
         validate_label(label)?;
     }
+    // Listed (not read) before the datastore, so a refusal touches nothing.
+    let collected = match &options.server_files {
+        Some(policy) => {
+            let c = server_files::collect(&policy.layout)?;
+            server_files::check_encryption(&c, repo, policy.allow_clear)?;
+            Some(c)
+        }
+        None => None,
+    };
     let server_version = ds.server_version().await?;
     let started_at = OffsetDateTime::now_utc();
     let id = SnapshotId::new(started_at);
@@ -159,6 +178,22 @@ pub async fn backup_fenced(
             return Err(e);
         }
     };
+    // Read right after the datastore, so the keys are at least as new as
+    // the CA journal in the snapshot.
+    let mut stored_server_files = Vec::new();
+    if let Some(c) = &collected {
+        let mut warnings = c.warnings.clone();
+        match server_files::upload(repo, &id, c, &mut written, &mut warnings).await {
+            Ok(files) => stored_server_files = files,
+            Err(e) => {
+                delete_objects(repo, &written).await;
+                return Err(e);
+            }
+        }
+        for w in &warnings {
+            observer.warning(w);
+        }
+    }
     // The writers encrypted every object to the handle's recipients (if
     // any); validate() refuses a manifest where that is not so.
     let encryption = repo.recipients().map(|r| Encryption {
@@ -180,6 +215,7 @@ pub async fn backup_fenced(
         catalogue,
         tables: copied.tables,
         encryption,
+        server_files: stored_server_files,
     };
     manifest.format_version = manifest.required_format_version();
     let ready = match manifest.validate() {

@@ -32,6 +32,7 @@ use super::SnapshotError;
 use super::codec::{CodecOptions, ContentHash};
 use super::error::ManifestError;
 use super::format;
+use super::server_files::ServerFile;
 use crate::datastore::{Catalogue, Engine, MigrationsRow};
 use crate::error::Error;
 use crate::store::crypt::Identities;
@@ -89,6 +90,10 @@ pub struct Manifest {
     /// How the data objects are encrypted; absent for a plaintext snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// The SPIRE server's keys file and data dir files stored with the
+    /// snapshot (see [`super::server_files`]); absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_files: Vec<ServerFile>,
 }
 
 /// Whether a snapshot's rows can be read (see [`Manifest::row_access`]).
@@ -363,6 +368,7 @@ impl Manifest {
             ));
         }
         p.extend(self.encryption_problems());
+        p.extend(super::server_files::problems(self));
         if self.finished_at < self.started_at {
             p.push("finished_at is before started_at".into());
         }
@@ -804,6 +810,7 @@ mod tests {
             },
             tables: vec![t1, t2],
             encryption: None,
+            server_files: Vec::new(),
         }
     }
 

@@ -18,7 +18,8 @@
 //! - [`prune`]: a retention plan over a real repository (pins, leftovers) and its execution;
 //! - [`pins`]: explicit holds on a snapshot that prune respects;
 //! - [`verify`]: every object re-read and every hash checked; a deep verify is a restore drill;
-//! - [`restore`]: plan (hash check, preflight, impact), all-or-nothing load, read-back check.
+//! - [`restore`]: plan (hash check, preflight, impact), all-or-nothing load, read-back check;
+//! - [`server_files`]: SPIRE's keys file and data dir stored beside the data objects.
 
 pub mod adapt;
 pub mod backup;
@@ -32,6 +33,7 @@ pub mod pins;
 pub mod prune;
 pub mod restore;
 pub mod retention;
+pub mod server_files;
 pub mod verify;
 
 pub use codec::{CodecOptions, ContentHash, ContentHasher, TableReader, TableWriter};

@@ -46,6 +46,10 @@ pub struct InspectReport {
     pub join_tokens: u64,
     /// Anything an operator should know (extra migrations rows, unknown tables).
     pub notes: Vec<String>,
+    /// With server.conf: the CA journal naming keys the disk KeyManager's
+    /// keys file does not hold, or the reverse (see [`key_store_warnings`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One table's row count.
@@ -338,7 +342,62 @@ pub async fn inspect(ds: &dyn Datastore) -> Result<InspectReport> {
         tables,
         agents,
         notes,
+        warnings: Vec::new(),
     })
+}
+
+/// Compares the live CA journal (`ca_journals`) with the KeyManager the
+/// server.conf names: for the disk KeyManager, the key IDs in its keys file
+/// (a missing file holds none); for any other, a line saying what cannot be
+/// compared. Returns warnings; only the key IDs are read from the file.
+///
+/// # Errors
+/// Database errors reading `ca_journals`.
+pub async fn key_store_warnings(
+    ds: &dyn Datastore,
+    layout: &crate::datastore::spire_conf::ServerLayout,
+) -> Result<Vec<String>> {
+    use crate::ca_keys::{KeyStore, compare, journals_from_rows, key_ids_from_keys_json};
+    use crate::datastore::spire_conf::KeyManagerConfig;
+    let (store, name) = match (&layout.key_manager, &layout.keys_path) {
+        (KeyManagerConfig::Disk { .. }, Some(path)) => {
+            let name = format!("the keys file {}", path.display());
+            match std::fs::read(path) {
+                Ok(bytes) => match key_ids_from_keys_json(&bytes) {
+                    Ok(ids) => (KeyStore::Keys(ids), name),
+                    Err(e) => return Ok(vec![format!("{name} cannot be read as keys: {e}")]),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (KeyStore::Missing, name),
+                Err(e) => {
+                    return Ok(vec![format!(
+                        "{name} cannot be read ({e}); the CA journal was not compared with it"
+                    )]);
+                }
+            }
+        }
+        (KeyManagerConfig::Memory, _) => {
+            return Ok(vec![
+                "KeyManager \"memory\": the CA keys live only in the running server (nothing on disk to back up); a \
+                 restarted or restored server mints a new CA"
+                    .into(),
+            ]);
+        }
+        (KeyManagerConfig::Other(n), _) => {
+            return Ok(vec![format!(
+                "KeyManager \"{n}\" keeps the CA keys outside the server; the CA journal was not compared with them"
+            )]);
+        }
+        (KeyManagerConfig::Unusable(why), _) => return Ok(vec![format!("server.conf: {why}")]),
+        (KeyManagerConfig::Disk { .. }, None) => return Ok(Vec::new()),
+    };
+    let catalogue = ds.catalogue().await?;
+    let Some(table) = catalogue.table("ca_journals") else {
+        return Ok(Vec::new());
+    };
+    let rows = ds.read_table(table).await?;
+    let (journals, mut warnings) = journals_from_rows(table, &rows);
+    warnings.extend(compare(&journals, &store, &name));
+    Ok(warnings)
 }
 
 impl InspectReport {
@@ -400,6 +459,9 @@ impl InspectReport {
         }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning: {w}");
         }
         s
     }

@@ -261,6 +261,9 @@ fn print_text(r: &VerifyReport) {
     for n in &r.notes {
         println!("  note: {n}");
     }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
     if let Some(key) = &r.record_key {
         println!("  recorded in {key}");
     }

@@ -35,6 +35,8 @@ use super::SnapshotError;
 use super::codec::{TableReader, check_stored_bytes};
 use super::manifest::{Manifest, RowAccess, VerificationRecord};
 use super::restore::{self, RestoreObserver, RestoreOptions};
+use super::server_files;
+use crate::ca_keys;
 use crate::datastore::{self, Datastore, OpenMode, Table, Value, dsn, quote_ident};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::keys::{SnapshotId, VerifyKind};
@@ -107,6 +109,11 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Remarks that are not problems (values a scratch engine had to adapt).
     pub notes: Vec<String>,
+    /// What an operator should look at without the snapshot being damaged:
+    /// the CA journal naming keys the snapshot's keys file does not hold, or
+    /// the reverse.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Whether the snapshot's data objects are encrypted.
     pub encrypted: bool,
     /// What could not be checked (an encrypted snapshot verified without
@@ -170,7 +177,11 @@ pub async fn verify_observed(
         manifest.tables.len()
     ));
     let mut current: Option<(String, u64)> = None;
+    let mut journal_rows: Vec<Vec<Value>> = Vec::new();
     let read = read_every_object(repo, manifest, |table, batch| {
+        if table.name == "ca_journals" {
+            journal_rows.extend(batch.iter().cloned());
+        }
         if current.as_ref().is_none_or(|(name, _)| *name != table.name) {
             if let Some((name, rows)) = current.take() {
                 observer.table_done(&name, rows);
@@ -198,6 +209,7 @@ pub async fn verify_observed(
         ok: false,
         problems: read.problems,
         notes: Vec::new(),
+        warnings: Vec::new(),
         encrypted: manifest.is_encrypted(),
         unchecked: Vec::new(),
         objects: read.objects,
@@ -209,6 +221,7 @@ pub async fn verify_observed(
         seconds: 0.0,
         record_key: None,
     };
+    check_server_files(repo, manifest, Some(&journal_rows), &mut report).await;
     if kind == VerifyKind::Deep {
         if report.problems.is_empty() {
             observer.stage("restore drill: restoring into a scratch datastore and comparing");
@@ -265,6 +278,7 @@ async fn verify_stored_bytes(
         kind: VerifyKind::Shallow,
         ok: false,
         problems: read.problems,
+        warnings: Vec::new(),
         notes: vec![format!(
             "the snapshot is encrypted to {}; without an identity only the stored (encrypted) bytes were \
              checked: pass --identity FILE (or set SPIREKEEP_AGE_IDENTITY_FILE) to check the rest",
@@ -281,6 +295,7 @@ async fn verify_stored_bytes(
         seconds: clock.elapsed().as_secs_f64(),
         record_key: None,
     };
+    check_server_files(repo, manifest, None, &mut report).await;
     record(repo, &mut report).await?;
     Ok(report)
 }
@@ -323,6 +338,7 @@ pub async fn verify_snapshot_observed(
                     "{e}; the snapshot cannot be trusted or restored: restore from another snapshot"
                 )],
                 notes: Vec::new(),
+                warnings: Vec::new(),
                 encrypted: false,
                 unchecked: Vec::new(),
                 objects: 0,
@@ -339,6 +355,47 @@ pub async fn verify_snapshot_observed(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The server files' part of a verification: each object's stored size and
+/// SHA-256, and (when `journal_rows` is given, i.e. the rows could be read)
+/// the plaintext's, then the CA journal of the snapshot compared with its
+/// keys file. A snapshot without server files has nothing to compare.
+async fn check_server_files(
+    repo: &Repository,
+    manifest: &Manifest,
+    journal_rows: Option<&[Vec<Value>]>,
+    report: &mut VerifyReport,
+) {
+    if manifest.server_files.is_empty() {
+        return;
+    }
+    let check = server_files::verify_files(repo, manifest, journal_rows.is_some()).await;
+    report.objects += manifest.server_files.len() as u64;
+    report.stored_bytes += check.stored_bytes;
+    report.problems.extend(check.problems.iter().cloned());
+    if !check.plaintext_checked {
+        report
+            .unchecked
+            .push("the server files' decrypted contents and the CA journal against the keys file".into());
+    }
+    let (Some(rows), Some(table)) = (journal_rows, manifest.catalogue.table("ca_journals")) else {
+        return;
+    };
+    if !check.problems.is_empty() || (check.has_keys_file && check.key_ids.is_none()) {
+        return;
+    }
+    let (journals, undecodable) = ca_keys::journals_from_rows(table, rows);
+    report.warnings.extend(undecodable);
+    let store = check
+        .key_ids
+        .map_or(ca_keys::KeyStore::Missing, ca_keys::KeyStore::Keys);
+    let name = if check.has_keys_file {
+        "the snapshot's keys file"
+    } else {
+        "the snapshot (it holds no keys file)"
+    };
+    report.warnings.extend(ca_keys::compare(&journals, &store, name));
 }
 
 async fn record(repo: &Repository, report: &mut VerifyReport) -> Result<()> {

@@ -6,6 +6,7 @@
 //! ```text
 //! snapshots/<snapshot-id>/manifest.json          written last, create-only: the snapshot exists iff this does
 //! snapshots/<snapshot-id>/data/<table>.<n>.spkd.zst   data objects (zstd-compressed SPKD row streams)
+//! snapshots/<snapshot-id>/server/<nnnnn>[.age]   SPIRE server files (snapshot::server_files)
 //! verifications/<snapshot-id>/<time>-<kind>.json one record per verify run, create-only
 //! locks/repository.lock                          the repository lease (conditional puts)
 //! pins/<snapshot-id>/<holder>.json               a pin: prune keeps the snapshot while any pin exists

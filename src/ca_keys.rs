@@ -79,7 +79,11 @@ pub fn key_ids_from_keys_json(bytes: &[u8]) -> Result<BTreeSet<String>, String> 
     }
     let parsed: KeysFile = serde_json::from_slice(bytes).map_err(|e| {
         // serde_json's message names a line and column, never the content.
-        format!("it is not the disk KeyManager's JSON (line {}, column {})", e.line(), e.column())
+        format!(
+            "it is not the disk KeyManager's JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        )
     })?;
     Ok(parsed.keys.unwrap_or_default().into_keys().collect())
 }
@@ -205,7 +209,14 @@ pub fn compare(journals: &[Journal], store: &KeyStore, store_name: &str) -> Vec<
         for (id, keys) in &missing {
             let names: Vec<String> = keys
                 .iter()
-                .map(|k| format!("{} ({}, authority {})", k.key_id, k.status.name(), k.authority_id))
+                .map(|k| {
+                    format!(
+                        "{} ({}, authority {})",
+                        k.key_id,
+                        k.status.name(),
+                        k.authority_id
+                    )
+                })
                 .collect();
             warnings.push(format!(
                 "CA journal {id} names keys that {store_name} does not hold: {}; a SPIRE server with these keys \
@@ -404,12 +415,25 @@ mod tests {
         // The old slot B entry's key may be gone: no warning for it.
         let w = compare(&j, &held(&["x509-CA-A"]), "keys.json");
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].contains("JWT-Signer-A (active, authority auth-A)"), "{w:?}");
+        assert!(
+            w[0].contains("JWT-Signer-A (active, authority auth-A)"),
+            "{w:?}"
+        );
         let w = compare(&j, &KeyStore::Missing, "keys.json");
-        assert!(w[0].contains("x509-CA-A") && w[0].contains("JWT-Signer-A"), "{w:?}");
-        let w = compare(&j, &held(&["x509-CA-A", "JWT-Signer-A", "x509-CA-C", "other"]), "keys.json");
+        assert!(
+            w[0].contains("x509-CA-A") && w[0].contains("JWT-Signer-A"),
+            "{w:?}"
+        );
+        let w = compare(
+            &j,
+            &held(&["x509-CA-A", "JWT-Signer-A", "x509-CA-C", "other"]),
+            "keys.json",
+        );
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].contains("no CA journal in the datastore names: x509-CA-C"), "{w:?}");
+        assert!(
+            w[0].contains("no CA journal in the datastore names: x509-CA-C"),
+            "{w:?}"
+        );
         assert!(w[0].contains("names: x509-CA-C (keys from"), "{w:?}");
         // No journal at all: every CA key is unnamed.
         assert_eq!(compare(&[], &held(&["x509-CA-A"]), "k").len(), 1);

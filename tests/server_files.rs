@@ -51,7 +51,11 @@ fn journal() -> Vec<u8> {
         varint(1_760_000_000, &mut e);
         varint(status_field << 3, &mut e);
         varint(status, &mut e);
-        bytes_field(authority_field, format!("authority-{slot}").as_bytes(), &mut e);
+        bytes_field(
+            authority_field,
+            format!("authority-{slot}").as_bytes(),
+            &mut e,
+        );
         bytes_field(kind, &e, &mut out);
     }
     out
@@ -95,8 +99,11 @@ impl Setup {
             keys_json(&["x509-CA-A", "x509-CA-B", "JWT-Signer-A"]),
         )
         .unwrap();
-        std::fs::set_permissions(data.join("keys.json"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(
+            data.join("keys.json"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         std::fs::write(
             data.join("bundle-acme/accounts/acme.json"),
             b"{\"account\": \"acme-test\"}",
@@ -211,22 +218,44 @@ async fn keys_and_data_dir_are_encrypted_verified_and_restored() {
         assert_eq!(files[1]["mode"], 0o600);
         for f in files {
             assert_eq!(f["encryption"], "age", "{f}");
-            assert!(f["key"].as_str().unwrap().starts_with(&format!("snapshots/{id}/server/")));
+            assert!(
+                f["key"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("snapshots/{id}/server/"))
+            );
         }
         for meta in handle.list(&format!("snapshots/{id}/")).await.unwrap() {
             let bytes = handle.get(&meta.key).await.unwrap();
-            assert!(!contains(&bytes, KEY_MARKER), "{} holds key bytes", meta.key);
-            assert!(!contains(&bytes, "acme-test"), "{} holds a data dir file", meta.key);
+            assert!(
+                !contains(&bytes, KEY_MARKER),
+                "{} holds key bytes",
+                meta.key
+            );
+            assert!(
+                !contains(&bytes, "acme-test"),
+                "{} holds a data dir file",
+                meta.key
+            );
         }
 
         // verify: stored bytes without the identity, everything with it.
         let shallow = ok_json(&["verify", &id], &repo);
         assert_eq!(shallow["ok"], true, "{shallow}");
-        assert!(shallow["unchecked"].to_string().contains("server files"), "{shallow}");
-        let full = ok_json(&["verify", &id, "--identity", identity.to_str().unwrap()], &repo);
+        assert!(
+            shallow["unchecked"].to_string().contains("server files"),
+            "{shallow}"
+        );
+        let full = ok_json(
+            &["verify", &id, "--identity", identity.to_str().unwrap()],
+            &repo,
+        );
         assert_eq!(full["ok"], true, "{full}");
         assert_eq!(full["unchecked"], serde_json::json!([]), "{full}");
-        assert!(full.get("warnings").is_none(), "journal and keys agree: {full}");
+        assert!(
+            full.get("warnings").is_none(),
+            "journal and keys agree: {full}"
+        );
 
         // restore --server-files: byte-identical, keys 0600.
         let out_dir = dir.path().join(format!("restored-{n}"));
@@ -259,7 +288,10 @@ async fn keys_and_data_dir_are_encrypted_verified_and_restored() {
                 "{f}"
             );
         }
-        let mode = std::fs::metadata(out_dir.join("keys.json")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(out_dir.join("keys.json"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         // Existing files are not overwritten without --replace.
         let target2 = dir.path().join(format!("target2-{n}.sqlite3"));
@@ -281,7 +313,11 @@ async fn journal_and_keys_disagreeing_are_warned_about() {
     let inspect = ok_json(&with(&["inspect"], &src), &[]);
     assert!(inspect.get("warnings").is_none(), "{inspect}");
     // The JWT key is gone from keys.json, and a stray CA key appeared.
-    std::fs::write(setup.data("keys.json"), keys_json(&["x509-CA-A", "x509-CA-C"])).unwrap();
+    std::fs::write(
+        setup.data("keys.json"),
+        keys_json(&["x509-CA-A", "x509-CA-C"]),
+    )
+    .unwrap();
     let inspect = ok_json(&with(&["inspect"], &src), &[]);
     let warnings = inspect["warnings"].to_string();
     assert!(warnings.contains("JWT-Signer-A (active"), "{warnings}");
@@ -289,20 +325,38 @@ async fn journal_and_keys_disagreeing_are_warned_about() {
     assert!(!warnings.contains(KEY_MARKER), "{warnings}");
     let snapshot = ok_json(&with(&["backup", "--recipient", &public], &src), &repo);
     let id = snapshot["id"].as_str().unwrap();
-    let report = ok_json(&["verify", id, "--identity", identity.to_str().unwrap()], &repo);
-    assert_eq!(report["ok"], true, "warnings do not fail a verification: {report}");
+    let report = ok_json(
+        &["verify", id, "--identity", identity.to_str().unwrap()],
+        &repo,
+    );
+    assert_eq!(
+        report["ok"], true,
+        "warnings do not fail a verification: {report}"
+    );
     let warnings = report["warnings"].to_string();
-    assert!(warnings.contains("JWT-Signer-A") && warnings.contains("x509-CA-C"), "{warnings}");
+    assert!(
+        warnings.contains("JWT-Signer-A") && warnings.contains("x509-CA-C"),
+        "{warnings}"
+    );
 
     // A missing keys file is a warning at backup, and verify says the
     // snapshot holds no keys for its journal.
     std::fs::remove_file(setup.data("keys.json")).unwrap();
     let (code, json, err) = run_json(&with(&["backup", "--recipient", &public], &src), &repo);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("warning:") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("warning:") && err.contains("does not exist"),
+        "{err}"
+    );
     let id = json["id"].as_str().unwrap();
-    let report = ok_json(&["verify", id, "--identity", identity.to_str().unwrap()], &repo);
-    assert!(report["warnings"].to_string().contains("x509-CA-A"), "{report}");
+    let report = ok_json(
+        &["verify", id, "--identity", identity.to_str().unwrap()],
+        &repo,
+    );
+    assert!(
+        report["warnings"].to_string().contains("x509-CA-A"),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,15 +369,25 @@ async fn in_clear_and_opt_out() {
     // --no-server-files: a plain format-1 snapshot, as before.
     let s = ok_json(&with(&["backup", "--no-server-files"], &src), &repo);
     let plain = s["id"].as_str().unwrap().to_owned();
-    let m = handle.get(&format!("snapshots/{plain}/manifest.json")).await.unwrap();
+    let m = handle
+        .get(&format!("snapshots/{plain}/manifest.json"))
+        .await
+        .unwrap();
     let text = String::from_utf8(m.to_vec()).unwrap();
-    assert!(text.contains("\"format_version\": 1") && !text.contains("server_files"), "{text}");
+    assert!(
+        text.contains("\"format_version\": 1") && !text.contains("server_files"),
+        "{text}"
+    );
     // --server-files-in-clear: format 1 with the files, restorable without a key.
     let s = ok_json(&with(&["backup", "--server-files-in-clear"], &src), &repo);
     let id = s["id"].as_str().unwrap();
-    let m: Json =
-        serde_json::from_slice(&handle.get(&format!("snapshots/{id}/manifest.json")).await.unwrap())
-            .unwrap();
+    let m: Json = serde_json::from_slice(
+        &handle
+            .get(&format!("snapshots/{id}/manifest.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(m["format_version"], 1);
     assert_eq!(m["server_files"].as_array().unwrap().len(), 2);
     assert!(m["server_files"][0].get("encryption").is_none());

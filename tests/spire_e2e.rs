@@ -339,7 +339,14 @@ async fn disaster_recovery(engine: Engine) {
     // Back up from the server's own server.conf while it serves.
     let repo = file_repo(dir.path());
     let config = server.config.to_str().unwrap().to_string();
-    spirekeep_ok(&["backup", "--spire-config", &config, "--server-files-in-clear", "--repo", &repo]);
+    spirekeep_ok(&[
+        "backup",
+        "--spire-config",
+        &config,
+        "--server-files-in-clear",
+        "--repo",
+        &repo,
+    ]);
 
     // Disaster: everything stops, the datastore is gone.
     agent.stop();
@@ -492,7 +499,14 @@ async fn impact_report_names_the_rejected_agents(engine: Engine) {
 
     let repo = file_repo(dir.path());
     let config = server.config.to_str().unwrap().to_string();
-    spirekeep_ok(&["backup", "--spire-config", &config, "--server-files-in-clear", "--repo", &repo]);
+    spirekeep_ok(&[
+        "backup",
+        "--spire-config",
+        &config,
+        "--server-files-in-clear",
+        "--repo",
+        &repo,
+    ]);
     // "steady" keeps the SVID it had at the backup: it is stopped until the restore.
     agents[0].stop();
     // "rotates" rotates its SVID after the backup; "new" attests after it.

@@ -13,8 +13,8 @@ use crate::snapshot::Manifest;
 use crate::snapshot::adapt::ChangeKind;
 use crate::snapshot::listing::{human_bytes, resolve, rfc3339};
 use crate::snapshot::manifest::RowAccess;
-use crate::snapshot::server_files;
 use crate::snapshot::restore::{RestoreOptions, RestorePlan, RestoreReport, execute_fenced, plan};
+use crate::snapshot::server_files;
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {

@@ -642,7 +642,10 @@ plugins {
             .replace("\"sqlite3\"", "\"postgres\"")
             .replace("./.data/datastore.sqlite3", "dbname=spire host=db");
         assert_eq!(
-            parse(&pg).unwrap().server_layout(Path::new("/x")).sqlite_path,
+            parse(&pg)
+                .unwrap()
+                .server_layout(Path::new("/x"))
+                .sqlite_path,
             None
         );
     }

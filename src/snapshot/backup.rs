@@ -20,10 +20,10 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::codec::{CodecOptions, TableWriter};
-use super::server_files::{self, ServerFilesPolicy};
 use super::manifest::{
     DataFormat, DataObject, Encryption, Manifest, ObjectEncryption, SPIREKEEP_VERSION, TableData,
 };
+use super::server_files::{self, ServerFilesPolicy};
 use crate::datastore::{
     Catalogue, Datastore, MigrationsRow, RowBatch, SnapshotRead, Table, Value, ddl,
 };

@@ -266,7 +266,11 @@ pub fn check_encryption(collected: &Collected, repo: &Repository, allow_clear: b
     if collected.files.is_empty() || repo.recipients().is_some() || allow_clear {
         return Ok(());
     }
-    let what = if collected.files.iter().any(|f| f.role == ServerFileRole::Keys) {
+    let what = if collected
+        .files
+        .iter()
+        .any(|f| f.role == ServerFileRole::Keys)
+    {
         "the SPIRE server's CA private keys and data dir"
     } else {
         "the SPIRE server's data dir"
@@ -419,8 +423,16 @@ pub fn problems(manifest: &Manifest) -> Vec<String> {
             p.push(format!(
                 "server file {} is {} in {} snapshot",
                 f.path,
-                if f.encryption.is_some() { "encrypted" } else { "not encrypted" },
-                if expected.is_some() { "an encrypted" } else { "a plaintext" }
+                if f.encryption.is_some() {
+                    "encrypted"
+                } else {
+                    "not encrypted"
+                },
+                if expected.is_some() {
+                    "an encrypted"
+                } else {
+                    "a plaintext"
+                }
             ));
         }
     }
@@ -432,9 +444,9 @@ pub fn problems(manifest: &Manifest) -> Vec<String> {
 fn is_safe_path(path: &str) -> bool {
     !path.is_empty()
         && path.len() <= 4096
-        && path
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != ".." && !part.contains(['\\', '\0']))
+        && path.split('/').all(|part| {
+            !part.is_empty() && part != "." && part != ".." && !part.contains(['\\', '\0'])
+        })
 }
 
 /// Why a stored server file could not be read back.
@@ -522,9 +534,10 @@ pub async fn verify_files(repo: &Repository, manifest: &Manifest, decrypt: bool)
                     Some(bytes) if f.role == ServerFileRole::Keys => {
                         match crate::ca_keys::key_ids_from_keys_json(&bytes) {
                             Ok(ids) => check.key_ids = Some(ids),
-                            Err(e) => check
-                                .problems
-                                .push(read_problem(f, &format!("the keys file is unreadable: {e}"))),
+                            Err(e) => check.problems.push(read_problem(
+                                f,
+                                &format!("the keys file is unreadable: {e}"),
+                            )),
                         }
                     }
                     Some(_) => {}
@@ -551,7 +564,12 @@ pub struct RestoredFiles {
 ///
 /// # Errors
 /// [`Error::Unsupported`] naming what is wrong and the way out.
-pub fn check_restore(manifest: &Manifest, repo: &Repository, dir: &Path, replace: bool) -> Result<()> {
+pub fn check_restore(
+    manifest: &Manifest,
+    repo: &Repository,
+    dir: &Path,
+    replace: bool,
+) -> Result<()> {
     if manifest.server_files.is_empty() {
         return Err(Error::Unsupported(format!(
             "snapshot {} holds no server files (it was taken without --spire-config, with --no-server-files, \
@@ -646,7 +664,13 @@ pub async fn restore_files(
     Ok(out)
 }
 
-fn write_file(dir: &Path, relative: &str, bytes: &[u8], mode: u32, replace: bool) -> std::io::Result<()> {
+fn write_file(
+    dir: &Path,
+    relative: &str,
+    bytes: &[u8],
+    mode: u32,
+    replace: bool,
+) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
     let target = dir.join(relative);
     let parent = target.parent().unwrap_or(dir).to_owned();
@@ -706,7 +730,11 @@ mod tests {
     fn populate(root: &Path) {
         let d = root.join("data");
         std::fs::create_dir_all(d.join("bundle-acme/acct")).unwrap();
-        for f in ["datastore.sqlite3", "datastore.sqlite3-wal", "datastore.sqlite3-shm"] {
+        for f in [
+            "datastore.sqlite3",
+            "datastore.sqlite3-wal",
+            "datastore.sqlite3-shm",
+        ] {
             std::fs::write(d.join(f), b"db").unwrap();
         }
         std::fs::write(d.join("keys.json"), br#"{"keys":{"x509-CA-A":"c2VjcmV0"}}"#).unwrap();
@@ -756,7 +784,11 @@ mod tests {
         let mut l = layout(root.path());
         l.keys_path = Some(root.path().join("keys.json"));
         let c = collect(&l).unwrap();
-        let keys: Vec<&LocalFile> = c.files.iter().filter(|f| f.role == ServerFileRole::Keys).collect();
+        let keys: Vec<&LocalFile> = c
+            .files
+            .iter()
+            .filter(|f| f.role == ServerFileRole::Keys)
+            .collect();
         // data/keys.json is a plain data-dir file now; the real one gets another name.
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].path, "spire-keys/keys.json");
@@ -767,7 +799,16 @@ mod tests {
         for ok in ["keys.json", "bundle-acme/a/b.pem", ".hidden"] {
             assert!(is_safe_path(ok), "{ok}");
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\\b", "a/"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a\\b",
+            "a/",
+        ] {
             assert!(!is_safe_path(bad), "{bad}");
         }
     }
@@ -782,12 +823,21 @@ mod tests {
         let c = collect(&layout(root.path())).unwrap();
         check_encryption(&c, &repo, false).unwrap();
         let (mut written, mut warnings) = (Vec::new(), Vec::new());
-        let files = upload(&repo, &id, &c, &mut written, &mut warnings).await.unwrap();
+        let files = upload(&repo, &id, &c, &mut written, &mut warnings)
+            .await
+            .unwrap();
         assert_eq!(written.len(), 2);
-        assert!(files.iter().all(|f| f.key.ends_with(".age") && f.encryption.is_some()));
+        assert!(
+            files
+                .iter()
+                .all(|f| f.key.ends_with(".age") && f.encryption.is_some())
+        );
         for k in &written {
             let stored = repo.get(k).await.unwrap();
-            assert!(!stored.windows(8).any(|w| w == b"c2VjcmV0"), "plaintext key stored");
+            assert!(
+                !stored.windows(8).any(|w| w == b"c2VjcmV0"),
+                "plaintext key stored"
+            );
         }
         let mut m = manifest_with(&id, files, Some(repo.recipients().unwrap().public_keys()));
         assert_eq!(problems(&m), Vec::<String>::new());
@@ -802,9 +852,15 @@ mod tests {
             std::fs::read(&keys).unwrap(),
             std::fs::read(root.path().join("data/keys.json")).unwrap()
         );
-        assert_eq!(std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // A second restore refuses to overwrite, unless replace.
-        let e = restore_files(&repo, &m, &out, false).await.unwrap_err().to_string();
+        let e = restore_files(&repo, &m, &out, false)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--replace"), "{e}");
         restore_files(&repo, &m, &out, true).await.unwrap();
         let check = verify_files(&repo, &m, true).await;
@@ -821,7 +877,11 @@ mod tests {
         assert!(!fresh.exists());
         // A path that escapes is a manifest problem.
         m.server_files[0].path = "../escape".into();
-        assert!(problems(&m).join("\n").contains("not a plain relative path"));
+        assert!(
+            problems(&m)
+                .join("\n")
+                .contains("not a plain relative path")
+        );
     }
 
     #[tokio::test]
@@ -832,15 +892,23 @@ mod tests {
         let c = collect(&layout(root.path())).unwrap();
         let e = check_encryption(&c, &repo, false).unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("--recipient") && text.contains("--server-files-in-clear"), "{text}");
+        assert!(
+            text.contains("--recipient") && text.contains("--server-files-in-clear"),
+            "{text}"
+        );
         assert!(!text.contains('\n'));
         assert_eq!(e.kind(), crate::error::ErrorKind::Usage);
         check_encryption(&c, &repo, true).unwrap();
         check_encryption(&Collected::default(), &repo, false).unwrap();
     }
 
-    fn manifest_with(id: &SnapshotId, files: Vec<ServerFile>, recipients: Option<Vec<String>>) -> Manifest {
-        let mut m: Manifest = serde_json::from_str(include_str!("../../tests/fixtures/manifest-v1.json")).unwrap();
+    fn manifest_with(
+        id: &SnapshotId,
+        files: Vec<ServerFile>,
+        recipients: Option<Vec<String>>,
+    ) -> Manifest {
+        let mut m: Manifest =
+            serde_json::from_str(include_str!("../../tests/fixtures/manifest-v1.json")).unwrap();
         m.snapshot_id = id.clone();
         m.server_files = files;
         m.encryption = recipients.map(|recipients| super::super::manifest::Encryption {

@@ -375,9 +375,9 @@ async fn check_server_files(
     report.stored_bytes += check.stored_bytes;
     report.problems.extend(check.problems.iter().cloned());
     if !check.plaintext_checked {
-        report
-            .unchecked
-            .push("the server files' decrypted contents and the CA journal against the keys file".into());
+        report.unchecked.push(
+            "the server files' decrypted contents and the CA journal against the keys file".into(),
+        );
     }
     let (Some(rows), Some(table)) = (journal_rows, manifest.catalogue.table("ca_journals")) else {
         return;
@@ -395,7 +395,9 @@ async fn check_server_files(
     } else {
         "the snapshot (it holds no keys file)"
     };
-    report.warnings.extend(ca_keys::compare(&journals, &store, name));
+    report
+        .warnings
+        .extend(ca_keys::compare(&journals, &store, name));
 }
 
 async fn record(repo: &Repository, report: &mut VerifyReport) -> Result<()> {

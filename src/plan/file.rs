@@ -169,6 +169,11 @@ pub struct DatastoreConfig {
     /// Expand `$VAR` in server.conf, as `spire-server -expandEnv` does.
     #[serde(default)]
     pub expand_env: bool,
+    /// Whether the restore-on-failure keeps the live agents (`restore
+    /// --keep-live-agents`): on unless set to false. Agents that renewed
+    /// their SVID during the failed upgrade keep working after the rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_live_agents_on_rollback: Option<bool>,
 }
 
 /// `[repository]`.
@@ -452,6 +457,9 @@ pub struct Plan {
     pub max_clock_skew: Duration,
     /// The rehearsal before the first hop, when asked for.
     pub rehearsal: Option<Rehearsal>,
+    /// The restore-on-failure keeps the live agents (`[datastore]
+    /// keep_live_agents_on_rollback`, on unless set to false).
+    pub keep_live_agents_on_rollback: bool,
 }
 
 impl Plan {
@@ -749,6 +757,10 @@ impl PlanFile {
             }
         };
         Ok(Plan {
+            keep_live_agents_on_rollback: self
+                .datastore
+                .keep_live_agents_on_rollback
+                .unwrap_or(true),
             on_post_check_failure: self.on_post_check_failure,
             max_clock_skew,
             rehearsal,

@@ -315,14 +315,41 @@ fn print_plan(p: &RestorePlan, manifest: &Manifest) {
             "    agents in the snapshot but gone now: {} (they come back)",
             i.agents.come_back
         );
+        print_key_diff("registration entries", &i.entries);
+        for (aspect, c) in &i.entry_changes.by_aspect {
+            println!(
+                "      {} entr(y/ies) with other {aspect} live, e.g. {}",
+                c.count,
+                c.examples.join(", ")
+            );
+        }
+        print_key_diff("trust bundles", &i.bundles);
+        print_key_diff("federation relationships", &i.federation);
+        print_key_diff("CA journal entries", &i.ca_journal);
+        let t = &i.join_tokens;
         println!(
-            "    registration entries: {} created since (gone after the restore), {} deleted since (back after)",
-            i.entries.created_since, i.entries.deleted_since
+            "    join tokens: {} in the snapshot, {} live; {} used since the snapshot, {} issued since (gone after \
+             the restore: agents not yet attested with them need new ones)",
+            t.in_snapshot, t.live, t.used_since, t.issued_since
         );
-        println!(
-            "    bundles: {} created since (gone after the restore), {} deleted since (back after)",
-            i.bundles.created_since, i.bundles.deleted_since
-        );
+    }
+}
+
+/// `label: N created since (gone after), N deleted since (back after), N changed since (back to the snapshot's)`.
+fn print_key_diff(label: &str, d: &crate::snapshot::impact::KeyDiff) {
+    println!(
+        "    {label}: {} created since (gone after the restore), {} deleted since (back after), {} changed since \
+         (back to the snapshot's version)",
+        d.created_since, d.deleted_since, d.changed_since
+    );
+    for (what, examples) in [
+        ("created", &d.created_examples),
+        ("deleted", &d.deleted_examples),
+        ("changed", &d.changed_examples),
+    ] {
+        if !examples.is_empty() {
+            println!("      {what}: {}", examples.join(", "));
+        }
     }
 }
 

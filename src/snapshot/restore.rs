@@ -51,7 +51,10 @@ use tokio::sync::mpsc;
 
 use super::adapt::{Adapter, Change, ChangeKind};
 use super::codec::{ContentHash, ContentHasher, TableReader, to_hex};
-use super::impact::{AgentFacts, AgentImpact, KeyDiff, agent_impact, key_diff};
+use super::impact::{
+    AgentFacts, AgentImpact, EntryChanges, KeyDiff, SideDigests, TokenImpact, agent_impact,
+    entry_changes, keyed_diff, token_impact,
+};
 use super::live_rules::{LiveFacts, RowRules, RuleOptions, RulesReport};
 use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, RowAccess, SPIREKEEP_VERSION};
 use super::verify::{check_every_stored_object, read_every_object};
@@ -169,10 +172,18 @@ pub struct Preflight {
 pub struct Impact {
     /// Agents that will have to attest again (join-token agents cannot on their own).
     pub agents: AgentImpact,
-    /// Registration entries (by entry id) created or deleted since the snapshot.
+    /// Registration entries (by entry id) created, deleted or changed since the snapshot.
     pub entries: KeyDiff,
-    /// Trust bundles (by trust domain) created or deleted since the snapshot.
+    /// What changed in the entries changed since, aspect by aspect.
+    pub entry_changes: EntryChanges,
+    /// Trust bundles (by trust domain) created, deleted or changed since the snapshot.
     pub bundles: KeyDiff,
+    /// Join tokens used and issued since the snapshot (counts only).
+    pub join_tokens: TokenImpact,
+    /// Federation relationships (by trust domain).
+    pub federation: KeyDiff,
+    /// CA journal entries (by active X.509 authority).
+    pub ca_journal: KeyDiff,
 }
 
 /// One table to restore.
@@ -532,10 +543,15 @@ async fn plan_inner(
     let impact = if want_impact && problems.is_empty() {
         observer.stage("reading the live datastore");
         let live = ImpactSide::read_live(target).await?;
+        let (snap, now) = (&snapshot_side.digests, &live.digests);
         Some(Impact {
+            entries: keyed_diff(&snap.entry_digests(), &now.entry_digests()),
+            entry_changes: entry_changes(snap, now),
+            bundles: keyed_diff(&snap.bundles, &now.bundles),
+            join_tokens: token_impact(snap, now),
+            federation: keyed_diff(&snap.federation, &now.federation),
+            ca_journal: keyed_diff(&snap.ca_journals, &now.ca_journals),
             agents: agent_impact(snapshot_side.agents, live.agents),
-            entries: key_diff(snapshot_side.entries, live.entries),
-            bundles: key_diff(snapshot_side.bundles, live.bundles),
         })
     } else {
         None
@@ -1448,8 +1464,7 @@ impl ChangeTally {
 #[derive(Default)]
 struct ImpactSide {
     agents: Vec<AgentFacts>,
-    entries: Vec<String>,
-    bundles: Vec<String>,
+    digests: SideDigests,
 }
 
 impl ImpactSide {
@@ -1475,15 +1490,7 @@ impl ImpactSide {
                     });
                 }
             }
-            "registered_entries" => {
-                let at = pos("entry_id");
-                self.entries.extend(batch.iter().map(|r| get(r, at)));
-            }
-            "bundles" => {
-                let at = pos("trust_domain");
-                self.bundles.extend(batch.iter().map(|r| get(r, at)));
-            }
-            _ => {}
+            _ => self.digests.collect(table, batch),
         }
     }
 
@@ -1493,7 +1500,17 @@ impl ImpactSide {
         let mut side = Self::default();
         let result = async {
             let catalogue = read.catalogue().await?;
-            for name in ["attested_node_entries", "registered_entries", "bundles"] {
+            for name in [
+                "attested_node_entries",
+                "registered_entries",
+                "selectors",
+                "dns_names",
+                "federated_registration_entries",
+                "bundles",
+                "federated_trust_domains",
+                "ca_journals",
+                "join_tokens",
+            ] {
                 if let Some(table) = catalogue.table(name) {
                     for_each_batch(read.as_mut(), table, |batch| side.collect(table, &batch))
                         .await?;

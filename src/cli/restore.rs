@@ -294,6 +294,11 @@ fn print_plan(p: &RestorePlan, manifest: &Manifest) {
     print_rules(&p.rules, "will be");
     if let Some(i) = &p.impact {
         println!("  impact on the live datastore (what replacing it changes):");
+        if p.rules.agents.is_some() {
+            println!(
+                "    agents: the live ones are kept (--keep-live-agents); without it, what follows would apply"
+            );
+        }
         println!(
             "    agents attested since the snapshot: {} (unknown after the restore: they must attest again)",
             i.agents.attested_since

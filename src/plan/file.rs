@@ -1100,6 +1100,17 @@ members = [{ name = "a1" }, { name = "a2" }, { name = "a3" }]
         assert_eq!(plan.agents[0].batch, Batch::Percent(50));
         assert_eq!(plan.agents[0].batch.split(3), vec![0..2, 2..3]);
         assert_eq!(plan.name, "upgrade");
+        assert!(plan.keep_live_agents_on_rollback, "on by default");
+    }
+
+    #[test]
+    fn the_rollback_can_leave_live_agents_out() {
+        let text = MINIMAL.replace(
+            "[repository]",
+            "keep_live_agents_on_rollback = false\n[repository]",
+        );
+        let plan = parse(&text).unwrap().validate().unwrap();
+        assert!(!plan.keep_live_agents_on_rollback);
     }
 
     fn invalid(patch: impl Fn(&str) -> String) -> String {

@@ -193,6 +193,11 @@ async fn rehearse_in(
     // The scratch may take whatever changes its engine needs (as a deep verify does).
     let restore_options = RestoreOptions {
         accept_changes: true,
+        // A scratch copy compared with the snapshot: every row comes back.
+        rules: crate::snapshot::live_rules::RuleOptions {
+            keep_snapshot_join_tokens: true,
+            ..crate::snapshot::live_rules::RuleOptions::default()
+        },
         ..RestoreOptions::default()
     };
     let plan = restore::plan(repo, manifest, ds, &restore_options, &restore::Quiet).await?;

@@ -447,6 +447,12 @@ async fn restore_campaign(source: Engine, target: Engine) {
             &url,
             "--replace",
             "--accept-changes",
+            // Each kill must leave one of two fixed states: the rules that
+            // make a restore depend on the live data are off here
+            // (tests/restore_rules.rs covers them).
+            "--keep-join-tokens",
+            "--keep-snapshot-bundle",
+            "--keep-snapshot-revisions",
         ]
         .iter()
         .chain(LOCK_ARGS.iter())

@@ -225,6 +225,8 @@ async fn encrypted_backup_list_verify_restore_round_trip() {
             id.as_str(),
             "--datastore",
             target.to_str().unwrap(),
+            // The marker is an unexpired join token: restored as told.
+            "--keep-join-tokens",
         ];
         args.extend(repo.iter().map(String::as_str));
         let out = spirekeep(&args, &[]);
@@ -381,6 +383,8 @@ async fn plaintext_snapshots_keep_format_1_and_restore_with_or_without_an_identi
             id.as_str(),
             "--datastore",
             target.to_str().unwrap(),
+            // The marker is an unexpired join token: restored as told.
+            "--keep-join-tokens",
         ];
         args.extend(extra);
         args.extend(repo.iter().map(String::as_str));

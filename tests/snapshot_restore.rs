@@ -2,6 +2,11 @@
 //! on every engine pair through file:// and S3 repositories, the MySQL
 //! preflight (spire-reference §10), non-empty targets, the impact preview,
 //! sequences, damaged snapshots, and restores killed part way.
+//!
+//! Each restore here is compared with its snapshot row for row, so it passes
+//! `--keep-join-tokens` (the generated datastores hold unexpired tokens,
+//! which a restore leaves out by default); `tests/restore_rules.rs` tests
+//! the rules themselves.
 
 mod common;
 
@@ -162,6 +167,7 @@ async fn round_trip(source: Engine, target: Engine) {
         let report = ok_json(
             &[
                 "restore",
+                "--keep-join-tokens",
                 &id,
                 "--datastore",
                 &dst.url(),
@@ -312,7 +318,10 @@ async fn preflight_into_mysql_lists_every_change_and_applies_exactly_those_when_
     let url = dst.url();
 
     // Refused: every affected value is listed, nothing is written.
-    let (code, plan, err) = run_json(&["restore", &id, "--datastore", &url], &repo);
+    let (code, plan, err) = run_json(
+        &["restore", "--keep-join-tokens", &id, "--datastore", &url],
+        &repo,
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--accept-changes"), "{err}");
     let changes: Vec<(String, String, String, String)> = plan["preflight"]["changes"]
@@ -352,7 +361,15 @@ async fn preflight_into_mysql_lists_every_change_and_applies_exactly_those_when_
     );
     // Text output lists them too.
     let out = spirekeep(
-        &["restore", &id, "--datastore", &url, &repo[0], &repo[1]],
+        &[
+            "restore",
+            "--keep-join-tokens",
+            &id,
+            "--datastore",
+            &url,
+            &repo[0],
+            &repo[1],
+        ],
         &[],
     );
     assert_one_line_error(&out, 1, "--accept-changes");
@@ -364,7 +381,14 @@ async fn preflight_into_mysql_lists_every_change_and_applies_exactly_those_when_
 
     // Accepted: exactly those changes, recorded.
     let report = ok_json(
-        &["restore", &id, "--datastore", &url, "--accept-changes"],
+        &[
+            "restore",
+            "--keep-join-tokens",
+            &id,
+            "--datastore",
+            &url,
+            "--accept-changes",
+        ],
         &repo,
     );
     assert_eq!(report["changes_applied"], 3);
@@ -430,7 +454,7 @@ async fn values_that_collide_under_mysql_collation_are_refused_even_when_changes
     let repo = file_repo(&dir);
     let id = backup(&fx.url(), &repo);
     for accept in [false, true] {
-        let mut args = vec!["restore", id.as_str(), "--datastore"];
+        let mut args = vec!["restore", "--keep-join-tokens", id.as_str(), "--datastore"];
         let url = dst.url();
         args.push(&url);
         if accept {
@@ -487,6 +511,7 @@ async fn a_non_empty_target_is_refused_without_replace_and_replaced_with_it() {
 
     let mut args = vec![
         "restore".to_string(),
+        "--keep-join-tokens".to_string(),
         id.clone(),
         "--datastore".into(),
         dst.url(),
@@ -497,7 +522,16 @@ async fn a_non_empty_target_is_refused_without_replace_and_replaced_with_it() {
     assert_eq!(contents_of(&dst).await, before, "untouched");
 
     let report = ok_json(
-        &["restore", &id, "--datastore", &dst.url(), "--replace"],
+        &[
+            "restore",
+            "--keep-join-tokens",
+            "--keep-snapshot-bundle",
+            "--keep-snapshot-revisions",
+            &id,
+            "--datastore",
+            &dst.url(),
+            "--replace",
+        ],
         &repo,
     );
     assert_eq!(report["ok"], true);
@@ -559,6 +593,7 @@ async fn dry_run_shows_the_impact_and_changes_nothing() {
     let plan = ok_json(
         &[
             "restore",
+            "--keep-join-tokens",
             &id,
             "--datastore",
             &fx.url(),
@@ -585,6 +620,7 @@ async fn dry_run_shows_the_impact_and_changes_nothing() {
     let out = spirekeep(
         &[
             "restore",
+            "--keep-join-tokens",
             &id,
             "--datastore",
             &fx.url(),
@@ -619,6 +655,7 @@ async fn a_dry_run_into_a_new_sqlite_file_leaves_no_file() {
     let plan = ok_json(
         &[
             "restore",
+            "--keep-join-tokens",
             &id,
             "--datastore",
             target.to_str().unwrap(),
@@ -663,7 +700,7 @@ async fn a_damaged_snapshot_is_refused_before_the_target_is_touched() {
     let live_ds = live.open().await;
     let before = contents(live_ds.as_ref(), None, 1).await;
     for extra in [vec![], vec!["--accept-changes"]] {
-        let mut args = vec!["restore", id.as_str(), "--datastore"];
+        let mut args = vec!["restore", "--keep-join-tokens", id.as_str(), "--datastore"];
         let url = live.url();
         args.push(&url);
         args.push("--replace");
@@ -688,6 +725,7 @@ async fn a_damaged_snapshot_is_refused_before_the_target_is_touched() {
     let out = spirekeep(
         &[
             "restore",
+            "--keep-join-tokens",
             &id,
             "--datastore",
             fresh.to_str().unwrap(),
@@ -757,6 +795,7 @@ async fn killed_restore_leaves_the_target_as_it_was(engine: Engine) {
     let before = contents_of(&dst).await;
     let mut args = vec![
         "restore".to_string(),
+        "--keep-join-tokens".to_string(),
         id.clone(),
         "--datastore".into(),
         dst.url(),
@@ -862,6 +901,7 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
     let id = backup(&src.url(), &repo);
     let mut args = vec![
         "restore".to_string(),
+        "--keep-join-tokens".to_string(),
         id.clone(),
         "--datastore".into(),
         dst.url(),
@@ -920,6 +960,7 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
     let dry = ok_json(
         &[
             "restore",
+            "--keep-join-tokens",
             &id,
             "--datastore",
             &dst.url(),
@@ -951,6 +992,7 @@ async fn a_killed_mysql_restore_leaves_nothing_a_backup_or_restore_sees() {
     let mut back = vec![
         "--json",
         "restore",
+        "--keep-join-tokens",
         dst_id.as_str(),
         "--datastore",
         dst_url.as_str(),
@@ -1023,6 +1065,7 @@ async fn an_old_snapshot_carrying_staging_tables_restores_without_them() {
         let mut args = vec![
             "--json",
             "restore",
+            "--keep-join-tokens",
             id.as_str(),
             "--datastore",
             url,
@@ -1105,6 +1148,7 @@ async fn a_second_restore_into_one_database_is_refused(engine: Engine) {
     // lock is what stops the second one.
     let mut args = vec![
         "restore",
+        "--keep-join-tokens",
         id.as_str(),
         "--datastore",
         url.as_str(),
@@ -1191,7 +1235,13 @@ async fn sql_stored_in_a_manifest_is_never_run() {
     // A restore: exact, and without the injected statements.
     let target = dir.path().join("target.sqlite3");
     let report = ok_json(
-        &["restore", &id, "--datastore", target.to_str().unwrap()],
+        &[
+            "restore",
+            "--keep-join-tokens",
+            &id,
+            "--datastore",
+            target.to_str().unwrap(),
+        ],
         &repo,
     );
     assert_eq!(report["ok"], true, "{report}");
@@ -1229,6 +1279,7 @@ async fn sql_stored_in_a_manifest_is_never_run() {
     let fresh = dir.path().join("fresh.sqlite3");
     let mut args = vec![
         "restore",
+        "--keep-join-tokens",
         id.as_str(),
         "--datastore",
         fresh.to_str().unwrap(),

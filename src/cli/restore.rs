@@ -12,6 +12,7 @@ use crate::error::{Error, ErrorKind};
 use crate::snapshot::Manifest;
 use crate::snapshot::adapt::ChangeKind;
 use crate::snapshot::listing::{human_bytes, resolve, rfc3339};
+use crate::snapshot::live_rules::{RuleOptions, RulesReport};
 use crate::snapshot::manifest::RowAccess;
 use crate::snapshot::restore::{RestoreOptions, RestorePlan, RestoreReport, execute_fenced, plan};
 use crate::snapshot::server_files;
@@ -59,6 +60,28 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
     pub server_files: Option<Option<std::path::PathBuf>>,
 
+    /// Keep the live datastore's agents: its `attested_node_entries` and `node_resolver_map_entries` replace the
+    /// snapshot's, with the alias entries of live join-token agents the snapshot lacks. Agents that attested or
+    /// renewed their SVID after the snapshot keep working; agents banned or evicted since stay so.
+    #[arg(long)]
+    pub keep_live_agents: bool,
+
+    /// Restore the snapshot's join tokens as they are. Without it, only tokens still in the live datastore come
+    /// back (a token used since could be replayed to take over an agent's ID), and with no live datastore the
+    /// unexpired ones are dropped.
+    #[arg(long)]
+    pub keep_join_tokens: bool,
+
+    /// Restore the snapshot's own trust bundle as it is. Without it the live one is kept: an older bundle lacks the
+    /// CA roots and JWT keys added since and undoes revocations and taints.
+    #[arg(long)]
+    pub keep_snapshot_bundle: bool,
+
+    /// Restore entries' revision numbers as they are. Without it, a restored entry whose live revision differs gets
+    /// one above both, so every agent fetches it again.
+    #[arg(long)]
+    pub keep_snapshot_revisions: bool,
+
     /// The repository lock, held while the restore runs (no prune can delete the snapshot meanwhile).
     #[command(flatten)]
     pub lock: super::lock::LockArgs,
@@ -82,6 +105,12 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
         accept_changes: args.accept_changes,
         dry_run: args.dry_run,
         force: args.force,
+        rules: RuleOptions {
+            keep_live_agents: args.keep_live_agents,
+            keep_snapshot_join_tokens: args.keep_join_tokens,
+            keep_snapshot_bundle: args.keep_snapshot_bundle,
+            keep_snapshot_revisions: args.keep_snapshot_revisions,
+        },
     };
     // A dry run must not leave a new SQLite file behind.
     let created_sqlite = match &resolved.spec {
@@ -328,8 +357,14 @@ fn print_plan(p: &RestorePlan, manifest: &Manifest) {
             }
         }
     }
+    print_rules(&p.rules, "will be");
     if let Some(i) = &p.impact {
         println!("  impact on the live datastore (what replacing it changes):");
+        if p.rules.agents.is_some() {
+            println!(
+                "    agents: the live ones are kept (--keep-live-agents); without it, what follows would apply"
+            );
+        }
         println!(
             "    agents attested since the snapshot: {} (unknown after the restore: they must attest again)",
             i.agents.attested_since
@@ -351,14 +386,96 @@ fn print_plan(p: &RestorePlan, manifest: &Manifest) {
             "    agents in the snapshot but gone now: {} (they come back)",
             i.agents.come_back
         );
+        print_key_diff("registration entries", &i.entries);
+        for (aspect, c) in &i.entry_changes.by_aspect {
+            println!(
+                "      {} entr(y/ies) with other {aspect} live, e.g. {}",
+                c.count,
+                c.examples.join(", ")
+            );
+        }
+        print_key_diff("trust bundles", &i.bundles);
+        print_key_diff("federation relationships", &i.federation);
+        print_key_diff("CA journal entries", &i.ca_journal);
+        let t = &i.join_tokens;
         println!(
-            "    registration entries: {} created since (gone after the restore), {} deleted since (back after)",
-            i.entries.created_since, i.entries.deleted_since
+            "    join tokens: {} in the snapshot, {} live; {} used since the snapshot, {} issued since (gone after \
+             the restore: agents not yet attested with them need new ones)",
+            t.in_snapshot, t.live, t.used_since, t.issued_since
         );
+    }
+}
+
+/// `label: N created since (gone after), N deleted since (back after), N changed since (back to the snapshot's)`.
+fn print_key_diff(label: &str, d: &crate::snapshot::impact::KeyDiff) {
+    println!(
+        "    {label}: {} created since (gone after the restore), {} deleted since (back after), {} changed since \
+         (back to the snapshot's version)",
+        d.created_since, d.deleted_since, d.changed_since
+    );
+    for (what, examples) in [
+        ("created", &d.created_examples),
+        ("deleted", &d.deleted_examples),
+        ("changed", &d.changed_examples),
+    ] {
+        if !examples.is_empty() {
+            println!("      {what}: {}", examples.join(", "));
+        }
+    }
+}
+
+/// What the restore keeps out of the snapshot and carries over from the live datastore.
+fn print_rules(r: &RulesReport, tense: &str) {
+    println!("  what {tense} kept out of the snapshot and carried over:");
+    let t = &r.join_tokens;
+    match t.mode {
+        "snapshot" => println!("    join tokens: the snapshot's, as they are (--keep-join-tokens)"),
+        "live" => println!(
+            "    join tokens: {} kept (still live), {} left out (used or deleted since the snapshot: replayable)",
+            t.kept, t.dropped_gone_live
+        ),
+        _ => println!(
+            "    join tokens: {} kept, {} unexpired left out (no live datastore shows whether they were used since; \
+             --keep-join-tokens restores them): agents not yet attested need new tokens",
+            t.kept, t.dropped_unexpired
+        ),
+    }
+    let td = r.trust_domain.as_deref().unwrap_or("unknown");
+    match r.own_bundle.kept {
+        "live" => println!(
+            "    own trust bundle ({td}): the live one{}",
+            if r.own_bundle.differed {
+                " (the snapshot's differs: older CA roots, JWT keys, revocations)"
+            } else {
+                ""
+            }
+        ),
+        "none" => println!("    own trust bundle ({td}): no live one to keep; the snapshot's"),
+        _ => println!("    own trust bundle: the snapshot's"),
+    }
+    if r.revisions.moved > 0 {
         println!(
-            "    bundles: {} created since (gone after the restore), {} deleted since (back after)",
-            i.bundles.created_since, i.bundles.deleted_since
+            "    registration entries: {} revision number(s) moved above the live ones (agents fetch them again), e.g. {}",
+            r.revisions.moved,
+            r.revisions.examples.join(", ")
         );
+    }
+    if let Some(a) = &r.agents {
+        println!(
+            "    agents: {} from the live datastore ({} attested since the snapshot), {} of the snapshot's not live \
+             (evicted since: not restored); {} node selector(s) and {} join-token alias entr(y/ies) carried over",
+            a.from_live,
+            a.only_live,
+            a.only_in_snapshot,
+            a.node_selectors_from_live,
+            a.alias_entries_carried
+        );
+        if !a.examples_only_live.is_empty() {
+            println!("      e.g. {}", a.examples_only_live.join(", "));
+        }
+    }
+    for note in &r.notes {
+        println!("    {note}");
     }
 }
 
@@ -371,22 +488,24 @@ fn kind_name(kind: ChangeKind) -> String {
 }
 
 fn print_report(r: &RestoreReport) {
-    let adapted = r.tables.iter().filter(|t| !t.matches_manifest).count();
+    let differing = r.tables.iter().filter(|t| !t.matches_manifest).count();
     println!(
         "restored {} rows into {} tables of {} in {:.1} s; row counts and content hashes read back match {}",
         r.rows,
         r.tables.len(),
         r.plan.target,
         r.seconds,
-        if adapted == 0 {
+        if differing == 0 {
             "the snapshot".to_string()
         } else {
             format!(
-                "the snapshot ({adapted} table(s) with the {} listed change(s) applied)",
+                "what was loaded: the snapshot with {} listed value change(s) and the rules below \
+                 ({differing} table(s) differ from the snapshot)",
                 r.changes_applied
             )
         }
     );
+    print_rules(&r.rules, "was");
     let checked = r.sequences.iter().filter(|s| s.ok == Some(true)).count();
     println!(
         "  auto-increment: {checked} of {} sequences checked to continue past the restored ids{}",

@@ -169,6 +169,11 @@ pub struct DatastoreConfig {
     /// Expand `$VAR` in server.conf, as `spire-server -expandEnv` does.
     #[serde(default)]
     pub expand_env: bool,
+    /// Whether the restore-on-failure keeps the live agents (`restore
+    /// --keep-live-agents`): on unless set to false. Agents that renewed
+    /// their SVID during the failed upgrade keep working after the rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_live_agents_on_rollback: Option<bool>,
 }
 
 /// `[repository]`.
@@ -452,6 +457,9 @@ pub struct Plan {
     pub max_clock_skew: Duration,
     /// The rehearsal before the first hop, when asked for.
     pub rehearsal: Option<Rehearsal>,
+    /// The restore-on-failure keeps the live agents (`[datastore]
+    /// keep_live_agents_on_rollback`, on unless set to false).
+    pub keep_live_agents_on_rollback: bool,
 }
 
 impl Plan {
@@ -749,6 +757,10 @@ impl PlanFile {
             }
         };
         Ok(Plan {
+            keep_live_agents_on_rollback: self
+                .datastore
+                .keep_live_agents_on_rollback
+                .unwrap_or(true),
             on_post_check_failure: self.on_post_check_failure,
             max_clock_skew,
             rehearsal,
@@ -1088,6 +1100,17 @@ members = [{ name = "a1" }, { name = "a2" }, { name = "a3" }]
         assert_eq!(plan.agents[0].batch, Batch::Percent(50));
         assert_eq!(plan.agents[0].batch.split(3), vec![0..2, 2..3]);
         assert_eq!(plan.name, "upgrade");
+        assert!(plan.keep_live_agents_on_rollback, "on by default");
+    }
+
+    #[test]
+    fn the_rollback_can_leave_live_agents_out() {
+        let text = MINIMAL.replace(
+            "[repository]",
+            "keep_live_agents_on_rollback = false\n[repository]",
+        );
+        let plan = parse(&text).unwrap().validate().unwrap();
+        assert!(!plan.keep_live_agents_on_rollback);
     }
 
     fn invalid(patch: impl Fn(&str) -> String) -> String {

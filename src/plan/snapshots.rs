@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::snapshot::Manifest;
 use crate::snapshot::backup::{BackupOptions, Quiet, backup};
 use crate::snapshot::codec::sha256_hex;
+use crate::snapshot::live_rules::RuleOptions;
 use crate::snapshot::manifest::list_snapshots;
 use crate::snapshot::pins;
 use crate::snapshot::restore::{self, RestoreOptions};
@@ -248,8 +249,15 @@ async fn restore_under_lease(
     lease_run(lock, signals)
         .run(async {
             let (ds, _) = open_datastore(plan, OpenMode::ReadWrite).await?;
+            // The live datastore is there by definition: its agents (some
+            // renewed their SVID during the upgrade) are kept unless the plan
+            // says otherwise; the safety rules are on.
             let options = RestoreOptions {
                 replace: true,
+                rules: RuleOptions {
+                    keep_live_agents: plan.keep_live_agents_on_rollback,
+                    ..RuleOptions::default()
+                },
                 ..RestoreOptions::default()
             };
             let restored = async {

@@ -14,6 +14,8 @@
 //! - [`listing`]: `latest` or an id, and the summaries `list` and `show` print;
 //! - [`adapt`]: what a target engine cannot hold unchanged (restore preflight);
 //! - [`impact`]: what replacing a live datastore changes (agents, entries, bundles);
+//! - [`live_rules`]: what a restore never brings back (used join tokens, an old own bundle, stale
+//!   revisions) and the live agents it can carry over;
 //! - [`retention`]: which snapshots a retention policy keeps, and why;
 //! - [`prune`]: a retention plan over a real repository (pins, leftovers) and its execution;
 //! - [`pins`]: explicit holds on a snapshot that prune respects;
@@ -28,6 +30,7 @@ mod error;
 pub mod format;
 pub mod impact;
 pub mod listing;
+pub mod live_rules;
 pub mod manifest;
 pub mod pins;
 pub mod prune;

@@ -51,7 +51,11 @@ use tokio::sync::mpsc;
 
 use super::adapt::{Adapter, Change, ChangeKind};
 use super::codec::{ContentHash, ContentHasher, TableReader, to_hex};
-use super::impact::{AgentFacts, AgentImpact, KeyDiff, agent_impact, key_diff};
+use super::impact::{
+    AgentFacts, AgentImpact, EntryChanges, KeyDiff, SideDigests, TokenImpact, agent_impact,
+    entry_changes, keyed_diff, token_impact,
+};
+use super::live_rules::{LiveFacts, RowRules, RuleOptions, RulesReport};
 use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, RowAccess, SPIREKEEP_VERSION};
 use super::verify::{check_every_stored_object, read_every_object};
 use crate::datastore::{
@@ -86,6 +90,9 @@ pub struct RestoreOptions {
     /// agent renewals and events into what is being replaced, and with the
     /// events-based cache it never sees the restored rows.
     pub force: bool,
+    /// What the restore never brings back and what it carries over from the
+    /// live datastore ([`super::live_rules`]); the defaults are the safe ones.
+    pub rules: RuleOptions,
 }
 
 /// Progress callbacks (a terminal display, logs). Every method has a
@@ -165,10 +172,18 @@ pub struct Preflight {
 pub struct Impact {
     /// Agents that will have to attest again (join-token agents cannot on their own).
     pub agents: AgentImpact,
-    /// Registration entries (by entry id) created or deleted since the snapshot.
+    /// Registration entries (by entry id) created, deleted or changed since the snapshot.
     pub entries: KeyDiff,
-    /// Trust bundles (by trust domain) created or deleted since the snapshot.
+    /// What changed in the entries changed since, aspect by aspect.
+    pub entry_changes: EntryChanges,
+    /// Trust bundles (by trust domain) created, deleted or changed since the snapshot.
     pub bundles: KeyDiff,
+    /// Join tokens used and issued since the snapshot (counts only).
+    pub join_tokens: TokenImpact,
+    /// Federation relationships (by trust domain).
+    pub federation: KeyDiff,
+    /// CA journal entries (by active X.509 authority).
+    pub ca_journal: KeyDiff,
 }
 
 /// One table to restore.
@@ -219,6 +234,13 @@ pub struct RestorePlan {
     pub other_sessions: Vec<LiveSession>,
     /// Whether the plan replaces the target even while others use it.
     pub force: bool,
+    /// What the restore will not bring back, and what it carries over from
+    /// the live datastore (counted when the plan read every object; the
+    /// report of the restore has the figures of the load).
+    pub rules: RulesReport,
+    /// The rule options the plan was made with (the load applies the same).
+    #[serde(skip)]
+    pub rule_options: RuleOptions,
     /// Why the restore would not go ahead; empty when it would.
     pub refusals: Vec<Refusal>,
 }
@@ -298,6 +320,8 @@ pub struct RestoreReport {
     pub sequences: Vec<SequenceCheck>,
     /// Values changed on the way in (exactly the plan's preflight changes).
     pub changes_applied: u64,
+    /// What the rules kept out and carried over, as the load applied them.
+    pub rules: RulesReport,
     /// Mismatches found after the commit; empty when the restore is proven.
     pub problems: Vec<String>,
     pub ok: bool,
@@ -357,6 +381,7 @@ pub async fn restore(
     }
     if options.dry_run {
         return Ok(RestoreReport {
+            rules: plan.rules.clone(),
             plan,
             restored: false,
             rows: 0,
@@ -424,6 +449,16 @@ async fn plan_inner(
     let other_sessions = settled_other_sessions(target).await?;
     let adapting = needs_preflight(source_engine, target_engine);
     let want_impact = !existing.is_empty();
+    let facts = if want_impact {
+        LiveFacts::read(target, &options.rules).await?
+    } else {
+        LiveFacts::default()
+    };
+    let mut rules = RowRules::new(
+        facts,
+        &options.rules,
+        OffsetDateTime::now_utc().unix_timestamp(),
+    );
 
     let mut tally = ChangeTally::default();
     let mut snapshot_side = ImpactSide::default();
@@ -466,8 +501,13 @@ async fn plan_inner(
                     }
                 }
             }
+            // Counted on a copy: the rows are not loaded here.
+            rules.apply(table, &mut batch.to_vec());
         })
         .await?;
+        for table in rules.load_order(&manifest.catalogue.tables) {
+            rules.extra_rows(&table)?;
+        }
         (
             read.problems,
             HashCheck {
@@ -479,6 +519,7 @@ async fn plan_inner(
     } else if check_hashes {
         observer.stage("checking every object's hash");
         let read = check_every_stored_object(repo, manifest).await?;
+        count_rules_on_tokens(repo, manifest, &mut rules).await?;
         (
             read.problems,
             HashCheck {
@@ -488,6 +529,7 @@ async fn plan_inner(
             },
         )
     } else {
+        count_rules_on_tokens(repo, manifest, &mut rules).await?;
         (
             Vec::new(),
             HashCheck {
@@ -501,10 +543,15 @@ async fn plan_inner(
     let impact = if want_impact && problems.is_empty() {
         observer.stage("reading the live datastore");
         let live = ImpactSide::read_live(target).await?;
+        let (snap, now) = (&snapshot_side.digests, &live.digests);
         Some(Impact {
+            entries: keyed_diff(&snap.entry_digests(), &now.entry_digests()),
+            entry_changes: entry_changes(snap, now),
+            bundles: keyed_diff(&snap.bundles, &now.bundles),
+            join_tokens: token_impact(snap, now),
+            federation: keyed_diff(&snap.federation, &now.federation),
+            ca_journal: keyed_diff(&snap.ca_journals, &now.ca_journals),
             agents: agent_impact(snapshot_side.agents, live.agents),
-            entries: key_diff(snapshot_side.entries, live.entries),
-            bundles: key_diff(snapshot_side.bundles, live.bundles),
         })
     } else {
         None
@@ -614,8 +661,32 @@ async fn plan_inner(
         impact,
         other_sessions,
         force: options.force,
+        rules: rules.report(),
+        rule_options: options.rules.clone(),
         refusals,
     })
+}
+
+/// Counts what the rules do to the snapshot's join tokens, for a plan that
+/// reads no other rows (a small table, read whole).
+async fn count_rules_on_tokens(
+    repo: &Repository,
+    manifest: &Manifest,
+    rules: &mut RowRules,
+) -> Result<()> {
+    let (Some(table), Some(data)) = (
+        manifest.catalogue.table("join_tokens"),
+        manifest.table("join_tokens"),
+    ) else {
+        return Ok(());
+    };
+    for object in &data.objects {
+        let mut reader = TableReader::open(repo, table, object).await?;
+        while let Some(mut batch) = reader.next_batch().await? {
+            rules.apply(table, &mut batch);
+        }
+    }
+    Ok(())
 }
 
 /// `manifest` without the restore staging tables an old snapshot may carry.
@@ -811,6 +882,7 @@ async fn execute_inner(
         tables,
         sequences,
         changes_applied: loaded.changes,
+        rules: loaded.rules.clone(),
         ok: problems.is_empty(),
         problems,
         seconds: clock.elapsed().as_secs_f64(),
@@ -876,6 +948,7 @@ struct Loaded {
     tables: Vec<LoadedTable>,
     changes: u64,
     warnings: Vec<String>,
+    rules: RulesReport,
 }
 
 async fn load(
@@ -890,13 +963,25 @@ async fn load(
     let source_engine = manifest.engine;
     let target_engine = target.engine();
     let adapting = needs_preflight(source_engine, target_engine);
-    let restored: Vec<Table> = manifest
+    let restorable: Vec<Table> = manifest
         .catalogue
         .tables
         .iter()
         .filter(|t| !is_staging_table(&t.name))
         .cloned()
         .collect();
+    // Read before the restore session opens (it may hold the database).
+    let facts = if existing.is_empty() {
+        LiveFacts::default()
+    } else {
+        LiveFacts::read(target, &plan.rule_options).await?
+    };
+    let mut rules = RowRules::new(
+        facts,
+        &plan.rule_options,
+        OffsetDateTime::now_utc().unix_timestamp(),
+    );
+    let restored = rules.load_order(&restorable);
     let mut session = target.begin_restore(existing).await?;
     let mut applied = ChangeTally::default();
     let mut tables = Vec::with_capacity(restored.len());
@@ -937,13 +1022,26 @@ async fn load(
                         }
                     }
                 }
+                rules.apply(table, &mut batch);
                 for row in &batch {
                     hasher.add_row(row);
                 }
-                session.insert_rows(&staging, &columns, &batch).await?;
+                if !batch.is_empty() {
+                    session.insert_rows(&staging, &columns, &batch).await?;
+                }
                 rows += batch.len() as u64;
                 observer.rows(&table.name, rows);
             }
+        }
+        // Rows carried over from the live datastore, after the snapshot's.
+        let carried = rules.extra_rows(table)?;
+        for batch in carried.chunks(crate::datastore::ROW_BATCH) {
+            for row in batch {
+                hasher.add_row(row);
+            }
+            session.insert_rows(&staging, &columns, batch).await?;
+            rows += batch.len() as u64;
+            observer.rows(&table.name, rows);
         }
         observer.table_done(&table.name, rows);
         tables.push(LoadedTable {
@@ -971,6 +1069,7 @@ async fn load(
         tables,
         changes: applied.total,
         warnings: outcome.warnings,
+        rules: rules.report(),
     })
 }
 
@@ -982,7 +1081,11 @@ async fn commit(
 }
 
 /// Streams every row of `table` from an open snapshot into `f`, batch by batch.
-async fn for_each_batch<F>(read: &mut dyn SnapshotRead, table: &Table, mut f: F) -> Result<u64>
+pub(crate) async fn for_each_batch<F>(
+    read: &mut dyn SnapshotRead,
+    table: &Table,
+    mut f: F,
+) -> Result<u64>
 where
     F: FnMut(RowBatch) + Send,
 {
@@ -1361,8 +1464,7 @@ impl ChangeTally {
 #[derive(Default)]
 struct ImpactSide {
     agents: Vec<AgentFacts>,
-    entries: Vec<String>,
-    bundles: Vec<String>,
+    digests: SideDigests,
 }
 
 impl ImpactSide {
@@ -1388,15 +1490,7 @@ impl ImpactSide {
                     });
                 }
             }
-            "registered_entries" => {
-                let at = pos("entry_id");
-                self.entries.extend(batch.iter().map(|r| get(r, at)));
-            }
-            "bundles" => {
-                let at = pos("trust_domain");
-                self.bundles.extend(batch.iter().map(|r| get(r, at)));
-            }
-            _ => {}
+            _ => self.digests.collect(table, batch),
         }
     }
 
@@ -1406,7 +1500,17 @@ impl ImpactSide {
         let mut side = Self::default();
         let result = async {
             let catalogue = read.catalogue().await?;
-            for name in ["attested_node_entries", "registered_entries", "bundles"] {
+            for name in [
+                "attested_node_entries",
+                "registered_entries",
+                "selectors",
+                "dns_names",
+                "federated_registration_entries",
+                "bundles",
+                "federated_trust_domains",
+                "ca_journals",
+                "join_tokens",
+            ] {
                 if let Some(table) = catalogue.table(name) {
                     for_each_batch(read.as_mut(), table, |batch| side.collect(table, &batch))
                         .await?;

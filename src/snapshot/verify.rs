@@ -514,6 +514,11 @@ async fn drill(
     // noted, and the comparison is with the adapted rows.
     let options = RestoreOptions {
         accept_changes: true,
+        // A scratch copy compared with the snapshot: every row comes back.
+        rules: crate::snapshot::live_rules::RuleOptions {
+            keep_snapshot_join_tokens: true,
+            ..crate::snapshot::live_rules::RuleOptions::default()
+        },
         ..RestoreOptions::default()
     };
     let plan = restore::plan_after_verify(repo, manifest, ds, &options).await?;

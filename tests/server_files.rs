@@ -1,7 +1,7 @@
 //! Server files (issue 12 item 5): the disk KeyManager's keys.json and the
 //! data dir of a SQLite SPIRE setup, through the real binary, on a `file://`
 //! repository and (when `scripts/test-services.sh` runs it) the S3 test
-//! server: refused in clear without consent, age-encrypted with a recipient
+//! server: left out (with a warning) in clear without consent, age-encrypted with a recipient
 //! (no key bytes in any stored object), verified, restored byte-identical
 //! with `--server-files`, a wrong identity refused, and the CA journal
 //! compared with the keys by `inspect` and `verify`.
@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use common::{
-    SpireFixture, assert_one_line_error, ok_json, repositories, run_json, spirekeep, stderr,
+    SpireFixture, assert_one_line_error, ok_json, repositories, run_json, spirekeep, stderr, stdout,
 };
 use serde_json::Value as Json;
 use spirekeep::datastore::testkit::Population;
@@ -191,13 +191,31 @@ async fn keys_and_data_dir_are_encrypted_verified_and_restored() {
     let (other, _) = keygen(dir.path(), "other.txt");
     for (n, repo) in repositories(&dir, "server-files").into_iter().enumerate() {
         eprintln!("repository {}", repo[1]);
-        // No recipient, no consent: refused before anything is written.
-        let mut args = with(&["backup"], &src);
+        // No recipient, no consent: the datastore is backed up, the server
+        // files are left out, and a warning says how to include them.
+        let mut args = with(&["--json", "backup"], &src);
         args.extend(repo.iter().map(String::as_str));
         let out = spirekeep(&args, &[]);
-        assert_one_line_error(&out, 2, "--server-files-in-clear");
-        assert!(stderr(&out).contains("--recipient"), "{}", stderr(&out));
-        assert_eq!(ok_json(&["list"], &repo), serde_json::json!([]));
+        assert!(out.status.success(), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("left out") && err.contains("--server-files-in-clear"),
+            "{err}"
+        );
+        assert!(err.contains("--recipient"), "{err}");
+        let plain_id = serde_json::from_str::<Json>(&stdout(&out)).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let plain: Json = serde_json::from_slice(
+            &open_repo(&repo)
+                .get(&format!("snapshots/{plain_id}/manifest.json"))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(plain.get("server_files").is_none(), "{plain}");
+        assert_eq!(plain["format_version"], 1);
 
         // With a recipient: encrypted objects beside the data.
         let snapshot = ok_json(&with(&["backup", "--recipient", &public], &src), &repo);

@@ -41,7 +41,7 @@ pub struct BackupArgs {
     pub recipients: super::keys::RecipientArgs,
 
     /// With --spire-config: store the server's keys file and data dir unencrypted when no --recipient is given
-    /// (without it such a backup is refused: they hold the CA private keys).
+    /// (without it they are left out, with a warning: they hold the CA private keys).
     #[arg(long, conflicts_with = "no_server_files")]
     pub server_files_in_clear: bool,
 
@@ -188,11 +188,6 @@ async fn take(
         server_files: server_files_policy(args, resolved.server.as_ref()),
         ..BackupOptions::default()
     };
-    // A refusal (server files in clear) comes before the datastore is opened.
-    if let Some(policy) = &options.server_files {
-        let collected = crate::snapshot::server_files::collect(&policy.layout)?;
-        crate::snapshot::server_files::check_encryption(&collected, repo, policy.allow_clear)?;
-    }
     let ds = datastore::open(&resolved.spec, OpenMode::ReadOnly).await?;
     let progress = BackupProgress::new(json, ds.as_ref()).await;
     let held = match Held::acquire(repo, &args.lock, "backup").await {

@@ -134,12 +134,17 @@ pub async fn backup_fenced(
     for label in &options.labels {
         validate_label(label)?;
     }
-    // Listed (not read) before the datastore, so a refusal touches nothing.
+    // Listed (not read) before the datastore; never stored in clear unless told.
     let collected = match &options.server_files {
         Some(policy) => {
             let c = server_files::collect(&policy.layout)?;
-            server_files::check_encryption(&c, repo, policy.allow_clear)?;
-            Some(c)
+            match server_files::left_out_in_clear(&c, repo, policy.allow_clear) {
+                Some(warning) => {
+                    observer.warning(&warning);
+                    None
+                }
+                None => Some(c),
+            }
         }
         None => None,
     };

@@ -495,13 +495,7 @@ mod tests {
         d.collect(
             &entries,
             &[
-                vec![
-                    Value::Int(1),
-                    t("e1"),
-                    t("p"),
-                    Value::Int(e1_ttl),
-                    admin,
-                ],
+                vec![Value::Int(1), t("e1"), t("p"), Value::Int(e1_ttl), admin],
                 vec![
                     Value::Int(2),
                     t("e2"),

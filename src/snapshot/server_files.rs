@@ -257,14 +257,18 @@ fn relative_string(p: &Path) -> Option<String> {
     parts.map(|p| p.join("/"))
 }
 
-/// Refuses, before anything is read, server files that would be stored in
-/// clear text without the operator's say-so.
-///
-/// # Errors
-/// [`Error::Unsupported`] (exit 2) naming the three ways out.
-pub fn check_encryption(collected: &Collected, repo: &Repository, allow_clear: bool) -> Result<()> {
+/// Server files are never stored in clear text without the operator's
+/// say-so: with no recipient and no `allow_clear`, they are left out of the
+/// snapshot (the datastore is still backed up: a backup job must not stop
+/// because of them) and this warning says so and how to include them.
+#[must_use]
+pub fn left_out_in_clear(
+    collected: &Collected,
+    repo: &Repository,
+    allow_clear: bool,
+) -> Option<String> {
     if collected.files.is_empty() || repo.recipients().is_some() || allow_clear {
-        return Ok(());
+        return None;
     }
     let what = if collected
         .files
@@ -275,10 +279,11 @@ pub fn check_encryption(collected: &Collected, repo: &Repository, allow_clear: b
     } else {
         "the SPIRE server's data dir"
     };
-    Err(Error::Unsupported(format!(
-        "refusing to store {what} unencrypted: pass --recipient (or --recipients-file) to encrypt the snapshot, \
-         --server-files-in-clear to store them in clear anyway, or --no-server-files to leave them out"
-    )))
+    Some(format!(
+        "{what} were left out of this snapshot: they are never stored unencrypted unless told; pass --recipient \
+         (or --recipients-file) to encrypt the snapshot with them, --server-files-in-clear to store them in clear \
+         anyway, or --no-server-files to silence this"
+    ))
 }
 
 /// Reads each collected file and stores it under the snapshot (encrypted to
@@ -821,7 +826,7 @@ mod tests {
         let repo = Repository::in_memory().with_recipients(recipients);
         let id = SnapshotId::parse("20261128T093000Z-0a1b2c").unwrap();
         let c = collect(&layout(root.path())).unwrap();
-        check_encryption(&c, &repo, false).unwrap();
+        assert!(left_out_in_clear(&c, &repo, false).is_none());
         let (mut written, mut warnings) = (Vec::new(), Vec::new());
         let files = upload(&repo, &id, &c, &mut written, &mut warnings)
             .await
@@ -890,16 +895,14 @@ mod tests {
         populate(root.path());
         let repo = Repository::in_memory();
         let c = collect(&layout(root.path())).unwrap();
-        let e = check_encryption(&c, &repo, false).unwrap_err();
-        let text = e.to_string();
+        let text = left_out_in_clear(&c, &repo, false).expect("left out");
         assert!(
             text.contains("--recipient") && text.contains("--server-files-in-clear"),
             "{text}"
         );
         assert!(!text.contains('\n'));
-        assert_eq!(e.kind(), crate::error::ErrorKind::Usage);
-        check_encryption(&c, &repo, true).unwrap();
-        check_encryption(&Collected::default(), &repo, false).unwrap();
+        assert!(left_out_in_clear(&c, &repo, true).is_none());
+        assert!(left_out_in_clear(&Collected::default(), &repo, false).is_none());
     }
 
     fn manifest_with(

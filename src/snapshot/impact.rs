@@ -46,6 +46,9 @@ pub struct AgentImpact {
     pub join_token_agents: u64,
     /// Up to [`SAMPLE`] SPIFFE IDs of affected agents, join-token agents first.
     pub examples: Vec<String>,
+    /// Every affected join-token agent's SPIFFE ID, sorted: each needs a new
+    /// token (`spire-server token generate`) to attest again.
+    pub join_token_agent_ids: Vec<String>,
     /// In the snapshot but gone from the live datastore: they come back.
     pub come_back: u64,
 }
@@ -385,6 +388,7 @@ pub fn agent_impact(
         if affected {
             if a.attestor == "join_token" {
                 out.join_token_agents += 1;
+                out.join_token_agent_ids.push(a.spiffe_id.clone());
                 if token_examples.len() < SAMPLE {
                     token_examples.push(a.spiffe_id.clone());
                 }
@@ -394,6 +398,7 @@ pub fn agent_impact(
         }
     }
     out.come_back = (snap.len() - seen.len()) as u64;
+    out.join_token_agent_ids.sort();
     token_examples.extend(other_examples);
     token_examples.truncate(SAMPLE);
     out.examples = token_examples;
@@ -457,6 +462,7 @@ mod tests {
         assert_eq!(i.rotated_since, 1);
         assert_eq!(i.join_token_agents, 1);
         assert_eq!(i.examples, vec!["d".to_string(), "c".to_string()]);
+        assert_eq!(i.join_token_agent_ids, vec!["d".to_string()]);
         assert_eq!(i.come_back, 1);
     }
 

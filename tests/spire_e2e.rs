@@ -336,22 +336,36 @@ async fn disaster_recovery(engine: Engine) {
     assert_eq!(before.agents.len(), 1);
     assert_eq!(before.bundles.len(), 1, "the federated bundle");
 
-    // Back up from the server's own server.conf while it serves.
+    // Back up from the server's own server.conf while it serves, encrypted:
+    // the snapshot also holds the server's data dir (keys.json: the CA keys).
     let repo = file_repo(dir.path());
     let config = server.config.to_str().unwrap().to_string();
+    let identity = dir.path().join("identity.txt");
+    let identity = identity.to_str().unwrap();
+    let keygen = spirekeep_ok(&["keygen", "--output", identity]);
+    let recipient = keygen
+        .split_whitespace()
+        .find(|w| w.starts_with("age1"))
+        .expect("keygen prints the public key")
+        .to_string();
     spirekeep_ok(&[
         "backup",
         "--spire-config",
         &config,
-        "--server-files-in-clear",
+        "--recipient",
+        &recipient,
         "--repo",
         &repo,
     ]);
 
-    // Disaster: everything stops, the datastore is gone.
+    // Disaster: everything stops, the datastore is gone, and so is the
+    // server's data dir with its CA keys.
     agent.stop();
     server.stop();
     store.destroy().await;
+    let data_dir = server.dir.join("data");
+    std::fs::remove_dir_all(&data_dir).unwrap();
+    std::fs::create_dir_all(&data_dir).unwrap();
 
     spirekeep_ok(&[
         "restore",
@@ -360,7 +374,14 @@ async fn disaster_recovery(engine: Engine) {
         &config,
         "--repo",
         &repo,
+        "--identity",
+        identity,
+        "--server-files",
     ]);
+    assert!(
+        data_dir.join("keys.json").exists(),
+        "{engine}: the keys file was not restored"
+    );
     server.start();
     let after = server.state();
     assert_eq!(
@@ -369,9 +390,12 @@ async fn disaster_recovery(engine: Engine) {
     );
     assert_eq!(before.agents, after.agents, "{engine}: agents differ");
     assert_eq!(before.bundles, after.bundles, "{engine}: bundles differ");
+    // With its keys back, the server kept its CA: no new root was minted.
     assert_eq!(
-        before.own_bundle, after.own_bundle,
-        "{engine}: the own trust domain's bundle differs"
+        before.own_bundle,
+        after.own_bundle,
+        "{engine}: the own trust domain's bundle differs (a new CA?)\nserver log:\n{}",
+        server.log()
     );
 
     // The agent, restarted with the SVID it had, is accepted and serves workloads.
@@ -398,6 +422,8 @@ async fn disaster_recovery(engine: Engine) {
                 target.spirekeep_url.as_str(),
                 "--repo",
                 repo.as_str(),
+                "--identity",
+                identity,
             ];
             if target_engine == Engine::Mysql {
                 // SPIRE's sub-second times do not fit MySQL's DATETIME: the preflight says so.

@@ -41,6 +41,28 @@ pub struct Table {
 }
 
 impl Table {
+    /// A table of nullable columns with no keys or indexes: how a query's
+    /// result (or a test's rows) is described to the row readers.
+    #[must_use]
+    pub fn of_columns(name: &str, columns: &[(&str, ColumnKind)]) -> Self {
+        Self {
+            name: name.to_string(),
+            columns: columns
+                .iter()
+                .map(|(n, k)| Column {
+                    name: (*n).to_string(),
+                    declared_type: String::new(),
+                    kind: *k,
+                    nullable: true,
+                    auto_increment: false,
+                })
+                .collect(),
+            primary_key: Vec::new(),
+            indexes: Vec::new(),
+            create_sql: None,
+        }
+    }
+
     /// The column called `name`.
     #[must_use]
     pub fn column(&self, name: &str) -> Option<&Column> {

@@ -134,6 +134,8 @@ fn digest<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
 /// collected batch by batch, in any table order.
 #[derive(Debug, Default)]
 pub struct SideDigests {
+    /// The agents, as the impact on them is worked out.
+    pub agents: Vec<AgentFacts>,
     /// Entry row id → (entry id, digests of the aspects read from the row).
     entries: HashMap<i64, (String, [u64; 4])>,
     /// Entry row id → XOR of its selectors', DNS names' and federated bundle ids' digests.
@@ -150,6 +152,19 @@ pub struct SideDigests {
 }
 
 impl SideDigests {
+    /// The tables a side is read from.
+    pub const TABLES: [&'static str; 9] = [
+        "attested_node_entries",
+        "registered_entries",
+        "selectors",
+        "dns_names",
+        "federated_registration_entries",
+        "bundles",
+        "federated_trust_domains",
+        "ca_journals",
+        "join_tokens",
+    ];
+
     /// Takes in one batch of `table`'s rows.
     pub fn collect(&mut self, table: &Table, batch: &[Vec<Value>]) {
         let at = |name: &str| table.columns.iter().position(|c| c.name == name);
@@ -165,6 +180,28 @@ impl SideDigests {
             }
         };
         match table.name.as_str() {
+            "attested_node_entries" => {
+                let text = |row: &[Value], p: Option<usize>| -> String {
+                    match p.and_then(|p| row.get(p)) {
+                        Some(Value::Null) | None => String::new(),
+                        Some(v) => canonical(v),
+                    }
+                };
+                let (spiffe_id, attestor, serial, new_serial) = (
+                    at("spiffe_id"),
+                    at("data_type"),
+                    at("serial_number"),
+                    at("new_serial_number"),
+                );
+                for row in batch {
+                    self.agents.push(AgentFacts {
+                        spiffe_id: text(row, spiffe_id),
+                        attestor: text(row, attestor),
+                        serial_number: text(row, serial),
+                        new_serial_number: text(row, new_serial),
+                    });
+                }
+            }
             "registered_entries" => {
                 let cols = |names: &[&str]| names.iter().map(|n| at(n)).collect::<Vec<_>>();
                 let (row_id, entry_id) = (at("id"), at("entry_id"));
@@ -467,22 +504,11 @@ mod tests {
     }
 
     fn entries_table(columns: &[&str]) -> Table {
-        Table {
-            name: String::new(),
-            columns: columns
-                .iter()
-                .map(|n| crate::datastore::Column {
-                    name: (*n).into(),
-                    declared_type: String::new(),
-                    kind: crate::datastore::ColumnKind::Text,
-                    nullable: true,
-                    auto_increment: false,
-                })
-                .collect(),
-            primary_key: Vec::new(),
-            indexes: Vec::new(),
-            create_sql: None,
-        }
+        let typed: Vec<(&str, crate::datastore::ColumnKind)> = columns
+            .iter()
+            .map(|c| (*c, crate::datastore::ColumnKind::Text))
+            .collect();
+        Table::of_columns("", &typed)
     }
 
     /// One side: entries e1 (id 1) and e2 (id 2), a selector each, e2

@@ -675,25 +675,10 @@ impl RowRules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datastore::{Column, ColumnKind};
+    use crate::datastore::ColumnKind;
 
     fn table(name: &str, columns: &[(&str, ColumnKind)]) -> Table {
-        Table {
-            name: name.into(),
-            columns: columns
-                .iter()
-                .map(|(n, k)| Column {
-                    name: (*n).into(),
-                    declared_type: String::new(),
-                    kind: *k,
-                    nullable: true,
-                    auto_increment: *n == "id",
-                })
-                .collect(),
-            primary_key: vec!["id".into()],
-            indexes: Vec::new(),
-            create_sql: None,
-        }
+        Table::of_columns(name, columns)
     }
 
     fn tokens_table() -> Table {

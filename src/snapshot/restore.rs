@@ -52,8 +52,8 @@ use tokio::sync::mpsc;
 use super::adapt::{Adapter, Change, ChangeKind};
 use super::codec::{ContentHash, ContentHasher, TableReader, to_hex};
 use super::impact::{
-    AgentFacts, AgentImpact, EntryChanges, KeyDiff, SideDigests, TokenImpact, agent_impact,
-    entry_changes, keyed_diff, token_impact,
+    AgentImpact, EntryChanges, KeyDiff, SideDigests, TokenImpact, agent_impact, entry_changes,
+    keyed_diff, token_impact,
 };
 use super::live_rules::{LiveFacts, RowRules, RuleOptions, RulesReport};
 use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, RowAccess, SPIREKEEP_VERSION};
@@ -461,7 +461,7 @@ async fn plan_inner(
     );
 
     let mut tally = ChangeTally::default();
-    let mut snapshot_side = ImpactSide::default();
+    let mut snapshot_side = SideDigests::default();
     let (problems, hash_check) = if adapting || want_impact {
         observer.stage("reading every object: hashes, preflight, impact");
         let shapes: HashMap<&str, Table> = if adapting {
@@ -542,8 +542,8 @@ async fn plan_inner(
 
     let impact = if want_impact && problems.is_empty() {
         observer.stage("reading the live datastore");
-        let live = ImpactSide::read_live(target).await?;
-        let (snap, now) = (&snapshot_side.digests, &live.digests);
+        let live = read_live_side(target).await?;
+        let (snap, now) = (&snapshot_side, &live);
         Some(Impact {
             entries: keyed_diff(&snap.entry_digests(), &now.entry_digests()),
             entry_changes: entry_changes(snap, now),
@@ -1208,7 +1208,7 @@ async fn check_sequences(
     max_ids: &HashMap<String, i64>,
 ) -> Vec<SequenceCheck> {
     let sqlite_seq = if target.engine() == Engine::Sqlite {
-        let t = helper_table(
+        let t = Table::of_columns(
             "sqlite_sequence",
             &[("name", ColumnKind::Text), ("seq", ColumnKind::Integer)],
         );
@@ -1254,7 +1254,7 @@ async fn check_sequences(
                 }
                 Engine::Postgres => {
                     let name = format!("{}_{}_seq", table.name, c.name);
-                    let t = helper_table(
+                    let t = Table::of_columns(
                         &name,
                         &[
                             ("last_value", ColumnKind::Integer),
@@ -1293,25 +1293,6 @@ async fn check_sequences(
         }
     }
     out
-}
-
-fn helper_table(name: &str, columns: &[(&str, ColumnKind)]) -> Table {
-    Table {
-        name: name.to_string(),
-        columns: columns
-            .iter()
-            .map(|(n, k)| Column {
-                name: (*n).to_string(),
-                declared_type: String::new(),
-                kind: *k,
-                nullable: true,
-                auto_increment: false,
-            })
-            .collect(),
-        primary_key: Vec::new(),
-        indexes: Vec::new(),
-        create_sql: None,
-    }
 }
 
 /// Whether rows must pass the preflight for `target`: across engines (except
@@ -1460,79 +1441,24 @@ impl ChangeTally {
     }
 }
 
-/// The keys the impact preview compares, from one side.
-#[derive(Default)]
-struct ImpactSide {
-    agents: Vec<AgentFacts>,
-    digests: SideDigests,
-}
-
-impl ImpactSide {
-    fn collect(&mut self, table: &Table, batch: &[Vec<Value>]) {
-        let pos = |name: &str| table.columns.iter().position(|c| c.name == name);
-        let get = |row: &[Value], at: Option<usize>| {
-            at.and_then(|p| row.get(p)).map(text).unwrap_or_default()
-        };
-        match table.name.as_str() {
-            "attested_node_entries" => {
-                let (id, attestor, serial, new_serial) = (
-                    pos("spiffe_id"),
-                    pos("data_type"),
-                    pos("serial_number"),
-                    pos("new_serial_number"),
-                );
-                for row in batch {
-                    self.agents.push(AgentFacts {
-                        spiffe_id: get(row, id),
-                        attestor: get(row, attestor),
-                        serial_number: get(row, serial),
-                        new_serial_number: get(row, new_serial),
-                    });
-                }
+/// What the impact preview compares, from the live datastore, in one consistent read.
+async fn read_live_side(target: &dyn Datastore) -> Result<SideDigests> {
+    let mut read = target.begin_snapshot().await?;
+    let mut side = SideDigests::default();
+    let result = async {
+        let catalogue = read.catalogue().await?;
+        for name in SideDigests::TABLES {
+            if let Some(table) = catalogue.table(name) {
+                for_each_batch(read.as_mut(), table, |batch| side.collect(table, &batch)).await?;
             }
-            _ => self.digests.collect(table, batch),
         }
+        Ok::<_, Error>(())
     }
-
-    /// The same keys from the live datastore, in one consistent read.
-    async fn read_live(target: &dyn Datastore) -> Result<Self> {
-        let mut read = target.begin_snapshot().await?;
-        let mut side = Self::default();
-        let result = async {
-            let catalogue = read.catalogue().await?;
-            for name in [
-                "attested_node_entries",
-                "registered_entries",
-                "selectors",
-                "dns_names",
-                "federated_registration_entries",
-                "bundles",
-                "federated_trust_domains",
-                "ca_journals",
-                "join_tokens",
-            ] {
-                if let Some(table) = catalogue.table(name) {
-                    for_each_batch(read.as_mut(), table, |batch| side.collect(table, &batch))
-                        .await?;
-                }
-            }
-            Ok::<_, Error>(())
-        }
-        .await;
-        let finished = read.finish().await;
-        result?;
-        finished?;
-        Ok(side)
-    }
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Text(s) => s.clone(),
-        Value::Null => String::new(),
-        Value::Int(i) => i.to_string(),
-        other => format!("{other:?}"),
-    }
+    .await;
+    let finished = read.finish().await;
+    result?;
+    finished?;
+    Ok(side)
 }
 
 #[cfg(test)]

@@ -545,3 +545,62 @@ async fn a_mysql_reader_never_lists_the_tables_halfway_through_a_swap() {
     swapper.close().await.unwrap();
     fx.cleanup().await;
 }
+
+/// Regression (kill campaign, finding 2): object_store's local backend
+/// writes an upload to `<key>#<n>` and renames it when done; a backup killed
+/// mid-upload left that file, which no listing shows. Prune now finds such
+/// files in a file:// repository and removes them once past the grace.
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_removes_the_upload_staging_files_a_killed_backup_left() {
+    let Some(fx) = SpireFixture::create(Engine::Sqlite, "staging", &population(3)).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let repo = format!("file://{}", root.display());
+    let backup = run_json(&["backup", "--datastore", &fx.url(), "--repo", &repo]);
+    let id = backup["id"].as_str().unwrap();
+    // What a kill mid-upload leaves: a staging file beside the snapshot's
+    // objects, and one under a folder no manifest names.
+    let beside = root.join(format!("snapshots/{id}/data/bundles.0.spkd.zst#1"));
+    let orphan_dir = root.join("snapshots/20261205T000000Z-0a0b0c/data");
+    std::fs::create_dir_all(&orphan_dir).unwrap();
+    let orphan = orphan_dir.join("selectors.0.spkd.zst#12");
+    for f in [&beside, &orphan] {
+        std::fs::write(f, b"half an upload").unwrap();
+    }
+    // Not staging files: left alone.
+    let lookalike = root.join(format!("snapshots/{id}/data/notes#v2"));
+    std::fs::write(&lookalike, b"x").unwrap();
+
+    // Within the grace (a backup may be writing it right now): kept, and said so.
+    let plan = run_json(&["prune", "--keep-last", "5", "--dry-run", "--repo", &repo]);
+    let staging: Vec<&Json> = plan["plan"]["leftovers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "upload_staging")
+        .collect();
+    assert_eq!(staging.len(), 2, "{plan:#}");
+    assert!(staging.iter().all(|l| l["delete"] == false), "{plan:#}");
+    run_json(&["prune", "--keep-last", "5", "--repo", &repo]);
+    assert!(beside.exists() && orphan.exists());
+
+    // Past it: removed; the snapshot and the look-alike stay.
+    run_json(&[
+        "prune",
+        "--keep-last",
+        "5",
+        "--orphan-grace",
+        "0s",
+        "--repo",
+        &repo,
+    ]);
+    assert!(!beside.exists() && !orphan.exists(), "staging files left");
+    assert!(lookalike.exists());
+    let listed = run_json(&["list", "--repo", &repo]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let out = spirekeep(&["verify", id, "--repo", &repo], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.cleanup().await;
+}

@@ -228,6 +228,7 @@ fn render_plan(plan: &PrunePlan, dry_run: bool) -> String {
         let what = match l.kind {
             LeftoverKind::SnapshotWithoutManifest => "leftover",
             LeftoverKind::VerificationsWithoutSnapshot => "records",
+            LeftoverKind::UploadStaging => "staging",
         };
         let _ = writeln!(
             out,

@@ -84,6 +84,9 @@ pub enum LeftoverKind {
     SnapshotWithoutManifest,
     /// Verification records of a snapshot that no longer exists.
     VerificationsWithoutSnapshot,
+    /// A file:// upload's staging file (`<key>#<n>`) a killed write left:
+    /// in no listing, so nothing else would ever remove it.
+    UploadStaging,
 }
 
 /// One group of leftover objects and what happens to it.
@@ -299,6 +302,17 @@ pub async fn plan(repo: &Repository, options: &PruneOptions) -> Result<PrunePlan
             grace,
         ));
     }
+    for staging in repo.upload_staging_files("")? {
+        let newest = staging.last_modified;
+        leftovers.push(leftover(
+            LeftoverKind::UploadStaging,
+            staging.key.clone(),
+            std::slice::from_ref(&staging),
+            newest,
+            options.now,
+            grace,
+        ));
+    }
     let dangling_pins = pins
         .iter()
         .filter(|p| !folders.get(&p.snapshot_id).is_some_and(|f| f.manifest))
@@ -331,6 +345,7 @@ fn leftover(
     let what = match kind {
         LeftoverKind::SnapshotWithoutManifest => "no manifest",
         LeftoverKind::VerificationsWithoutSnapshot => "verification records of a deleted snapshot",
+        LeftoverKind::UploadStaging => "an unfinished upload's staging file",
     };
     let reason = if delete {
         format!(
@@ -439,7 +454,11 @@ pub async fn execute_observed(
             }
         }
         for key in &l.keys {
-            repo.delete(key).await?;
+            if l.kind == LeftoverKind::UploadStaging {
+                repo.delete_upload_staging_file(key)?;
+            } else {
+                repo.delete(key).await?;
+            }
             out.objects_deleted += 1;
         }
         out.bytes_deleted += l.bytes;

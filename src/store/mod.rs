@@ -206,6 +206,8 @@ impl StoreError {
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
     display: Arc<str>,
+    /// The directory of a file:// repository (see [`Repository::upload_staging_files`]).
+    local_root: Option<Arc<std::path::Path>>,
     retry: RetryPolicy,
     /// The age keys the handle was opened with. They travel with the handle
     /// (as a key does with an opened rustic repository) so every reader of
@@ -387,6 +389,7 @@ impl Repository {
         Ok(Self {
             store,
             display: display.into(),
+            local_root: None,
             retry: RetryPolicy::default(),
             keys: crypt::Keyring::default(),
         })
@@ -410,6 +413,7 @@ impl Repository {
         Ok(Self {
             store: Arc::new(fs),
             display: shown.into(),
+            local_root: Some(Arc::from(path)),
             retry: RetryPolicy::default(),
             keys: crypt::Keyring::default(),
         })
@@ -421,6 +425,7 @@ impl Repository {
         Self {
             store: Arc::new(InMemory::new()),
             display: "memory://".into(),
+            local_root: None,
             retry: RetryPolicy::default(),
             keys: crypt::Keyring::default(),
         }
@@ -451,6 +456,7 @@ impl Repository {
         Ok(Self {
             store,
             display: display.into(),
+            local_root: None,
             retry: RetryPolicy::default(),
             keys: crypt::Keyring::default(),
         })
@@ -791,6 +797,96 @@ impl Repository {
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+
+    /// Files a killed upload left in a file:// repository under `prefix`.
+    /// object_store's local backend writes an upload to `<key>#<n>` and
+    /// renames it when done; such a file is in no listing, so it is found by
+    /// walking the directory. Empty for every other kind of repository.
+    ///
+    /// # Errors
+    /// A directory that cannot be read.
+    pub fn upload_staging_files(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let Some(root) = &self.local_root else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut dirs = vec![root.join(prefix)];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.local_error(&dir, &e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.local_error(&dir, &e))?;
+                let path = entry.path();
+                let meta = entry.metadata().map_err(|e| self.local_error(&path, &e))?;
+                if meta.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let is_staging = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.rsplit_once('#'))
+                    .is_some_and(|(base, n)| {
+                        !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                    });
+                let Ok(relative) = path.strip_prefix(root) else {
+                    continue;
+                };
+                if !is_staging {
+                    continue;
+                }
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .map_or(OffsetDateTime::UNIX_EPOCH, OffsetDateTime::from);
+                out.push(ObjectMeta {
+                    key: relative.to_string_lossy().into_owned(),
+                    size: meta.len(),
+                    last_modified: modified,
+                    e_tag: None,
+                    version: None,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Removes a file [`Self::upload_staging_files`] found.
+    ///
+    /// # Errors
+    /// A key that is not an upload's staging file, or a failed removal.
+    pub fn delete_upload_staging_file(&self, key: &str) -> Result<()> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let staging = self
+            .upload_staging_files("")?
+            .into_iter()
+            .any(|m| m.key == key);
+        if !staging {
+            return Err(StoreError::InvalidLocation {
+                location: self.display.to_string(),
+                why: format!("{key} is not an upload's staging file"),
+            });
+        }
+        let path = root.join(key);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.local_error(&path, &e)),
+        }
+    }
+
+    fn local_error(&self, path: &std::path::Path, e: &std::io::Error) -> StoreError {
+        StoreError::InvalidLocation {
+            location: self.display.to_string(),
+            why: format!("{}: {e}", path.display()),
+        }
     }
 
     /// The sub-folders directly under `prefix`, each as `prefix/name/`, sorted

@@ -336,10 +336,31 @@ async fn disaster_recovery(engine: Engine) {
     assert_eq!(before.agents.len(), 1);
     assert_eq!(before.bundles.len(), 1, "the federated bundle");
 
+    // The real server's CA journal and keys.json agree, and inspect decodes
+    // the journal: without the keys file it names the keys it lacks.
+    let config = server.config.to_str().unwrap().to_string();
+    let inspect = |what: &str| -> serde_json::Value {
+        let out = spirekeep_ok(&["--json", "inspect", "--spire-config", &config]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: {e}: {out}"))
+    };
+    let warnings = inspect("with keys")["warnings"].clone();
+    assert!(
+        warnings.as_array().is_none_or(Vec::is_empty),
+        "{engine}: {warnings}"
+    );
+    let keys = server.dir.join("data/keys.json");
+    let aside = server.dir.join("keys.json.aside");
+    std::fs::rename(&keys, &aside).unwrap();
+    let warnings = inspect("without keys")["warnings"].to_string();
+    std::fs::rename(&aside, &keys).unwrap();
+    assert!(
+        warnings.contains("names keys that") && warnings.contains("x509-CA-"),
+        "{engine}: {warnings}"
+    );
+
     // Back up from the server's own server.conf while it serves, encrypted:
     // the snapshot also holds the server's data dir (keys.json: the CA keys).
     let repo = file_repo(dir.path());
-    let config = server.config.to_str().unwrap().to_string();
     let identity = dir.path().join("identity.txt");
     let identity = identity.to_str().unwrap();
     let keygen = spirekeep_ok(&["keygen", "--output", identity]);

@@ -467,6 +467,19 @@ async fn without_a_live_datastore_unexpired_tokens_stay_out() {
     let ds = open_sqlite(target).await;
     let kept = tokens(ds.as_ref()).await;
     ds.close().await;
+    // SPIRE runs its SQLite datastore in WAL mode: the restored file is in it.
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{target}"))
+            .await
+            .unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        conn.close().await.unwrap();
+    }
     assert!(kept.contains("expired-long-ago"));
     assert!(!kept.contains("valid-for-years"));
     assert_eq!(

@@ -6,7 +6,6 @@ use super::output::{print_failure, print_json};
 use super::progress::Progress;
 use super::repo::RepoArgs;
 use super::{DatastoreArgs, exit};
-use crate::datastore::dsn::ConnectionSpec;
 use crate::datastore::{self, OpenMode};
 use crate::error::{Error, ErrorKind};
 use crate::snapshot::Manifest;
@@ -113,10 +112,7 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
         },
     };
     // A dry run must not leave a new SQLite file behind.
-    let created_sqlite = match &resolved.spec {
-        ConnectionSpec::Sqlite(s) if !s.path.exists() => Some(s.path.clone()),
-        _ => None,
-    };
+    let created = datastore::CreatedByOpen::predict(&resolved.spec);
     let target = datastore::open(&resolved.spec, OpenMode::Create).await?;
     // Stages, and per table the rows of the snapshot's count loaded (bars
     // with rate and ETA on a terminal, one line each otherwise).
@@ -125,12 +121,8 @@ pub(crate) async fn run(args: &RestoreArgs, json: bool) -> anyhow::Result<u8> {
     // Nothing is written before execute: a SQLite file opened (and so
     // created) only to be planned against is removed again.
     let remove_created = || {
-        if let Some(path) = &created_sqlite {
-            for suffix in ["", "-wal", "-shm", "-journal"] {
-                let mut p = path.clone().into_os_string();
-                p.push(suffix);
-                let _ = std::fs::remove_file(p);
-            }
+        if let Some(c) = &created {
+            c.remove();
         }
     };
     let planned = match planned {

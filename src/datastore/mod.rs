@@ -262,3 +262,30 @@ pub fn quote_ident(engine: Engine, name: &str) -> String {
         Engine::Sqlite | Engine::Postgres => format!("\"{}\"", name.replace('"', "\"\"")),
     }
 }
+
+/// A datastore that [`open`] with [`OpenMode::Create`] will bring into
+/// being (a SQLite file that does not exist yet), so that a caller that ends
+/// up writing nothing (a dry run, a refused restore) can take it away again
+/// with every side file the engine made.
+#[derive(Debug)]
+pub struct CreatedByOpen(std::path::PathBuf);
+
+impl CreatedByOpen {
+    /// What opening `spec` would create, if anything.
+    #[must_use]
+    pub fn predict(spec: &ConnectionSpec) -> Option<Self> {
+        match spec {
+            ConnectionSpec::Sqlite(s) if !s.path.exists() => Some(Self(s.path.clone())),
+            _ => None,
+        }
+    }
+
+    /// Removes it again (close the datastore first); what is already gone is fine.
+    pub fn remove(&self) {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = self.0.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

@@ -642,6 +642,11 @@ impl RestoreWrite for Restore {
         // ids continue past the restored ones without help.
         crate::testpoint::pause("restore.mid_swap").await;
         exec_on(&mut self.conn, "COMMIT", &self.location).await?;
+        // SPIRE opens its SQLite datastore in WAL mode (spire-reference §8): a
+        // restored file starts out in it too. The restore stands either way.
+        if let Err(e) = exec_on(&mut self.conn, "PRAGMA journal_mode=WAL", &self.location).await {
+            tracing::debug!(error = %e, "could not switch the restored SQLite file to WAL mode");
+        }
         Ok(CommitOutcome::default())
     }
 }

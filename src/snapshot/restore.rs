@@ -856,13 +856,6 @@ async fn execute_inner(
             tracing::error!(error = %e, "restore failed before its commit; the target is as it was");
         })?;
     tracing::info!(event = "restore_committed", snapshot_id = %plan.snapshot_id, "restore committed; reading it back");
-    if target.engine() == Engine::Sqlite {
-        // SPIRE opens its SQLite datastore in WAL mode (spire-reference §8);
-        // a restored file starts out in it too.
-        if let Err(e) = target.execute_script("PRAGMA journal_mode=WAL").await {
-            tracing::debug!(error = %e, "could not switch the restored SQLite file to WAL mode");
-        }
-    }
     observer.stage("checking the restored datastore");
     let (tables, max_ids, mut problems) = read_back(target, manifest, &loaded).await?;
     let sequences = check_sequences(target, manifest, &max_ids).await;

@@ -97,6 +97,11 @@ pub trait Datastore: Send + Sync {
     /// seen through its lock on the `-shm` file).
     async fn other_sessions(&self) -> Result<Vec<LiveSession>>;
 
+    /// The id the auto-increment `column` of `table` hands out next, as far
+    /// as the engine lets it be read (a restore checks it lies past the
+    /// largest restored id).
+    async fn next_id(&self, table: &str, column: &str) -> Result<NextId>;
+
     /// Closes the connection pool cleanly.
     async fn close(&self);
 }
@@ -288,4 +293,12 @@ impl CreatedByOpen {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// What [`Datastore::next_id`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextId {
+    Known(i64),
+    /// Not readable here, and why.
+    Unknown(String),
 }

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, MySql, QueryBuilder, Row, ValueRef};
 
+use super::NextId;
 use super::catalogue::{Catalogue, Column, Index, Table};
 use super::driver_error::{classify, rows_per_statement};
 use super::dsn::{Engine, MysqlSpec};
@@ -262,6 +263,12 @@ impl Datastore for MysqlDatastore {
             location: self.location.clone(),
             existing: existing.to_vec(),
         }))
+    }
+
+    async fn next_id(&self, _table: &str, _column: &str) -> Result<NextId> {
+        Ok(NextId::Unknown(
+            "InnoDB keeps AUTO_INCREMENT past the largest id inserted".into(),
+        ))
     }
 
     async fn other_sessions(&self) -> Result<Vec<LiveSession>> {

@@ -8,6 +8,7 @@ use sqlx::{
 };
 use time::{OffsetDateTime, PrimitiveDateTime};
 
+use super::NextId;
 use super::catalogue::{Catalogue, Column, Index, Table};
 use super::driver_error::{classify, rows_per_statement};
 use super::dsn::{Engine, PostgresSpec};
@@ -269,6 +270,30 @@ impl Datastore for PostgresDatastore {
             deferred_indexes: Vec::new(),
             pending: None,
         }))
+    }
+
+    async fn next_id(&self, table: &str, column: &str) -> Result<NextId> {
+        let name = format!("{table}_{column}_seq");
+        let t = Table::of_columns(
+            &name,
+            &[
+                ("last_value", ColumnKind::Integer),
+                ("is_called", ColumnKind::Boolean),
+            ],
+        );
+        let row = self
+            .read_table(&t)
+            .await
+            .ok()
+            .and_then(|r| r.into_iter().next());
+        Ok(match row.as_deref() {
+            Some([Value::Int(v), Value::Bool(true)]) => NextId::Known(v + 1),
+            Some([Value::Int(v), _]) => NextId::Known(*v),
+            _ => NextId::Unknown(format!(
+                "sequence {name} not found (a renamed sequence); the restore moved the column's own \
+                 sequence with setval"
+            )),
+        })
     }
 
     async fn other_sessions(&self) -> Result<Vec<LiveSession>> {

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, TypeInfo, ValueRef};
 
+use super::NextId;
 use super::catalogue::{Catalogue, Column, Index, Table};
 use super::driver_error::{classify, rows_per_statement};
 use super::dsn::{Engine, OpenMode, SqliteSpec};
@@ -203,6 +204,22 @@ impl Datastore for SqliteDatastore {
             conn,
             location: self.location.clone(),
         }))
+    }
+
+    async fn next_id(&self, table: &str, _column: &str) -> Result<NextId> {
+        let t = Table::of_columns(
+            "sqlite_sequence",
+            &[("name", ColumnKind::Text), ("seq", ColumnKind::Integer)],
+        );
+        let Ok(rows) = self.read_table(&t).await else {
+            return Ok(NextId::Unknown("sqlite_sequence could not be read".into()));
+        };
+        // No row for a table that never had one: the next id is 1.
+        let seq = rows.iter().find_map(|r| match (r.first(), r.get(1)) {
+            (Some(Value::Text(n)), Some(Value::Int(s))) if n == table => Some(*s),
+            _ => None,
+        });
+        Ok(NextId::Known(seq.map_or(1, |s| s + 1)))
     }
 
     async fn other_sessions(&self) -> Result<Vec<LiveSession>> {

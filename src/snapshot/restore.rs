@@ -59,8 +59,8 @@ use super::live_rules::{LiveFacts, RowRules, RuleOptions, RulesReport};
 use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, RowAccess, SPIREKEEP_VERSION};
 use super::verify::{check_every_stored_object, read_every_object};
 use crate::datastore::{
-    Column, ColumnKind, Datastore, Engine, LiveSession, RestoreWrite, RowBatch, SnapshotRead,
-    Table, Value, ddl, is_staging_table, quote_ident,
+    Column, ColumnKind, Datastore, Engine, LiveSession, NextId, RestoreWrite, RowBatch,
+    SnapshotRead, Table, Value, ddl, is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
 use crate::store::Repository;
@@ -1192,30 +1192,12 @@ async fn read_back_in(
 }
 
 /// Checks that each auto-increment column's next id lies past the largest
-/// restored one: SQLite's `sqlite_sequence`, PostgreSQL's serial sequences
-/// (moved by the commit); InnoDB keeps AUTO_INCREMENT past the largest id
-/// inserted on its own, and has no portable way to read it here.
+/// restored one, as far as the engine lets it be read ([`Datastore::next_id`]).
 async fn check_sequences(
     target: &dyn Datastore,
     manifest: &Manifest,
     max_ids: &HashMap<String, i64>,
 ) -> Vec<SequenceCheck> {
-    let sqlite_seq = if target.engine() == Engine::Sqlite {
-        let t = Table::of_columns(
-            "sqlite_sequence",
-            &[("name", ColumnKind::Text), ("seq", ColumnKind::Integer)],
-        );
-        target.read_table(&t).await.ok().map(|rows| {
-            rows.into_iter()
-                .filter_map(|r| match (r.first(), r.get(1)) {
-                    (Some(Value::Text(n)), Some(Value::Int(s))) => Some((n.clone(), *s)),
-                    _ => None,
-                })
-                .collect::<HashMap<String, i64>>()
-        })
-    } else {
-        None
-    };
     let mut out = Vec::new();
     for table in manifest
         .catalogue
@@ -1233,54 +1215,13 @@ async fn check_sequences(
                 ok: None,
                 note: None,
             };
-            match target.engine() {
-                Engine::Sqlite => {
-                    // No row for a table that never had one: the next id is 1.
-                    let next = sqlite_seq
-                        .as_ref()
-                        .map(|seqs| seqs.get(&table.name).map_or(1, |s| s + 1));
-                    check.next_id = next;
-                    check.ok = next.map(|n| max_id.is_none_or(|m| n > m));
-                    if next.is_none() {
-                        check.note = Some("sqlite_sequence could not be read".into());
-                    }
+            match target.next_id(&table.name, &c.name).await {
+                Ok(NextId::Known(next)) => {
+                    check.next_id = Some(next);
+                    check.ok = Some(max_id.is_none_or(|m| next > m));
                 }
-                Engine::Postgres => {
-                    let name = format!("{}_{}_seq", table.name, c.name);
-                    let t = Table::of_columns(
-                        &name,
-                        &[
-                            ("last_value", ColumnKind::Integer),
-                            ("is_called", ColumnKind::Boolean),
-                        ],
-                    );
-                    match target
-                        .read_table(&t)
-                        .await
-                        .ok()
-                        .and_then(|r| r.into_iter().next())
-                    {
-                        Some(row) => {
-                            let next = match (row.first(), row.get(1)) {
-                                (Some(Value::Int(v)), Some(Value::Bool(true))) => Some(v + 1),
-                                (Some(Value::Int(v)), _) => Some(*v),
-                                _ => None,
-                            };
-                            check.next_id = next;
-                            check.ok = next.map(|n| max_id.is_none_or(|m| n > m));
-                        }
-                        None => {
-                            check.note = Some(format!(
-                                "sequence {name} not found (a renamed sequence); the restore moved \
-                                 the column's own sequence with setval"
-                            ));
-                        }
-                    }
-                }
-                Engine::Mysql => {
-                    check.note =
-                        Some("InnoDB keeps AUTO_INCREMENT past the largest id inserted".into());
-                }
+                Ok(NextId::Unknown(why)) => check.note = Some(why),
+                Err(e) => check.note = Some(format!("could not be read: {e}")),
             }
             out.push(check);
         }

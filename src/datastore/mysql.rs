@@ -113,6 +113,20 @@ const COLUMNS_SQL: &str = "SELECT CAST(TABLE_NAME AS CHAR), CAST(COLUMN_NAME AS 
 /// The name of the per-database restore lock (`GET_LOCK` names are at most 64 characters).
 const RESTORE_LOCK_SQL: &str = "CONCAT('spirekeep.restore.', SHA1(DATABASE()))";
 
+/// The name of the per-database swap lock. A restore holds it across its
+/// `RENAME TABLE` and the drops after it; a reader holds it while it lists
+/// the tables. `information_schema` takes no metadata lock, so without it a
+/// reader could list the tables halfway through a multi-table rename (the
+/// ones already moved aside missing, their replacements not yet in place)
+/// and back up, or compare, a datastore with tables missing. The server
+/// finishes a statement whose client was killed, so the rename of a killed
+/// restore still completes; its session, and the lock, end right after.
+const SWAP_LOCK_SQL: &str = "CONCAT('spirekeep.swap.', SHA1(DATABASE()))";
+
+/// How long a reader waits for a swap in progress, and a swap for readers
+/// listing tables (both hold the lock for well under a second).
+const SWAP_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 const INDEXES_SQL: &str = "SELECT CAST(TABLE_NAME AS CHAR), CAST(INDEX_NAME AS CHAR), CAST(NON_UNIQUE AS SIGNED), CAST(COLUMN_NAME AS CHAR) \
   FROM information_schema.STATISTICS \
  WHERE TABLE_SCHEMA = DATABASE() \
@@ -352,8 +366,43 @@ fn decode_row(
     Ok(out)
 }
 
-/// Reads the catalogue on one connection (inside a snapshot transaction, if one is open).
+/// Takes the database's swap lock on `conn` (see [`SWAP_LOCK_SQL`]).
+async fn take_swap_lock(conn: &mut sqlx::mysql::MySqlConnection, location: &str) -> Result<()> {
+    let got: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT GET_LOCK({SWAP_LOCK_SQL}, {})",
+        SWAP_LOCK_WAIT.as_secs()
+    )))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| classify(&e, location))?;
+    if got == Some(1) {
+        return Ok(());
+    }
+    Err(Error::Aborted(format!(
+        "a restore into {location} kept swapping its tables in for over {} s (the database's swap lock \
+         was not released); check the database's process list, then run this again",
+        SWAP_LOCK_WAIT.as_secs()
+    )))
+}
+
+/// Releases the swap lock taken by [`take_swap_lock`] (ending the session would too).
+async fn release_swap_lock(conn: &mut sqlx::mysql::MySqlConnection, location: &str) {
+    let _ = exec_on(conn, &format!("DO RELEASE_LOCK({SWAP_LOCK_SQL})"), location).await;
+}
+
+/// Reads the catalogue on one connection (inside a snapshot transaction, if
+/// one is open): between restores' swaps, never halfway through one.
 async fn catalogue_on(
+    conn: &mut sqlx::mysql::MySqlConnection,
+    location: &str,
+) -> Result<Catalogue> {
+    take_swap_lock(conn, location).await?;
+    let listed = catalogue_unlocked(conn, location).await;
+    release_swap_lock(conn, location).await;
+    listed
+}
+
+async fn catalogue_unlocked(
     conn: &mut sqlx::mysql::MySqlConnection,
     location: &str,
 ) -> Result<Catalogue> {
@@ -563,7 +612,10 @@ impl RestoreWrite for Restore {
             conn: &mut self.conn,
             location: &self.location,
         };
-        let outcome = swap_in(&existing, &names, &self.location, &mut runner).await?;
+        take_swap_lock(runner.conn, runner.location).await?;
+        let swapped = swap_in(&existing, &names, &self.location, &mut runner).await;
+        release_swap_lock(runner.conn, runner.location).await;
+        let outcome = swapped?;
         // Ending the session would release it too; say so explicitly.
         let _ = exec_on(
             &mut self.conn,

@@ -444,6 +444,13 @@ impl RowRules {
         ordered
     }
 
+    /// Whether [`Self::apply`] may change or count rows of `table`.
+    #[must_use]
+    pub fn looks_at(table: &str) -> bool {
+        [TOKENS, BUNDLES, ENTRIES, AGENTS, NODE_SELECTORS].contains(&table)
+            || ENTRY_CHILDREN.contains(&table)
+    }
+
     /// Changes a batch of the snapshot's `table` rows in place (rows may be dropped).
     pub fn apply(&mut self, table: &Table, batch: &mut Vec<Vec<Value>>) {
         let at = |name: &str| table.columns.iter().position(|c| c.name == name);

@@ -501,8 +501,11 @@ async fn plan_inner(
                     }
                 }
             }
-            // Counted on a copy: the rows are not loaded here.
-            rules.apply(table, &mut batch.to_vec());
+            // Counted on a copy (the rows are not loaded here), and only
+            // for the tables the rules look at: no copy of the rest.
+            if RowRules::looks_at(&table.name) {
+                rules.apply(table, &mut batch.to_vec());
+            }
         })
         .await?;
         for table in rules.load_order(&manifest.catalogue.tables) {

@@ -178,6 +178,23 @@ async fn round_trip(source: Engine, target: Engine) {
         assert_eq!(report["restored"], true);
         assert_eq!(report["ok"], true, "{report}");
         assert_eq!(report["rows"], src.counts.total(), "{source}->{target}");
+        // One pass: without a preflight nothing reads the snapshot before
+        // the load, and nothing reads the target back after it.
+        let mode = if spirekeep::snapshot::restore::needs_preflight(source, target) {
+            "full"
+        } else {
+            "while-loading"
+        };
+        assert_eq!(report["plan"]["hash_check"]["mode"], mode, "{source}->{target}");
+        assert_eq!(report["plan"]["read_back"], false);
+        // The largest ids come from the rows as they went in.
+        let entries_seq = report["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["table"] == "registered_entries")
+            .unwrap();
+        assert!(entries_seq["max_id"].as_i64().unwrap() > 0, "{entries_seq}");
         for t in report["tables"].as_array().unwrap() {
             assert_eq!(t["ok"], true, "{source}->{target}: {t}");
             if exact {
@@ -388,10 +405,12 @@ async fn preflight_into_mysql_lists_every_change_and_applies_exactly_those_when_
             "--datastore",
             &url,
             "--accept-changes",
+            "--read-back",
         ],
         &repo,
     );
     assert_eq!(report["changes_applied"], 3);
+    assert_eq!(report["plan"]["read_back"], true);
     let entries = report["tables"]
         .as_array()
         .unwrap()
@@ -402,6 +421,7 @@ async fn preflight_into_mysql_lists_every_change_and_applies_exactly_those_when_
     assert_eq!(entries["adapted_values"], 3);
     assert_eq!(entries["matches_manifest"], false);
     assert_eq!(entries["ok"], true, "read back equals the adapted rows");
+    assert_eq!(entries["read_back"], true);
     let record_key = report["record_key"].as_str().unwrap();
     let record: Json =
         serde_json::from_slice(&std::fs::read(dir.path().join("repo").join(record_key)).unwrap())

@@ -22,12 +22,16 @@
 //!    table in memory), adapted exactly as the preflight listed (checked by
 //!    count and digest before commit), then [`RestoreWrite::commit`]. A
 //!    failure or a kill before the commit leaves the target as it was.
-//! 3. After the commit, every table is read back from the target (one
-//!    consistent read) and its row count and content hash are compared with
-//!    what was loaded (the manifest's, or the adapted rows' where the
-//!    preflight changed values), and the auto-increment sequences are checked
-//!    to continue past the restored ids. A record of the restore (target,
-//!    changes applied) is written to the repository under `restores/`.
+//!    The snapshot is read once: each object's size, SHA-256, row count and
+//!    content hash are checked as its rows stream into staging, and the
+//!    commit is refused if any of them, or a table's row count, disagrees.
+//! 3. After the commit the auto-increment sequences are checked to continue
+//!    past the restored ids (the largest ids are taken from the rows as they
+//!    went in). With [`RestoreOptions::read_back`] (verify's restore drill,
+//!    `restore --read-back`) every table is also read back from the target in
+//!    one consistent read and its row count and content hash compared with
+//!    what was loaded. A record of the restore (target, changes applied) is
+//!    written to the repository under `restores/`.
 //!
 //! [`restore`] does all three (stopping after the plan for a dry run).
 //!
@@ -58,6 +62,7 @@ use super::impact::{
 use super::live_rules::{LiveFacts, RowRules, RuleOptions, RulesReport};
 use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, RowAccess, SPIREKEEP_VERSION};
 use super::verify::{check_every_stored_object, read_every_object};
+use super::SnapshotError;
 use crate::datastore::{
     Column, ColumnKind, Datastore, Engine, LiveSession, NextId, RestoreWrite, RowBatch,
     SnapshotRead, Table, Value, ddl, is_staging_table, quote_ident,
@@ -93,6 +98,11 @@ pub struct RestoreOptions {
     /// What the restore never brings back and what it carries over from the
     /// live datastore ([`super::live_rules`]); the defaults are the safe ones.
     pub rules: RuleOptions,
+    /// After the commit, read every restored table back from the target and
+    /// compare its rows with what was loaded (a second pass over the data:
+    /// proof that the engine stored exactly what was sent). Off by default:
+    /// the load itself checks every hash before the commit.
+    pub read_back: bool,
 }
 
 /// Progress callbacks (a terminal display, logs). Every method has a
@@ -199,9 +209,12 @@ pub struct PlannedTable {
 /// How the snapshot was checked before anything else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HashCheck {
-    /// `full` (every object decompressed and every hash checked) or
+    /// `full` (every object decompressed and every hash checked),
     /// `stored-bytes` (each object's size and SHA-256; the load checks the
-    /// rest before it commits), or `verified` (the caller had just verified).
+    /// rest before it commits), `while-loading` (nothing read before the
+    /// load, which checks every hash as the rows stream into staging and
+    /// refuses the commit on any mismatch), or `verified` (the caller had
+    /// just verified).
     pub mode: &'static str,
     pub objects: u64,
     pub stored_bytes: u64,
@@ -241,6 +254,8 @@ pub struct RestorePlan {
     /// The rule options the plan was made with (the load applies the same).
     #[serde(skip)]
     pub rule_options: RuleOptions,
+    /// Whether the restored tables are read back after the commit.
+    pub read_back: bool,
     /// Why the restore would not go ahead; empty when it would.
     pub refusals: Vec<Refusal>,
 }
@@ -275,13 +290,15 @@ impl RestorePlan {
     }
 }
 
-/// One restored table, as read back from the target.
+/// One restored table: what was loaded, and (with a read-back) what the
+/// target holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RestoredTable {
     pub name: String,
-    /// Rows read back.
+    /// Rows read back, or without a read-back the rows loaded.
     pub rows: u64,
-    /// Content hash recomputed from the rows read back.
+    /// Content hash recomputed from the rows read back, or without a
+    /// read-back from the rows as they were loaded.
     pub content_hash: String,
     /// Rows and hash of what was loaded: the manifest's, or the adapted rows'.
     pub expected_rows: u64,
@@ -290,8 +307,11 @@ pub struct RestoredTable {
     pub matches_manifest: bool,
     /// Values the preflight changed in this table.
     pub adapted_values: u64,
-    /// Rows and content hash read back equal what was loaded.
+    /// Rows and content hash read back equal what was loaded (always true
+    /// without a read-back: a mismatch in the load refuses the commit).
     pub ok: bool,
+    /// Whether `rows` and `content_hash` were read back from the target.
+    pub read_back: bool,
 }
 
 /// Whether an auto-increment column continues past the restored ids.
@@ -519,7 +539,10 @@ async fn plan_inner(
                 stored_bytes: read.stored_bytes,
             },
         )
-    } else if check_hashes {
+    } else if check_hashes && options.dry_run {
+        // Only a dry run reads the snapshot here: a restore checks every
+        // hash as the rows stream into staging and refuses the commit on any
+        // mismatch, so a pass of its own would read the snapshot twice.
         observer.stage("checking every object's hash");
         let read = check_every_stored_object(repo, manifest).await?;
         count_rules_on_tokens(repo, manifest, &mut rules).await?;
@@ -536,7 +559,7 @@ async fn plan_inner(
         (
             Vec::new(),
             HashCheck {
-                mode: "verified",
+                mode: if check_hashes { "while-loading" } else { "verified" },
                 objects: 0,
                 stored_bytes: 0,
             },
@@ -666,6 +689,7 @@ async fn plan_inner(
         force: options.force,
         rules: rules.report(),
         rule_options: options.rules.clone(),
+        read_back: options.read_back,
         refusals,
     })
 }
@@ -858,9 +882,15 @@ async fn execute_inner(
         .inspect_err(|e| {
             tracing::error!(error = %e, "restore failed before its commit; the target is as it was");
         })?;
-    tracing::info!(event = "restore_committed", snapshot_id = %plan.snapshot_id, "restore committed; reading it back");
-    observer.stage("checking the restored datastore");
-    let (tables, max_ids, mut problems) = read_back(target, manifest, &loaded).await?;
+    let (tables, max_ids, mut problems) = if plan.read_back {
+        tracing::info!(event = "restore_committed", snapshot_id = %plan.snapshot_id, "restore committed; reading it back");
+        observer.stage("reading the restored datastore back");
+        read_back(target, manifest, &loaded).await?
+    } else {
+        tracing::info!(event = "restore_committed", snapshot_id = %plan.snapshot_id, "restore committed");
+        observer.stage("checking the sequences");
+        as_loaded(&loaded)
+    };
     let sequences = check_sequences(target, manifest, &max_ids).await;
     problems.extend(sequences.iter().filter(|s| s.ok == Some(false)).map(|s| {
         format!(
@@ -938,6 +968,8 @@ struct LoadedTable {
     expected: ContentHash,
     manifest: Option<ContentHash>,
     adapted: u64,
+    /// The auto-increment column and the largest id loaded into it.
+    max_id: Option<(String, i64)>,
 }
 
 struct Loaded {
@@ -1005,11 +1037,38 @@ async fn load(
         let mut hasher = ContentHasher::new();
         let mut adapted = 0u64;
         let mut rows = 0u64;
+        let id_at = table.columns.iter().position(|c| c.auto_increment);
+        let mut max_id: Option<i64> = None;
+        let mut track_ids = |batch: &[Vec<Value>]| {
+            if let Some(p) = id_at {
+                for row in batch {
+                    if let Some(Value::Int(id)) = row.get(p) {
+                        max_id = Some(max_id.map_or(*id, |m| m.max(*id)));
+                    }
+                }
+            }
+        };
+        // A damaged object is found here, while its rows stream into
+        // staging; the error names it, and nothing is committed.
+        let damaged = |e: SnapshotError| -> Error {
+            if e.kind() == crate::ErrorKind::Integrity {
+                Error::Integrity(format!(
+                    "the snapshot failed its hash check while loading table {} ({e}); nothing was \
+                     committed and the target is as it was: restore from another snapshot \
+                     (`spirekeep list`)",
+                    table.name
+                ))
+            } else {
+                e.into()
+            }
+        };
         for object in &data.objects {
-            let mut reader = TableReader::open(repo, table, object).await?;
+            let mut reader = TableReader::open(repo, table, object)
+                .await
+                .map_err(damaged)?;
             // The end of each object (None) proves its hashes; nothing is
             // committed before every object has ended cleanly.
-            while let Some(mut batch) = reader.next_batch().await? {
+            while let Some(mut batch) = reader.next_batch().await.map_err(damaged)? {
                 if let Some(adapter) = adapter.as_mut() {
                     for row in &mut batch {
                         for change in adapter.adapt(row, false) {
@@ -1022,6 +1081,7 @@ async fn load(
                 for row in &batch {
                     hasher.add_row(row);
                 }
+                track_ids(&batch);
                 if !batch.is_empty() {
                     session.insert_rows(&staging, &columns, &batch).await?;
                 }
@@ -1035,6 +1095,7 @@ async fn load(
             for row in batch {
                 hasher.add_row(row);
             }
+            track_ids(batch);
             session.insert_rows(&staging, &columns, batch).await?;
             rows += batch.len() as u64;
             observer.rows(&table.name, rows);
@@ -1045,6 +1106,9 @@ async fn load(
             expected: hasher.current(),
             manifest: data.content(),
             adapted,
+            max_id: id_at
+                .zip(max_id)
+                .map(|(p, m)| (table.columns[p].name.clone(), m)),
         });
     }
     let applied = applied.finish(adapting);
@@ -1101,6 +1165,35 @@ where
 }
 
 type ReadBack = (Vec<RestoredTable>, HashMap<String, i64>, Vec<String>);
+
+/// The restored tables as the load put them in (every hash was checked
+/// before the commit), without reading them back.
+fn as_loaded(loaded: &Loaded) -> ReadBack {
+    let tables = loaded
+        .tables
+        .iter()
+        .map(|lt| RestoredTable {
+            name: lt.name.clone(),
+            rows: lt.expected.rows(),
+            content_hash: lt.expected.hex(),
+            expected_rows: lt.expected.rows(),
+            expected_hash: lt.expected.hex(),
+            matches_manifest: lt.manifest == Some(lt.expected),
+            adapted_values: lt.adapted,
+            ok: true,
+            read_back: false,
+        })
+        .collect();
+    let max_ids = loaded
+        .tables
+        .iter()
+        .filter_map(|lt| {
+            let (column, id) = lt.max_id.as_ref()?;
+            Some((format!("{}\0{}", lt.name, column), *id))
+        })
+        .collect();
+    (tables, max_ids, Vec::new())
+}
 
 /// Reads every restored table back from the target in one consistent read,
 /// in the manifest's column order, and compares it with what was loaded.
@@ -1189,6 +1282,7 @@ async fn read_back_in(
             matches_manifest: lt.manifest == Some(lt.expected),
             adapted_values: lt.adapted,
             ok,
+            read_back: true,
         });
     }
     Ok((out, max_ids, problems))

@@ -519,6 +519,8 @@ async fn drill(
             keep_snapshot_join_tokens: true,
             ..crate::snapshot::live_rules::RuleOptions::default()
         },
+        // The drill proves what the target engine holds, not only what was sent.
+        read_back: true,
         ..RestoreOptions::default()
     };
     let plan = restore::plan_after_verify(repo, manifest, ds, &options).await?;

@@ -185,7 +185,10 @@ async fn round_trip(source: Engine, target: Engine) {
         } else {
             "while-loading"
         };
-        assert_eq!(report["plan"]["hash_check"]["mode"], mode, "{source}->{target}");
+        assert_eq!(
+            report["plan"]["hash_check"]["mode"], mode,
+            "{source}->{target}"
+        );
         assert_eq!(report["plan"]["read_back"], false);
         // The largest ids come from the rows as they went in.
         let entries_seq = report["sequences"]

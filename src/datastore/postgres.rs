@@ -1,6 +1,8 @@
 //! PostgreSQL, as SPIRE uses it through lib/pq (GORM: `serial`, `text`,
 //! `timestamp with time zone`, `bytea`).
 
+mod copy_binary;
+
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{
@@ -646,29 +648,45 @@ async fn stream_on(
 ) -> Result<u64> {
     use futures::TryStreamExt;
     let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
-    let sql = select_all_sql(Engine::Postgres, table, select_expr);
-    let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn);
+    // The bulk path: one binary COPY message per row, decoded here.
+    let sql = format!(
+        "COPY ({}) TO STDOUT (FORMAT binary)",
+        select_all_sql(Engine::Postgres, table, select_expr)
+    );
+    let mut stream = conn
+        .copy_out_raw(&sql)
+        .await
+        .map_err(|e| classify(&e, location))?;
+    let mut decoder = copy_binary::BinaryCopyDecoder::new(kinds);
+    let malformed = |e: String| Error::Database {
+        location: location.to_string(),
+        detail: format!("reading table {} through COPY: {e}", table.name),
+    };
+    let stopped = || {
+        Error::Aborted(format!(
+            "reading {}: the consumer of the rows stopped",
+            table.name
+        ))
+    };
     let mut batch: RowBatch = Vec::with_capacity(ROW_BATCH);
     let mut count = 0u64;
-    while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
-        batch.push(decode_row(&row, &kinds).map_err(|e| classify(&e, location))?);
-        count += 1;
-        if batch.len() == ROW_BATCH {
-            out.send(std::mem::take(&mut batch)).await.map_err(|_| {
-                Error::Aborted(format!(
-                    "reading {}: the consumer of the rows stopped",
-                    table.name
-                ))
-            })?;
+    while let Some(chunk) = stream
+        .try_next()
+        .await
+        .map_err(|e| classify(&e, location))?
+    {
+        decoder.feed(&chunk, &mut batch).map_err(malformed)?;
+        if batch.len() >= ROW_BATCH {
+            count += batch.len() as u64;
+            out.send(std::mem::replace(&mut batch, Vec::with_capacity(ROW_BATCH)))
+                .await
+                .map_err(|_| stopped())?;
         }
     }
+    decoder.finish().map_err(malformed)?;
     if !batch.is_empty() {
-        out.send(batch).await.map_err(|_| {
-            Error::Aborted(format!(
-                "reading {}: the consumer of the rows stopped",
-                table.name
-            ))
-        })?;
+        count += batch.len() as u64;
+        out.send(batch).await.map_err(|_| stopped())?;
     }
     Ok(count)
 }

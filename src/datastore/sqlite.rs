@@ -203,6 +203,7 @@ impl Datastore for SqliteDatastore {
         Ok(Box::new(Restore {
             conn,
             location: self.location.clone(),
+            deferred_indexes: Vec::new(),
         }))
     }
 
@@ -627,9 +628,14 @@ impl SnapshotRead for Snapshot {
 }
 
 /// A restore inside one transaction (DDL included).
+/// A restore inside one `BEGIN IMMEDIATE` transaction. The secondary
+/// indexes are built once the tables are full (one sort per index instead of
+/// an index insertion per row), still inside the transaction.
 struct Restore {
     conn: sqlx::sqlite::SqliteConnection,
     location: String,
+    /// `CREATE INDEX` statements to run at commit, after the load.
+    deferred_indexes: Vec<String>,
 }
 
 #[async_trait]
@@ -639,9 +645,14 @@ impl RestoreWrite for Restore {
     }
 
     async fn create_table(&mut self, source: Engine, table: &Table) -> Result<()> {
-        for sql in ddl::create_statements(source, Engine::Sqlite, table, &table.name)? {
-            exec_on(&mut self.conn, &sql, &self.location).await?;
+        let mut statements =
+            ddl::create_statements(source, Engine::Sqlite, table, &table.name)?.into_iter();
+        // The first statement creates the table (with its primary key); the
+        // others are its indexes.
+        if let Some(create) = statements.next() {
+            exec_on(&mut self.conn, &create, &self.location).await?;
         }
+        self.deferred_indexes.extend(statements);
         Ok(())
     }
 
@@ -657,6 +668,9 @@ impl RestoreWrite for Restore {
     async fn commit(mut self: Box<Self>, _tables: &[Table]) -> Result<CommitOutcome> {
         // AUTOINCREMENT keeps sqlite_sequence at the largest id inserted, so
         // ids continue past the restored ones without help.
+        for sql in std::mem::take(&mut self.deferred_indexes) {
+            exec_on(&mut self.conn, &sql, &self.location).await?;
+        }
         crate::testpoint::pause("restore.mid_swap").await;
         exec_on(&mut self.conn, "COMMIT", &self.location).await?;
         // SPIRE opens its SQLite datastore in WAL mode (spire-reference §8): a

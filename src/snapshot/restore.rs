@@ -53,6 +53,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use super::SnapshotError;
 use super::adapt::{Adapter, Change, ChangeKind};
 use super::codec::{ContentHash, ContentHasher, TableReader, to_hex};
 use super::impact::{
@@ -62,7 +63,6 @@ use super::impact::{
 use super::live_rules::{LiveFacts, RowRules, RuleOptions, RulesReport};
 use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, RowAccess, SPIREKEEP_VERSION};
 use super::verify::{check_every_stored_object, read_every_object};
-use super::SnapshotError;
 use crate::datastore::{
     Column, ColumnKind, Datastore, Engine, LiveSession, NextId, RestoreWrite, RowBatch,
     SnapshotRead, Table, Value, ddl, is_staging_table, quote_ident,
@@ -559,7 +559,11 @@ async fn plan_inner(
         (
             Vec::new(),
             HashCheck {
-                mode: if check_hashes { "while-loading" } else { "verified" },
+                mode: if check_hashes {
+                    "while-loading"
+                } else {
+                    "verified"
+                },
                 objects: 0,
                 stored_bytes: 0,
             },

@@ -3,6 +3,8 @@
 //! The file is always read through SQLite itself, never copied: committed data
 //! may still sit in the `-wal` file (spire-reference §8).
 
+mod bulk_read;
+
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, TypeInfo, ValueRef};
@@ -14,8 +16,8 @@ use super::dsn::{Engine, OpenMode, SqliteSpec};
 use super::sql::{insert_head, select_all_sql};
 use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
 use super::{
-    ColumnKind, CommitOutcome, Datastore, LiveSession, ROW_BATCH, RestoreWrite, RowBatch,
-    SnapshotRead, Value, ddl, is_staging_table, quote_ident,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RestoreWrite, RowBatch, SnapshotRead, Value,
+    ddl, is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
 
@@ -23,6 +25,7 @@ pub(crate) struct SqliteDatastore {
     pool: SqlitePool,
     location: String,
     path: std::path::PathBuf,
+    read_only: bool,
 }
 
 impl SqliteDatastore {
@@ -52,6 +55,7 @@ impl SqliteDatastore {
             pool,
             location,
             path: spec.path.clone(),
+            read_only: mode == OpenMode::ReadOnly,
         };
         // A file that is not a database fails only on first read: check now.
         store.server_version().await?;
@@ -164,12 +168,33 @@ impl Datastore for SqliteDatastore {
         }
         // A deferred transaction takes its snapshot at the first read: read now.
         exec_on(&mut conn, "BEGIN DEFERRED", &self.location).await?;
-        sqlx::query("SELECT count(*) FROM sqlite_master")
+        let schema_version: i64 = sqlx::query_scalar("PRAGMA schema_version")
             .fetch_one(&mut conn)
             .await
             .map_err(|e| self.err(&e))?;
+        // The rows are read on a second connection (the bulk path). Its
+        // snapshot is taken after this one's: the same schema version means
+        // the catalogue read here describes the tables read there; the rows
+        // all come from that one snapshot.
+        let (path, read_only) = (self.path.clone(), self.read_only);
+        let (rows, rows_schema_version) =
+            tokio::task::spawn_blocking(move || bulk_read::begin(&path, read_only))
+                .await
+                .map_err(|e| Error::Aborted(format!("opening the SQLite bulk reader: {e}")))?
+                .map_err(|detail| Error::Database {
+                    location: self.location.clone(),
+                    detail,
+                })?;
+        if rows_schema_version != schema_version {
+            return Err(Error::Aborted(format!(
+                "the schema of {} changed while the snapshot started (schema version {schema_version} \
+                 then {rows_schema_version}): is a SPIRE server migrating it? Try again once it is done",
+                self.location
+            )));
+        }
         Ok(Box::new(Snapshot {
             conn,
+            rows: Some(rows),
             location: self.location.clone(),
         }))
     }
@@ -550,44 +575,6 @@ async fn insert_on(
     Ok(())
 }
 
-/// Streams `table` from `conn` into `out` in batches (see [`SnapshotRead::stream_rows`]).
-async fn stream_on(
-    conn: &mut sqlx::sqlite::SqliteConnection,
-    table: &Table,
-    out: &tokio::sync::mpsc::Sender<RowBatch>,
-    location: &str,
-) -> Result<u64> {
-    use futures::TryStreamExt;
-    let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
-    let sql = select_all_sql(Engine::Sqlite, table, |c| {
-        quote_ident(Engine::Sqlite, &c.name)
-    });
-    let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn);
-    let mut batch: RowBatch = Vec::with_capacity(ROW_BATCH);
-    let mut count = 0u64;
-    while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
-        batch.push(decode_row(&row, &kinds).map_err(|e| classify(&e, location))?);
-        count += 1;
-        if batch.len() == ROW_BATCH {
-            out.send(std::mem::take(&mut batch)).await.map_err(|_| {
-                Error::Aborted(format!(
-                    "reading {}: the consumer of the rows stopped",
-                    table.name
-                ))
-            })?;
-        }
-    }
-    if !batch.is_empty() {
-        out.send(batch).await.map_err(|_| {
-            Error::Aborted(format!(
-                "reading {}: the consumer of the rows stopped",
-                table.name
-            ))
-        })?;
-    }
-    Ok(count)
-}
-
 /// Runs one statement on a dedicated connection.
 async fn exec_on(
     conn: &mut sqlx::sqlite::SqliteConnection,
@@ -604,7 +591,10 @@ async fn exec_on(
 /// An open snapshot transaction on a dedicated connection (closed, and so
 /// rolled back, if dropped).
 struct Snapshot {
+    /// The catalogue's connection.
     conn: sqlx::sqlite::SqliteConnection,
+    /// The rows' connection ([`bulk_read`]), away while a read runs on it.
+    rows: Option<rusqlite::Connection>,
     location: String,
 }
 
@@ -619,15 +609,43 @@ impl SnapshotRead for Snapshot {
         table: &Table,
         out: &tokio::sync::mpsc::Sender<RowBatch>,
     ) -> Result<u64> {
-        stream_on(&mut self.conn, table, out, &self.location).await
+        let conn = self.rows.take().ok_or_else(|| {
+            Error::Aborted(format!(
+                "reading {}: an earlier read of this snapshot failed",
+                table.name
+            ))
+        })?;
+        let sql = select_all_sql(Engine::Sqlite, table, |c| {
+            quote_ident(Engine::Sqlite, &c.name)
+        });
+        let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
+        let out = out.clone();
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let result = bulk_read::stream(&conn, &sql, &kinds, &out);
+            (conn, result)
+        })
+        .await
+        .map_err(|e| Error::Aborted(format!("reading {}: {e}", table.name)))?;
+        self.rows = Some(conn);
+        result.map_err(|e| match e {
+            bulk_read::ReadError::Sqlite(detail) => Error::Database {
+                location: self.location.clone(),
+                detail: format!("reading table {}: {detail}", table.name),
+            },
+            bulk_read::ReadError::Stopped => Error::Aborted(format!(
+                "reading {}: the consumer of the rows stopped",
+                table.name
+            )),
+        })
     }
 
     async fn finish(mut self: Box<Self>) -> Result<()> {
+        // Dropping the bulk reader ends its read transaction.
+        drop(self.rows.take());
         exec_on(&mut self.conn, "ROLLBACK", &self.location).await
     }
 }
 
-/// A restore inside one transaction (DDL included).
 /// A restore inside one `BEGIN IMMEDIATE` transaction. The secondary
 /// indexes are built once the tables are full (one sort per index instead of
 /// an index insertion per row), still inside the transaction.
@@ -685,6 +703,44 @@ impl RestoreWrite for Restore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bulk read path decodes every storage class exactly as the
+    /// driver path does, for every column kind.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_bulk_reader_decodes_like_the_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SqliteSpec {
+            path: dir.path().join("kinds.sqlite3"),
+        };
+        let ds = SqliteDatastore::open(&spec, OpenMode::Create)
+            .await
+            .unwrap();
+        ds.execute_script(
+            "CREATE TABLE t (id integer PRIMARY KEY, b boolean, at datetime, blob_col blob, \
+             txt varchar(255), f real);
+             INSERT INTO t VALUES (1, 1, '2024-01-02 03:04:05.123456789+00:00', x'00ff', 'é', 1.5);
+             INSERT INTO t VALUES (2, 0, 'not a time', 'text in a blob column', 42, 2);
+             INSERT INTO t VALUES (3, NULL, 7, NULL, x'01', NULL);
+             INSERT INTO t VALUES (4, 'yes', 2.5, 9, NULL, 'x');",
+        )
+        .await
+        .unwrap();
+        let table = ds.catalogue().await.unwrap().table("t").unwrap().clone();
+        let expected = ds.read_table(&table).await.unwrap();
+        let mut snapshot = ds.begin_snapshot().await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let sent = snapshot.stream_rows(&table, &tx).await.unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(batch) = rx.recv().await {
+            got.extend(batch);
+        }
+        snapshot.finish().await.unwrap();
+        assert_eq!(sent, 4);
+        assert_eq!(got, expected);
+        assert!(matches!(got[0][2], Value::Timestamp(_)), "{:?}", got[0][2]);
+        ds.close().await;
+    }
 
     /// This process's own pool (WAL mode, several connections, a read
     /// transaction open) is never another user of the file: neither its open

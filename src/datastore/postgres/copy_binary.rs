@@ -153,7 +153,7 @@ fn header_len(b: &[u8]) -> Result<Option<usize>, String> {
         return Ok(None);
     };
     // Bit 16 is "OIDs included"; the high half is reserved for critical flags.
-    if flags as u32 & 0xffff_0000 != 0 {
+    if flags.cast_unsigned() & 0xffff_0000 != 0 {
         return Err(format!("unsupported binary COPY flags {flags:#x}"));
     }
     let ext = usize::try_from(ext).map_err(|_| format!("a header extension of {ext} bytes"))?;

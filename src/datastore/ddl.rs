@@ -272,7 +272,9 @@ pub fn create_statements(
         )));
     }
     let mut out = vec![create_table(source, target, table, name)];
-    if target != Engine::Mysql {
+    if target == Engine::Mysql {
+        out.extend(add_mysql_keys(table, name));
+    } else {
         out.extend(create_indexes(target, table, name));
     }
     Ok(out)
@@ -295,17 +297,6 @@ fn create_table(source: Engine, target: Engine, table: &Table, name: &str) -> St
             .collect();
         parts.push(format!("PRIMARY KEY ({})", cols.join(",")));
     }
-    if target == Engine::Mysql {
-        for i in &table.indexes {
-            let cols: Vec<String> = i.columns.iter().map(|c| quote_ident(target, c)).collect();
-            parts.push(format!(
-                "{}KEY {} ({})",
-                if i.unique { "UNIQUE " } else { "" },
-                quote_ident(target, &i.name),
-                cols.join(",")
-            ));
-        }
-    }
     let suffix = if target == Engine::Mysql {
         " ENGINE=InnoDB ROW_FORMAT=DYNAMIC DEFAULT CHARSET=utf8"
     } else {
@@ -316,6 +307,30 @@ fn create_table(source: Engine, target: Engine, table: &Table, name: &str) -> St
         quote_ident(target, name),
         parts.join(", ")
     )
+}
+
+/// MySQL's secondary keys in one `ALTER TABLE` (one table rebuild, each key
+/// built by sorting), in the catalogue's order so `SHOW CREATE TABLE` lists
+/// them as the source did.
+fn add_mysql_keys(table: &Table, name: &str) -> Option<String> {
+    if table.indexes.is_empty() {
+        return None;
+    }
+    let q = |s: &str| quote_ident(Engine::Mysql, s);
+    let keys: Vec<String> = table
+        .indexes
+        .iter()
+        .map(|i| {
+            let cols: Vec<String> = i.columns.iter().map(|c| q(c)).collect();
+            format!(
+                "ADD {}KEY {} ({})",
+                if i.unique { "UNIQUE " } else { "" },
+                q(&i.name),
+                cols.join(",")
+            )
+        })
+        .collect();
+    Some(format!("ALTER TABLE {} {}", q(name), keys.join(", ")))
 }
 
 fn create_indexes(target: Engine, table: &Table, name: &str) -> Vec<String> {
@@ -481,12 +496,11 @@ mod tests {
             "_spirekeep_new_selectors",
         )
         .unwrap();
-        assert_eq!(stmts.len(), 1);
+        assert_eq!(stmts.len(), 2);
         assert_eq!(
             stmts[0],
             "CREATE TABLE `_spirekeep_new_selectors` (`id` int unsigned AUTO_INCREMENT, `created_at` datetime NULL, \
-             `registered_entry_id` int unsigned, `type` varchar(255), PRIMARY KEY (`id`), \
-             UNIQUE KEY `idx_selector_entry` (`registered_entry_id`,`type`)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC DEFAULT CHARSET=utf8"
+             `registered_entry_id` int unsigned, `type` varchar(255), PRIMARY KEY (`id`)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC DEFAULT CHARSET=utf8"
         );
     }
 
@@ -521,8 +535,10 @@ mod tests {
             stmts,
             vec![
                 "CREATE TABLE `_spirekeep_new_selectors` (`id` int(10) unsigned AUTO_INCREMENT, `created_at` datetime NULL, \
-                 `registered_entry_id` int(10) unsigned, `type` varchar(255), PRIMARY KEY (`id`), \
-                 UNIQUE KEY `idx_selector_entry` (`registered_entry_id`,`type`)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC DEFAULT CHARSET=utf8"
+                 `registered_entry_id` int(10) unsigned, `type` varchar(255), PRIMARY KEY (`id`)) \
+                 ENGINE=InnoDB ROW_FORMAT=DYNAMIC DEFAULT CHARSET=utf8"
+                    .to_string(),
+                "ALTER TABLE `_spirekeep_new_selectors` ADD UNIQUE KEY `idx_selector_entry` (`registered_entry_id`,`type`)"
                     .to_string()
             ]
         );

@@ -276,6 +276,8 @@ impl Datastore for MysqlDatastore {
             conn,
             location: self.location.clone(),
             existing: existing.to_vec(),
+            loading: false,
+            pending_keys: Vec::new(),
         }))
     }
 
@@ -575,6 +577,26 @@ struct Restore {
     conn: sqlx::mysql::MySqlConnection,
     location: String,
     existing: Vec<String>,
+    /// Whether a table's load transaction is open. Each staging table loads
+    /// in one transaction (committed before the next table's DDL, which
+    /// would commit it anyway): one log flush per table, not per batch.
+    loading: bool,
+    /// The current table's secondary keys (one `ALTER TABLE`), added once
+    /// its rows are in: one sort per key instead of a key insertion per row.
+    pending_keys: Vec<String>,
+}
+
+impl Restore {
+    /// Commits the current table's load, if one is open, then adds its keys.
+    async fn end_load(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.loading) {
+            exec_on(&mut self.conn, "COMMIT", &self.location).await?;
+        }
+        for sql in std::mem::take(&mut self.pending_keys) {
+            exec_on(&mut self.conn, &sql, &self.location).await?;
+        }
+        Ok(())
+    }
 }
 
 const SHADOW_NEW: &str = STAGING_PREFIXES[0];
@@ -587,10 +609,16 @@ impl RestoreWrite for Restore {
     }
 
     async fn create_table(&mut self, source: Engine, table: &Table) -> Result<()> {
+        self.end_load().await?;
         let staging = self.staging_name(&table.name);
-        for sql in ddl::create_statements(source, Engine::Mysql, table, &staging)? {
-            exec_on(&mut self.conn, &sql, &self.location).await?;
+        let mut statements =
+            ddl::create_statements(source, Engine::Mysql, table, &staging)?.into_iter();
+        // The first statement creates the table with its primary key; the
+        // rest adds its secondary keys, after the load.
+        if let Some(create) = statements.next() {
+            exec_on(&mut self.conn, &create, &self.location).await?;
         }
+        self.pending_keys.extend(statements);
         Ok(())
     }
 
@@ -600,12 +628,15 @@ impl RestoreWrite for Restore {
         columns: &[(String, ColumnKind)],
         rows: &[Vec<Value>],
     ) -> Result<()> {
-        exec_on(&mut self.conn, "START TRANSACTION", &self.location).await?;
-        insert_on(&mut self.conn, table, columns, rows, &self.location).await?;
-        exec_on(&mut self.conn, "COMMIT", &self.location).await
+        if !self.loading {
+            exec_on(&mut self.conn, "START TRANSACTION", &self.location).await?;
+            self.loading = true;
+        }
+        insert_on(&mut self.conn, table, columns, rows, &self.location).await
     }
 
     async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome> {
+        self.end_load().await?;
         let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
         let existing = std::mem::take(&mut self.existing);
         let mut runner = OnConnection {

@@ -93,7 +93,40 @@ pub struct Adapter {
     key_positions: Vec<usize>,
     columns: Vec<ColumnRule>,
     /// MySQL unique indexes: column positions, and the folded keys seen so far.
-    unique: Vec<(String, Vec<usize>, HashMap<u64, String>)>,
+    unique: Vec<(String, Vec<usize>, SeenKeys)>,
+}
+
+/// A row's key, without formatting it: most SPIRE tables are keyed by one
+/// integer `id`, which needs no allocation per row.
+#[derive(Clone)]
+enum RowKey {
+    Id(i64),
+    Text(String),
+}
+
+/// The first row of each folded unique key, kept compact: the preflight
+/// remembers one per row of the table, so at a million rows the bytes per
+/// entry decide the restore's memory.
+#[derive(Debug, Default)]
+struct SeenKeys {
+    ids: HashMap<u64, i64>,
+    texts: HashMap<u64, String>,
+}
+
+impl SeenKeys {
+    fn get(&self, folded: u64) -> Option<RowKey> {
+        match self.ids.get(&folded) {
+            Some(id) => Some(RowKey::Id(*id)),
+            None => self.texts.get(&folded).cloned().map(RowKey::Text),
+        }
+    }
+
+    fn insert(&mut self, folded: u64, key: RowKey) {
+        match key {
+            RowKey::Id(id) => self.ids.insert(folded, id),
+            RowKey::Text(text) => self.texts.insert(folded, text).map(|_| 0),
+        };
+    }
 }
 
 impl Adapter {
@@ -132,7 +165,7 @@ impl Adapter {
                     (
                         i.name.clone(),
                         i.columns.iter().filter_map(pos).collect(),
-                        HashMap::new(),
+                        SeenKeys::default(),
                     )
                 })
                 .collect()
@@ -153,12 +186,13 @@ impl Adapter {
     /// preflight does; the restore itself need not).
     pub fn adapt(&mut self, row: &mut [Value], check_unique: bool) -> Vec<Change> {
         let mut changes = Vec::new();
-        let key = self.row_key(row);
+        // Taken before any value changes; formatted only when needed.
+        let key = self.row_key_of(row);
         for (value, rule) in row.iter_mut().zip(&self.columns) {
             if let Some((kind, detail)) = adapt_value(self.target, rule, value) {
                 changes.push(Change {
                     table: self.table.clone(),
-                    row: key.clone(),
+                    row: self.render(&key),
                     column: rule.name.clone(),
                     kind,
                     detail,
@@ -166,26 +200,43 @@ impl Adapter {
             }
         }
         if check_unique {
-            for (name, positions, seen) in &mut self.unique {
+            for i in 0..self.unique.len() {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                for &p in positions.iter() {
+                for &p in &self.unique[i].1 {
                     fold_general_ci(&row[p]).hash(&mut h);
                 }
                 let folded = h.finish();
-                if let Some(first) = seen.get(&folded) {
+                if let Some(first) = self.unique[i].2.get(folded) {
                     changes.push(Change {
                         table: self.table.clone(),
-                        row: key.clone(),
-                        column: name.clone(),
+                        row: self.render(&key),
+                        column: self.unique[i].0.clone(),
                         kind: ChangeKind::UniqueCollision,
-                        detail: format!("equal to row {first} under MySQL's utf8_general_ci (case, accents and trailing spaces are ignored)"),
+                        detail: format!("equal to row {} under MySQL's utf8_general_ci (case, accents and trailing spaces are ignored)", self.render(&first)),
                     });
                 } else {
-                    seen.insert(folded, key.clone());
+                    self.unique[i].2.insert(folded, key.clone());
                 }
             }
         }
         changes
+    }
+
+    fn row_key_of(&self, row: &[Value]) -> RowKey {
+        if let [p] = self.key_positions.as_slice()
+            && let Some(Value::Int(id)) = row.get(*p)
+        {
+            return RowKey::Id(*id);
+        }
+        RowKey::Text(self.row_key(row))
+    }
+
+    /// The key as [`Self::row_key`] writes it.
+    fn render(&self, key: &RowKey) -> String {
+        match key {
+            RowKey::Id(id) => format!("{}={id}", self.columns[self.key_positions[0]].name),
+            RowKey::Text(text) => text.clone(),
+        }
     }
 
     fn row_key(&self, row: &[Value]) -> String {
@@ -453,7 +504,8 @@ mod tests {
         let c = a.adapt(&mut [Value::Int(2), Value::Text("cafe  ".into())], true);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].kind, ChangeKind::UniqueCollision);
-        assert!(c[0].detail.contains("id=1"), "{}", c[0].detail);
+        assert!(c[0].detail.contains("row id=1 "), "{}", c[0].detail);
+        assert_eq!(c[0].row, "id=2");
         // PostgreSQL and SQLite compare exactly.
         let mut p = Adapter::new(Engine::Postgres, &src, &src);
         assert!(

@@ -275,6 +275,20 @@ pub fn create_statements(
     if target == Engine::Mysql {
         out.extend(add_mysql_keys(table, name));
     } else {
+        if target == Engine::Postgres && !table.primary_key.is_empty() {
+            // Built by one sort after the load, as pg_dump's scripts do,
+            // instead of one index insertion per row.
+            let cols: Vec<String> = table
+                .primary_key
+                .iter()
+                .map(|c| quote_ident(target, c))
+                .collect();
+            out.push(format!(
+                "ALTER TABLE {} ADD PRIMARY KEY ({})",
+                quote_ident(target, name),
+                cols.join(",")
+            ));
+        }
         out.extend(create_indexes(target, table, name));
     }
     Ok(out)
@@ -289,7 +303,8 @@ fn create_table(source: Engine, target: Engine, table: &Table, name: &str) -> St
         .iter()
         .map(|c| column_def(source, target, table, c))
         .collect();
-    if !table.primary_key.is_empty() && !inline_pk {
+    // PostgreSQL's primary key comes after the load (`create_statements`).
+    if !table.primary_key.is_empty() && !inline_pk && target != Engine::Postgres {
         let cols: Vec<String> = table
             .primary_key
             .iter()
@@ -515,10 +530,14 @@ mod tests {
         .unwrap();
         assert_eq!(
             stmts[0],
-            "CREATE TABLE \"selectors\" (\"id\" serial, \"created_at\" timestamp with time zone, \"registered_entry_id\" integer, \"type\" text, PRIMARY KEY (\"id\"))"
+            "CREATE TABLE \"selectors\" (\"id\" serial, \"created_at\" timestamp with time zone, \"registered_entry_id\" integer, \"type\" text)"
         );
         assert_eq!(
             stmts[1],
+            "ALTER TABLE \"selectors\" ADD PRIMARY KEY (\"id\")"
+        );
+        assert_eq!(
+            stmts[2],
             "CREATE UNIQUE INDEX \"idx_selector_entry\" ON \"selectors\" (\"registered_entry_id\",\"type\")"
         );
     }

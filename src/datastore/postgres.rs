@@ -267,7 +267,8 @@ impl Datastore for PostgresDatastore {
             .await?;
         }
         Ok(Box::new(Restore {
-            conn,
+            conn: Some(conn),
+            in_flight: None,
             location: self.location.clone(),
             deferred_indexes: Vec::new(),
             pending: None,
@@ -730,8 +731,15 @@ impl SnapshotRead for Snapshot {
 /// Rows go in through `COPY … FROM STDIN`, and the secondary indexes are
 /// built once the tables are full (one sort per index instead of one index
 /// insertion per row), still inside the transaction.
+///
+/// One `COPY` at a time runs on a task of its own while the caller decodes
+/// and encodes the next chunk, so the client's work and the server's overlap
+/// (on two cores, a restore otherwise waits for each in turn).
 struct Restore {
-    conn: sqlx::postgres::PgConnection,
+    /// Away while a `COPY` is in flight (see [`Restore::conn`]).
+    conn: Option<sqlx::postgres::PgConnection>,
+    /// The `COPY` in flight; it hands the connection back when done.
+    in_flight: Option<tokio::task::JoinHandle<(sqlx::postgres::PgConnection, Result<()>)>>,
     location: String,
     /// `CREATE INDEX` statements to run at commit, after the load.
     deferred_indexes: Vec<String>,
@@ -751,16 +759,53 @@ struct PendingCopy {
     data: Vec<u8>,
 }
 
-/// How much encoded row data one `COPY` carries at most (bounds memory too).
+/// How much encoded row data one `COPY` carries at most (bounds memory too:
+/// one chunk in flight, one being filled).
 const COPY_CHUNK_BYTES: usize = 4 << 20;
 
 impl Restore {
-    /// Sends the rows gathered so far.
+    /// The connection, once the `COPY` in flight (if any) has ended.
+    async fn conn(&mut self) -> Result<&mut sqlx::postgres::PgConnection> {
+        if let Some(task) = self.in_flight.take() {
+            let (conn, result) = task
+                .await
+                .map_err(|e| Error::Aborted(format!("loading rows into {}: {e}", self.location)))?;
+            self.conn = Some(conn);
+            result?;
+        }
+        self.conn.as_mut().ok_or_else(|| {
+            Error::Aborted(format!(
+                "the restore into {} lost its connection to an earlier failure",
+                self.location
+            ))
+        })
+    }
+
+    /// Sends the rows gathered so far in a `COPY` of their own, and returns
+    /// without waiting for it (after the previous one has ended).
     async fn flush_copy(&mut self) -> Result<()> {
         if let Some(p) = self.pending.take() {
-            copy_in(&mut self.conn, &p.table, &p.columns, p.data, &self.location).await?;
+            self.conn().await?;
+            let Some(mut conn) = self.conn.take() else {
+                unreachable!("Restore::conn returned it")
+            };
+            let location = self.location.clone();
+            self.in_flight = Some(tokio::spawn(async move {
+                let result = copy_in(&mut conn, &p.table, &p.columns, p.data, &location).await;
+                (conn, result)
+            }));
         }
         Ok(())
+    }
+}
+
+impl Drop for Restore {
+    /// A restore dropped before its commit: the `COPY` in flight stops, its
+    /// connection closes, and the server rolls the transaction back.
+    fn drop(&mut self) {
+        if let Some(task) = &self.in_flight {
+            task.abort();
+        }
     }
 }
 
@@ -774,10 +819,11 @@ impl RestoreWrite for Restore {
         self.flush_copy().await?;
         let mut statements =
             ddl::create_statements(source, Engine::Postgres, table, &table.name)?.into_iter();
-        // The first statement creates the table (with its primary key); the
+        // The first statement creates the table; the others add its primary key and
         // others are its indexes.
         if let Some(create) = statements.next() {
-            exec_on(&mut self.conn, &create, &self.location).await?;
+            let location = self.location.clone();
+            exec_on(self.conn().await?, &create, &location).await?;
         }
         self.deferred_indexes.extend(statements);
         Ok(())
@@ -817,8 +863,11 @@ impl RestoreWrite for Restore {
 
     async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome> {
         self.flush_copy().await?;
-        for sql in std::mem::take(&mut self.deferred_indexes) {
-            exec_on(&mut self.conn, &sql, &self.location).await?;
+        let location = self.location.clone();
+        let indexes = std::mem::take(&mut self.deferred_indexes);
+        let conn = self.conn().await?;
+        for sql in indexes {
+            exec_on(conn, &sql, &location).await?;
         }
         // Rows were loaded with explicit ids: move each serial's sequence past them.
         for t in tables {
@@ -832,11 +881,11 @@ impl RestoreWrite for Restore {
                     tq.replace('\'', "''"),
                     c.name.replace('\'', "''"),
                 );
-                exec_on(&mut self.conn, &sql, &self.location).await?;
+                exec_on(conn, &sql, &location).await?;
             }
         }
         crate::testpoint::pause("restore.mid_swap").await;
-        exec_on(&mut self.conn, "COMMIT", &self.location).await?;
+        exec_on(conn, "COMMIT", &location).await?;
         Ok(CommitOutcome::default())
     }
 }

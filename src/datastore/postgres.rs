@@ -819,8 +819,8 @@ impl RestoreWrite for Restore {
         self.flush_copy().await?;
         let mut statements =
             ddl::create_statements(source, Engine::Postgres, table, &table.name)?.into_iter();
-        // The first statement creates the table; the others add its primary key and
-        // others are its indexes.
+        // The first statement creates the table; the others add its primary
+        // key and its indexes, after the load.
         if let Some(create) = statements.next() {
             let location = self.location.clone();
             exec_on(self.conn().await?, &create, &location).await?;

@@ -24,7 +24,7 @@
 //!    failure or a kill before the commit leaves the target as it was.
 //!    The snapshot is read once: each object's size, SHA-256, row count and
 //!    content hash are checked as its rows stream into staging, and the
-//!    commit is refused if any of them, or a table's row count, disagrees.
+//!    commit is refused if any of them disagrees.
 //! 3. After the commit the auto-increment sequences are checked to continue
 //!    past the restored ids (the largest ids are taken from the rows as they
 //!    went in). With [`RestoreOptions::read_back`] (verify's restore drill,
@@ -1170,6 +1170,11 @@ where
 
 type ReadBack = (Vec<RestoredTable>, HashMap<String, i64>, Vec<String>);
 
+/// The key of an auto-increment column in the largest-id map.
+fn id_column_key(table: &str, column: &str) -> String {
+    format!("{table}\0{column}")
+}
+
 /// The restored tables as the load put them in (every hash was checked
 /// before the commit), without reading them back.
 fn as_loaded(loaded: &Loaded) -> ReadBack {
@@ -1193,7 +1198,7 @@ fn as_loaded(loaded: &Loaded) -> ReadBack {
         .iter()
         .filter_map(|lt| {
             let (column, id) = lt.max_id.as_ref()?;
-            Some((format!("{}\0{}", lt.name, column), *id))
+            Some((id_column_key(&lt.name, column), *id))
         })
         .collect();
     (tables, max_ids, Vec::new())
@@ -1262,7 +1267,7 @@ async fn read_back_in(
         })
         .await?;
         if let (Some(p), Some(m)) = (id_at, max_id) {
-            max_ids.insert(format!("{}\0{}", lt.name, source.columns[p].name), m);
+            max_ids.insert(id_column_key(&lt.name, &source.columns[p].name), m);
         }
         let got = hasher.current();
         let ok = got == lt.expected;
@@ -1307,7 +1312,7 @@ async fn check_sequences(
         .filter(|t| !is_staging_table(&t.name))
     {
         for c in table.columns.iter().filter(|c| c.auto_increment) {
-            let max_id = max_ids.get(&format!("{}\0{}", table.name, c.name)).copied();
+            let max_id = max_ids.get(&id_column_key(&table.name, &c.name)).copied();
             let mut check = SequenceCheck {
                 table: table.name.clone(),
                 column: c.name.clone(),

@@ -1386,7 +1386,12 @@ async fn agent_sigterm_lets_the_running_backup_finish() {
     let out = agent.stop(1);
     assert_eq!(out.status.code(), Some(0), "pid {pid}: {}", stderr(&out));
     let ids = t.snapshot_ids().await;
-    assert_eq!(ids.len(), 1, "the running backup completed");
+    assert_eq!(
+        ids.len(),
+        1,
+        "the running backup completed: {}",
+        stderr(&out)
+    );
     assert_eq!(
         Manifest::load(&t.repo, &ids[0]).await.unwrap().total_rows(),
         fx.counts.total()

@@ -765,3 +765,78 @@ async fn a_failed_part_is_aborted_before_the_error_is_returned() {
     );
     drop(upload);
 }
+
+/// Regression (CI, `agent_sigterm_lets_the_running_backup_finish`): a first
+/// SIGTERM that reached the agent while its lease was being written dropped
+/// the lock request half way, so the job that had the lock never ran (and a
+/// lease could be left that nobody released). A signal now only ends a
+/// *wait* for the lock: here the lease write is slow, the signal arrives
+/// during it, and the backup still runs to its end and releases the lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_signal_during_the_lease_write_lets_the_backup_run() {
+    use spirekeep::agent::{Agent, AgentConfig, Schedule};
+    use spirekeep::config::{DatastoreSource, resolve_datastore};
+    use spirekeep::snapshot::CodecOptions;
+    use spirekeep::store::lock::{LeaseState, inspect};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds.sqlite3");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/spire-datastore.sqlite3"
+        ),
+        &ds,
+    )
+    .unwrap();
+    let datastore = resolve_datastore(
+        &DatastoreSource::Connection {
+            value: ds.display().to_string(),
+            database_type: None,
+        },
+        None,
+    )
+    .unwrap();
+    let faults = FaultStore::new(Arc::new(InMemory::new()));
+    // The first put is the lease's create-only put (slow, under the 500 ms
+    // attempt timeout of quick_retries).
+    faults.inject(Op::Put, 1..=1, Fault::Delay(Duration::from_millis(400)));
+    let repo = faults.repo(quick_retries());
+    let agent = Agent::new(AgentConfig {
+        datastore,
+        repo: repo.clone(),
+        schedule: Schedule::parse("* * * * * *").unwrap(),
+        verify_schedule: None,
+        deep_verify: false,
+        retention: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        lock_ttl: Duration::from_secs(10),
+        lock_wait: Duration::from_secs(5),
+        labels: Vec::new(),
+        codec: CodecOptions::default(),
+        refresh_every: Duration::from_secs(60),
+    });
+    let (signals, listening) = tokio::sync::watch::channel(0u32);
+    let running = tokio::spawn(async move { agent.run(listening).await });
+    let started = Instant::now();
+    while faults.count(Op::Put) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no backup started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first_put = &faults.events(Op::Put)[0];
+    assert!(first_put.path.contains("lock"), "{}", first_put.path);
+    signals.send(1).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the agent stops after the running job")
+        .unwrap()
+        .unwrap();
+
+    let snapshots = list_snapshots(&repo).await.unwrap();
+    assert_eq!(snapshots.len(), 1, "the backup that held the lock ran");
+    let lease = inspect(&repo).await.unwrap().expect("a lease record");
+    assert_eq!(lease.state, LeaseState::Released, "and released the lease");
+}

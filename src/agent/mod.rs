@@ -48,7 +48,7 @@ use crate::snapshot::retention::RetentionPolicy;
 use crate::store::Repository;
 use crate::store::lease_run::LeaseRun;
 use crate::store::lock::host_name;
-use crate::store::lock::{LockOptions, RepositoryLock};
+use crate::store::lock::{LockError, LockOptions, RepositoryLock};
 pub use schedule::Schedule;
 
 /// Retention applied after each backup.
@@ -325,29 +325,29 @@ impl Agent {
         }
     }
 
-    /// Takes the repository lock; a stop signal ends the wait.
-    async fn lock(
-        &self,
-        purpose: &str,
-        signals: &mut watch::Receiver<u32>,
-    ) -> Result<RepositoryLock> {
+    /// Takes the repository lock; a stop signal ends the wait. A signal that
+    /// arrives while the lease is being written does not: the job then runs
+    /// (a first signal lets it finish), so no lease is left behind unreleased.
+    async fn lock(&self, purpose: &str, signals: &watch::Receiver<u32>) -> Result<RepositoryLock> {
         let options = LockOptions {
             purpose: purpose.to_owned(),
             ttl: self.config.lock_ttl,
             wait: self.config.lock_wait,
         };
-        tokio::select! {
-            r = RepositoryLock::acquire(&self.config.repo, &options) => Ok(r?),
-            () = shutdown::at_least(signals, 1) => Err(Error::Aborted(
+        match RepositoryLock::acquire_unless_stopped(&self.config.repo, &options, signals.clone())
+            .await
+        {
+            Ok(lock) => Ok(lock),
+            Err(LockError::Stopped) => Err(Error::Aborted(
                 "not started: stopping while waiting for the repository lock".into(),
             )),
+            Err(e) => Err(e.into()),
         }
     }
 
     async fn backup_job(&self, signals: &watch::Receiver<u32>) {
         self.set_job(Some("backup"));
-        let mut signals = signals.clone();
-        match self.lock("agent backup", &mut signals).await {
+        match self.lock("agent backup", signals).await {
             Err(Error::Aborted(why)) => tracing::warn!("scheduled backup {why}"),
             Err(e) => {
                 self.failed("scheduled backup", |i| &mut i.backup_failures, &e)
@@ -435,8 +435,7 @@ impl Agent {
 
     async fn verify_job(&self, signals: &watch::Receiver<u32>) {
         self.set_job(Some("verify"));
-        let mut signals = signals.clone();
-        match self.lock("agent verify", &mut signals).await {
+        match self.lock("agent verify", signals).await {
             Err(Error::Aborted(why)) => tracing::warn!("scheduled verification {why}"),
             Err(e) => {
                 self.failed("scheduled verification", |i| &mut i.verify_failures, &e)

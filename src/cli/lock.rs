@@ -17,7 +17,7 @@ use crate::snapshot::listing::rfc3339;
 use crate::store::Repository;
 use crate::store::lease_run::LeaseRun;
 use crate::store::lock::{
-    LeaseState, LeaseStatus, LockOptions, RepositoryLock, break_lease, inspect, readers,
+    LeaseState, LeaseStatus, LockError, LockOptions, RepositoryLock, break_lease, inspect, readers,
 };
 
 /// How to take the repository lock.
@@ -78,20 +78,24 @@ impl Held {
         purpose: &str,
         shared: bool,
     ) -> anyhow::Result<Self> {
-        let mut signals = shutdown::listen()?;
+        let signals = shutdown::listen()?;
         let options = args.options(purpose);
-        let taking = async {
-            if shared {
-                RepositoryLock::acquire_shared(repo, &options).await
-            } else {
-                RepositoryLock::acquire(repo, &options).await
-            }
+        // A signal ends the wait, but never a lease write half way (which
+        // would leave a lease nobody releases until its TTL runs out).
+        let taken = if shared {
+            RepositoryLock::acquire_shared_unless_stopped(repo, &options, signals.clone()).await
+        } else {
+            RepositoryLock::acquire_unless_stopped(repo, &options, signals.clone()).await
         };
-        let lock = tokio::select! {
-            r = taking => r.map_err(Error::from)?,
-            () = shutdown::at_least(&mut signals, 1) => {
-                return Err(Error::Aborted("interrupted while waiting for the repository lock".into()).into());
+        let lock = match taken {
+            Ok(lock) => lock,
+            Err(LockError::Stopped) => {
+                return Err(Error::Aborted(
+                    "interrupted while waiting for the repository lock".into(),
+                )
+                .into());
             }
+            Err(e) => return Err(Error::from(e).into()),
         };
         Ok(Self { lock, signals })
     }

@@ -233,8 +233,36 @@ pub enum LockError {
     #[error("invalid lock settings: {0}")]
     Invalid(String),
 
+    /// A stop signal ended the wait; no lease of ours is left behind.
+    #[error("stopped while waiting for the repository lock; nothing was started")]
+    Stopped,
+
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// The stop-signal count a waiter for the lock watches (none: wait on).
+struct StopSignal(Option<watch::Receiver<u32>>);
+
+impl StopSignal {
+    fn check(&self) -> Result<(), LockError> {
+        match &self.0 {
+            Some(rx) if *rx.borrow() > 0 => Err(LockError::Stopped),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sleeps `for_`, or ends at once with [`LockError::Stopped`] on a signal.
+    async fn pause(&mut self, for_: Duration) -> Result<(), LockError> {
+        let Some(rx) = &mut self.0 else {
+            tokio::time::sleep(for_).await;
+            return Ok(());
+        };
+        tokio::select! {
+            () = tokio::time::sleep(for_) => Ok(()),
+            () = super::lease_run::wait_for(rx, 1) => Err(LockError::Stopped),
+        }
+    }
 }
 
 impl LockError {
@@ -355,6 +383,31 @@ impl RepositoryLock {
     /// wait, [`LockError::Invalid`] for a TTL under [`MIN_TTL`], or a storage
     /// failure.
     pub async fn acquire(repo: &Repository, options: &LockOptions) -> Result<Self, LockError> {
+        Self::acquire_until(repo, options, None).await
+    }
+
+    /// [`Self::acquire`], but a stop signal (the count in `stop` reaching 1)
+    /// ends the wait with [`LockError::Stopped`]. The signal is only looked
+    /// at between attempts: once a lease write has started it runs to its
+    /// end, so a caller never leaves a lease behind that nobody releases
+    /// (dropping an `acquire` future can).
+    ///
+    /// # Errors
+    /// As [`Self::acquire`], and [`LockError::Stopped`].
+    pub async fn acquire_unless_stopped(
+        repo: &Repository,
+        options: &LockOptions,
+        stop: watch::Receiver<u32>,
+    ) -> Result<Self, LockError> {
+        Self::acquire_until(repo, options, Some(stop)).await
+    }
+
+    async fn acquire_until(
+        repo: &Repository,
+        options: &LockOptions,
+        stop: Option<watch::Receiver<u32>>,
+    ) -> Result<Self, LockError> {
+        let mut stop = StopSignal(stop);
         check_ttl(options.ttl)?;
         let started = Instant::now();
         let poll = poll_interval(options.ttl);
@@ -366,6 +419,7 @@ impl RepositoryLock {
                     wait,
                     ..options.clone()
                 },
+                &mut stop,
             )
             .await?;
             // Readers (verify) write their lease before they look at ours:
@@ -389,7 +443,8 @@ impl RepositoryLock {
                 ));
             }
             tracing::info!(holder = %reader.describe(), "repository read by another run; waiting");
-            tokio::time::sleep(poll.min(options.wait.saturating_sub(started.elapsed()))).await;
+            stop.pause(poll.min(options.wait.saturating_sub(started.elapsed())))
+                .await?;
         }
     }
 
@@ -406,12 +461,35 @@ impl RepositoryLock {
         repo: &Repository,
         options: &LockOptions,
     ) -> Result<Self, LockError> {
+        Self::acquire_shared_until(repo, options, None).await
+    }
+
+    /// [`Self::acquire_shared`], ended by a stop signal as
+    /// [`Self::acquire_unless_stopped`] is.
+    ///
+    /// # Errors
+    /// As [`Self::acquire_shared`], and [`LockError::Stopped`].
+    pub async fn acquire_shared_unless_stopped(
+        repo: &Repository,
+        options: &LockOptions,
+        stop: watch::Receiver<u32>,
+    ) -> Result<Self, LockError> {
+        Self::acquire_shared_until(repo, options, Some(stop)).await
+    }
+
+    async fn acquire_shared_until(
+        repo: &Repository,
+        options: &LockOptions,
+        stop: Option<watch::Receiver<u32>>,
+    ) -> Result<Self, LockError> {
+        let mut stop = StopSignal(stop);
         check_ttl(options.ttl)?;
         let started = Instant::now();
         let poll = poll_interval(options.ttl);
         let mut ours = LeaseRecord::new(&options.purpose, options.ttl, OffsetDateTime::now_utc());
         let key = format!("{READER_LEASES}{}.lock", ours.holder);
         loop {
+            stop.check()?;
             let holder = match live_exclusive(repo).await? {
                 Some(holder) => Some(holder),
                 None => {
@@ -455,7 +533,8 @@ impl RepositoryLock {
                     ));
                 }
                 tracing::info!(holder = %holder.describe(), "repository locked; waiting");
-                tokio::time::sleep(poll.min(options.wait.saturating_sub(started.elapsed()))).await;
+                stop.pause(poll.min(options.wait.saturating_sub(started.elapsed())))
+                    .await?;
             }
         }
     }
@@ -470,6 +549,7 @@ impl RepositoryLock {
     async fn acquire_exclusive_lease(
         repo: &Repository,
         options: &LockOptions,
+        stop: &mut StopSignal,
     ) -> Result<Self, LockError> {
         let started = Instant::now();
         let deadline = started + options.wait;
@@ -480,6 +560,7 @@ impl RepositoryLock {
         // succeeded but whose answer was lost is recognised as ours.
         let mut ours = LeaseRecord::new(&options.purpose, options.ttl, OffsetDateTime::now_utc());
         loop {
+            stop.check()?;
             let now = OffsetDateTime::now_utc();
             ours.acquired_at = now;
             ours.renewed_at = now;
@@ -562,7 +643,7 @@ impl RepositoryLock {
                                 return Ok(Self::start(repo, version, ours, write_started, false));
                             }
                             None => {
-                                tokio::time::sleep(poll.min(Duration::from_millis(200))).await;
+                                stop.pause(poll.min(Duration::from_millis(200))).await?;
                                 continue;
                             }
                         }
@@ -582,7 +663,7 @@ impl RepositoryLock {
                 return Err(LockError::held(repo, r, &waited_note(options, started)));
             }
             tracing::info!(holder = %r.describe(), "repository locked; waiting");
-            tokio::time::sleep(poll.min(left)).await;
+            stop.pause(poll.min(left)).await?;
         }
     }
 
@@ -1218,6 +1299,41 @@ mod tests {
         assert_eq!(status.state, LeaseState::Released);
         let b = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
         b.release().await.unwrap();
+    }
+
+    /// A stop signal ends a wait for a held lease at once (not at the end
+    /// of the wait), for writers and readers alike, and takes nothing.
+    #[tokio::test]
+    async fn a_stop_signal_ends_the_wait_and_takes_nothing() {
+        let repo = Repository::in_memory();
+        let holder = RepositoryLock::acquire(&repo, &opts(0)).await.unwrap();
+        let (signals, stop) = watch::channel(0u32);
+        let started = Instant::now();
+        let waiting = tokio::spawn({
+            let repo = repo.clone();
+            let stop = stop.clone();
+            async move { RepositoryLock::acquire_unless_stopped(&repo, &opts(60_000), stop).await }
+        });
+        let reading = tokio::spawn({
+            let repo = repo.clone();
+            async move {
+                RepositoryLock::acquire_shared_unless_stopped(&repo, &reading(60_000), stop).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signals.send(1).unwrap();
+        let err = waiting.await.unwrap().unwrap_err();
+        assert!(matches!(err, LockError::Stopped), "{err}");
+        let err = reading.await.unwrap().unwrap_err();
+        assert!(matches!(err, LockError::Stopped), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        holder.check().unwrap();
+        assert_eq!(
+            readers(&repo).await.unwrap().len(),
+            0,
+            "no reader lease left"
+        );
+        holder.release().await.unwrap();
     }
 
     fn reading(wait_ms: u64) -> LockOptions {

@@ -52,7 +52,7 @@ pub struct AgentArgs {
     pub labels: Vec<String>,
 
     /// zstd level (1-19).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    #[arg(long, default_value_t = crate::snapshot::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compression_level: i32,
 
     /// How often the metrics are re-read from the repository between jobs (to see other writers).

@@ -29,8 +29,8 @@ pub struct BackupArgs {
     #[arg(long = "label", value_name = "LABEL")]
     pub labels: Vec<String>,
 
-    /// zstd level (1-19). 3 is fast and compresses SPIRE data about 3:1.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    /// zstd level (1-19). 1 is fastest and compresses SPIRE data about 3.4:1 (3 saves 1 % for 1.7 times the CPU).
+    #[arg(long, default_value_t = crate::snapshot::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compression_level: i32,
 
     /// zstd worker threads (0 compresses on the encoding thread).

@@ -246,6 +246,14 @@ fn restore_busy(location: &str) -> crate::error::Error {
     ))
 }
 
+/// Slow statements are what spirekeep runs (a whole table read for a
+/// backup, an index build at a restore's commit): sqlx's warning for each
+/// one that takes over a second would only clutter the user's output, so it
+/// is logged at debug level (`SPIREKEEP_LOG=sqlx=debug` shows it).
+fn quiet_slow_statements<O: sqlx::ConnectOptions>(options: O) -> O {
+    options.log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1))
+}
+
 /// Opens a datastore from a parsed connection spec.
 ///
 /// # Errors

@@ -27,16 +27,16 @@ pub(crate) struct MysqlDatastore {
 impl MysqlDatastore {
     pub(crate) async fn open(spec: &MysqlSpec) -> Result<Self> {
         let location = spec.display.clone();
+        let options = super::quiet_slow_statements(spec.options.clone());
         // Connect once directly: a pool reports a refused connection or a bad
         // password only as "pool timed out", which tells the user nothing.
-        let probe =
-            tokio::time::timeout(std::time::Duration::from_secs(15), spec.options.connect())
-                .await
-                .map_err(|_| Error::Unreachable {
-                    location: location.clone(),
-                    detail: "no answer within 15 s".into(),
-                })?
-                .map_err(|e| classify(&e, &location))?;
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(15), options.connect())
+            .await
+            .map_err(|_| Error::Unreachable {
+                location: location.clone(),
+                detail: "no answer within 15 s".into(),
+            })?
+            .map_err(|e| classify(&e, &location))?;
         probe.close().await.map_err(|e| classify(&e, &location))?;
         let registry = location.clone();
         let pool = MySqlPoolOptions::new()
@@ -57,7 +57,7 @@ impl MysqlDatastore {
                     Ok(())
                 })
             })
-            .connect_with(spec.options.clone())
+            .connect_with(options)
             .await
             .map_err(|e| classify(&e, &location))?;
         Ok(Self { pool, location })

@@ -31,10 +31,11 @@ impl PostgresDatastore {
     pub(crate) async fn open(spec: &PostgresSpec) -> Result<Self> {
         let location = spec.display.clone();
         // Every connection of this process says so (see `other_sessions`).
-        let options = spec
-            .options
-            .clone()
-            .application_name(own_application_name());
+        let options = super::quiet_slow_statements(
+            spec.options
+                .clone()
+                .application_name(own_application_name()),
+        );
         // Connect once directly: a pool reports a refused connection or a bad
         // password only as "pool timed out", which tells the user nothing.
         let probe = tokio::time::timeout(std::time::Duration::from_secs(15), options.connect())

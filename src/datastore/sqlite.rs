@@ -42,10 +42,12 @@ impl SqliteDatastore {
                 why: "it is a directory, not a SQLite file".into(),
             });
         }
-        let options = SqliteConnectOptions::new()
-            .filename(&spec.path)
-            .read_only(mode == OpenMode::ReadOnly)
-            .create_if_missing(mode == OpenMode::Create);
+        let options = super::quiet_slow_statements(
+            SqliteConnectOptions::new()
+                .filename(&spec.path)
+                .read_only(mode == OpenMode::ReadOnly)
+                .create_if_missing(mode == OpenMode::Create),
+        );
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -703,6 +705,64 @@ impl RestoreWrite for Restore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a test's tracing events printed.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Regression: every statement over a second (an index build at a
+    /// restore's commit) printed sqlx's "slow statement" warning into the
+    /// user's output. It is a debug event now.
+    #[tokio::test]
+    async fn a_slow_statement_is_no_warning() {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        // Global: SQLite statements run (and are logged) on sqlx's worker
+        // thread. No other test of this binary installs a subscriber.
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_writer(move || sink.clone())
+                .finish(),
+        )
+        .expect("the only global subscriber of the unit tests");
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SqliteSpec {
+            path: dir.path().join("slow.sqlite3"),
+        };
+        let ds = SqliteDatastore::open(&spec, OpenMode::Create)
+            .await
+            .unwrap();
+        // Longer and longer until one statement takes over the 1 s threshold.
+        let mut n = 1_000_000u64;
+        loop {
+            let started = std::time::Instant::now();
+            ds.execute_script(&format!(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {n}) \
+                 SELECT count(*) FROM c"
+            ))
+            .await
+            .unwrap();
+            if started.elapsed() > std::time::Duration::from_millis(1_500) {
+                break;
+            }
+            n *= 2;
+            assert!(n < 1 << 34, "no statement took over a second");
+        }
+        ds.close().await;
+        let printed = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(!printed.contains("slow statement"), "{printed}");
+    }
 
     /// The bulk read path decodes every storage class exactly as the
     /// driver path does, for every column kind.

@@ -98,7 +98,11 @@ fn fixed_manifest() -> Manifest {
         started_at: datetime!(2026-11-28 09:30:00.123456 UTC),
         finished_at: datetime!(2026-11-28 09:30:07 UTC),
         labels: vec!["pre-upgrade".into(), "plan:upgrade-1.14".into()],
-        data_format: DataFormat::current(&CodecOptions::default()),
+        // A fixed level: the golden file records this manifest, not the default.
+        data_format: DataFormat::current(&CodecOptions {
+            level: 3,
+            workers: 0,
+        }),
         catalogue: Catalogue {
             tables: vec![migrations_table(), entries],
         },
@@ -177,7 +181,11 @@ async fn write_golden_repo(repo: &Repository) {
         started_at: datetime!(2026-11-28 09:30:00 UTC),
         finished_at: datetime!(2026-11-28 09:30:01 UTC),
         labels: vec!["golden".into()],
-        data_format: DataFormat::current(&CodecOptions::default()),
+        // A fixed level: the golden file records this manifest, not the default.
+        data_format: DataFormat::current(&CodecOptions {
+            level: 3,
+            workers: 0,
+        }),
         catalogue: Catalogue {
             tables: tables.iter().map(|(t, _)| t.clone()).collect(),
         },

@@ -22,7 +22,7 @@ ENGINES=(${ENGINES[*]})
 
 # shellcheck source=scripts/test-services.sh
 source scripts/test-services.sh >/dev/null
-cargo build --release --quiet --bin spirekeep --example generate
+cargo build --release --quiet --features testkit --bin spirekeep --example generate
 SK="$PWD/target/release/spirekeep"
 GEN="$PWD/target/release/examples/generate"
 PW="$SPIREKEEP_TEST_PASSWORD"

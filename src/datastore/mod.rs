@@ -6,15 +6,20 @@
 //! above it in generic code. Only the files in this module import a database
 //! driver.
 
+mod batches;
 mod catalogue;
 pub mod ddl;
 mod driver_error;
 pub mod dsn;
+mod limits;
 mod mysql;
 mod postgres;
 pub mod spire_conf;
 mod sql;
 mod sqlite;
+// Test data only: built for the library's own tests and with the `testkit`
+// feature (the integration tests, benchmarks and examples turn it on).
+#[cfg(any(test, feature = "testkit"))]
 #[doc(hidden)]
 pub mod testkit;
 pub mod timefmt;
@@ -24,6 +29,7 @@ use async_trait::async_trait;
 
 pub use catalogue::{Catalogue, Column, Index, Table};
 pub use dsn::{ConnectionSpec, Engine, OpenMode};
+pub use limits::{TimestampPrecision, ValueLimits};
 pub use value::{ColumnKind, Value};
 
 use crate::error::Result;
@@ -281,24 +287,23 @@ pub fn quote_ident(engine: Engine, name: &str) -> String {
 /// up writing nothing (a dry run, a refused restore) can take it away again
 /// with every side file the engine made.
 #[derive(Debug)]
-pub struct CreatedByOpen(std::path::PathBuf);
+pub struct CreatedByOpen(Vec<std::path::PathBuf>);
 
 impl CreatedByOpen {
     /// What opening `spec` would create, if anything.
     #[must_use]
     pub fn predict(spec: &ConnectionSpec) -> Option<Self> {
-        match spec {
-            ConnectionSpec::Sqlite(s) if !s.path.exists() => Some(Self(s.path.clone())),
+        let files = spec.local_files();
+        match files.first() {
+            Some(main) if !main.exists() => Some(Self(files)),
             _ => None,
         }
     }
 
     /// Removes it again (close the datastore first); what is already gone is fine.
     pub fn remove(&self) {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let mut p = self.0.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
+        for file in &self.0 {
+            let _ = std::fs::remove_file(file);
         }
     }
 }

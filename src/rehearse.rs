@@ -16,7 +16,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::process::{Child, Command};
 
-use crate::datastore::{self, ConnectionSpec, Datastore, OpenMode, Value, dsn, quote_ident};
+use crate::datastore::{self, ConnectionSpec, Datastore, OpenMode, Value, quote_ident};
 use crate::error::{Error, Result};
 use crate::inspect::read_migrations;
 use crate::snapshot::TableReader;
@@ -31,8 +31,8 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "rehearsal.spirekeep.invalid";
 
 /// Where a rehearsal restores to.
 pub enum Scratch {
-    /// A temporary SQLite file, deleted afterwards.
-    TemporarySqlite,
+    /// A temporary file datastore ([`ConnectionSpec::scratch_file`]), deleted afterwards.
+    TemporaryFile,
     /// An empty datastore given by the operator: the connection string as
     /// SPIRE takes it, and its parsed form. Every table in it is dropped
     /// afterwards.
@@ -120,12 +120,13 @@ pub async fn rehearse(
     let work = make_work_dir(id)?;
 
     let (spec, connection_string) = match &options.scratch {
-        Scratch::TemporarySqlite => {
-            let path = work.0.join("datastore.sqlite3");
-            (
-                ConnectionSpec::Sqlite(dsn::SqliteSpec { path: path.clone() }),
-                path.display().to_string(),
-            )
+        Scratch::TemporaryFile => {
+            let spec = ConnectionSpec::scratch_file(&work.0, "datastore");
+            let connection_string = spec
+                .local_files()
+                .first()
+                .map_or_else(|| spec.redacted(), |p| p.display().to_string());
+            (spec, connection_string)
         }
         Scratch::Given {
             connection_string,
@@ -133,7 +134,7 @@ pub async fn rehearse(
         } => ((**spec).clone(), connection_string.clone()),
     };
     let scratch_display = match &options.scratch {
-        Scratch::TemporarySqlite => format!("{} (temporary, deleted)", spec.redacted()),
+        Scratch::TemporaryFile => format!("{} (temporary, deleted)", spec.redacted()),
         Scratch::Given { .. } => spec.redacted(),
     };
 

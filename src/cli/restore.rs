@@ -518,11 +518,10 @@ fn print_report(r: &RestoreReport) {
     println!(
         "  auto-increment: {checked} of {} sequences checked to continue past the restored ids{}",
         r.sequences.len(),
-        if r.plan.target_engine == crate::datastore::Engine::Mysql {
-            " (InnoDB keeps AUTO_INCREMENT past the largest id on its own)"
-        } else {
-            ""
-        }
+        r.plan
+            .target_engine
+            .auto_increment_note()
+            .map_or(String::new(), |note| format!(" ({note})"))
     );
     for w in &r.warnings {
         println!("  warning: {w}");

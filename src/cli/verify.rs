@@ -158,7 +158,7 @@ async fn rehearse(args: &VerifyArgs, json: bool) -> anyhow::Result<u8> {
                 spec: Box::new(spec),
             }
         }
-        None => Scratch::TemporarySqlite,
+        None => Scratch::TemporaryFile,
     };
     let options = RehearsalOptions {
         spire_server: args.spire_server.clone().unwrap_or_default(),

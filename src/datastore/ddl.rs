@@ -455,6 +455,51 @@ fn portable_type(source: Engine, target: Engine, table: &Table, c: &Column, big:
     s.to_string()
 }
 
+/// `table` as the target will declare it: the column types come from the
+/// very `CREATE TABLE` the restore runs ([`create_statements`]), so the
+/// preflight checks against exactly what the target will hold.
+#[must_use]
+pub fn target_shape(source: Engine, target: Engine, table: &Table) -> Table {
+    let mut shape = table.clone();
+    if source == target {
+        return shape;
+    }
+    // A catalogue the DDL refuses is refused by the manifest check first.
+    let statements = create_statements(source, target, table, &table.name).unwrap_or_default();
+    if let Some(create) = statements.first() {
+        for c in &mut shape.columns {
+            if let Some(t) = declared_type_in(create, target, &c.name) {
+                c.declared_type = t;
+            }
+        }
+    }
+    shape.create_sql = None;
+    shape
+}
+
+/// The type `create` (a statement rendered here: column definitions
+/// joined by `", "`) declares for `column`, without NULL, NOT NULL or
+/// AUTO_INCREMENT.
+fn declared_type_in(create: &str, engine: Engine, column: &str) -> Option<String> {
+    let q = quote_ident(engine, column);
+    let start = [format!("({q} "), format!(", {q} ")]
+        .iter()
+        .find_map(|p| create.find(p.as_str()).map(|i| i + p.len()))?;
+    let rest = &create[start..];
+    let end = rest.find(", ").or_else(|| rest.rfind(')'))?;
+    let mut ty = rest[..end].trim();
+    loop {
+        let before = ty;
+        for suffix in [" NOT NULL", " NULL", " AUTO_INCREMENT"] {
+            ty = ty.strip_suffix(suffix).unwrap_or(ty);
+        }
+        if ty == before {
+            break;
+        }
+    }
+    (!ty.is_empty()).then(|| ty.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,5 +697,72 @@ mod tests {
         assert!(!is_plain_identifier("1abc"));
         assert!(!is_plain_identifier(&"a".repeat(65)));
         assert!(!is_plain_identifier("a b"));
+    }
+
+    fn shape_table() -> Table {
+        let col = |name: &str, ty: &str, kind, nullable, ai| Column {
+            name: name.into(),
+            declared_type: ty.into(),
+            kind,
+            nullable,
+            auto_increment: ai,
+        };
+        Table {
+            name: "selectors".into(),
+            columns: vec![
+                col("id", "integer", ColumnKind::Integer, false, true),
+                col("created_at", "datetime", ColumnKind::Timestamp, true, false),
+                col(
+                    "registered_entry_id",
+                    "integer",
+                    ColumnKind::Integer,
+                    true,
+                    false,
+                ),
+                col("type", "varchar(255)", ColumnKind::Text, false, false),
+                col("expiry", "bigint", ColumnKind::Integer, true, false),
+            ],
+            primary_key: vec!["id".into()],
+            indexes: vec![Index {
+                name: "idx_selector_entry".into(),
+                columns: vec!["registered_entry_id".into(), "type".into()],
+                unique: true,
+            }],
+            create_sql: Some("CREATE TABLE \"selectors\" (...)".into()),
+        }
+    }
+
+    fn types(t: &Table) -> Vec<&str> {
+        t.columns.iter().map(|c| c.declared_type.as_str()).collect()
+    }
+
+    #[test]
+    fn target_shape_reads_the_ddl_that_will_run() {
+        let t = shape_table();
+        assert_eq!(
+            types(&target_shape(Engine::Sqlite, Engine::Mysql, &t)),
+            vec![
+                "int unsigned",
+                "datetime",
+                "int unsigned",
+                "varchar(255)",
+                "bigint"
+            ]
+        );
+        assert_eq!(
+            types(&target_shape(Engine::Sqlite, Engine::Postgres, &t)),
+            vec![
+                "serial",
+                "timestamp with time zone",
+                "integer",
+                "text",
+                "bigint"
+            ]
+        );
+        // The same engine keeps the catalogue's own types.
+        assert_eq!(
+            types(&target_shape(Engine::Sqlite, Engine::Sqlite, &t)),
+            types(&t)
+        );
     }
 }

@@ -147,6 +147,34 @@ impl ConnectionSpec {
         }
     }
 
+    /// A throwaway datastore in a file in `dir`, named `stem` (SQLite: it
+    /// holds every value as given and needs no server), for a restore drill or
+    /// a rehearsal that was given no scratch database.
+    #[must_use]
+    pub fn scratch_file(dir: &Path, stem: &str) -> Self {
+        Self::Sqlite(SqliteSpec {
+            path: dir.join(format!("{stem}.sqlite3")),
+        })
+    }
+
+    /// The files on this machine that hold the datastore: a SQLite file and the
+    /// side files the engine keeps next to it (`-wal`, `-shm`, `-journal`),
+    /// whether or not they exist now. None for a database server.
+    #[must_use]
+    pub fn local_files(&self) -> Vec<PathBuf> {
+        match self {
+            Self::Sqlite(s) => ["", "-wal", "-shm", "-journal"]
+                .iter()
+                .map(|suffix| {
+                    let mut p = s.path.clone().into_os_string();
+                    p.push(suffix);
+                    PathBuf::from(p)
+                })
+                .collect(),
+            Self::Postgres(_) | Self::Mysql(_) => Vec::new(),
+        }
+    }
+
     /// Where it points, without any password: safe for logs, errors and `--json`.
     #[must_use]
     pub fn redacted(&self) -> String {

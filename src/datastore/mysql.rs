@@ -4,18 +4,18 @@
 
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlRow};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, MySql, QueryBuilder, Row, ValueRef};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, MySql, Row, ValueRef};
 
 use super::NextId;
+use super::batches::{ConsumerStopped, RowBatcher, insert_values};
 use super::catalogue::{Catalogue, Column, Index, Table};
-use super::driver_error::{classify, rows_per_statement};
+use super::driver_error::classify;
 use super::dsn::{Engine, MysqlSpec};
-use super::sql::{insert_head, select_all_sql};
+use super::sql::select_all_sql;
 use super::timefmt::{format_mysql_datetime, parse_mysql_datetime};
 use super::{
-    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite,
-    RowBatch, STAGING_PREFIXES, SnapshotRead, Value, ddl, is_staging_table, quote_ident,
-    restore_busy,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, RestoreWrite, RowBatch,
+    STAGING_PREFIXES, SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
 };
 use crate::error::{Error, Result};
 
@@ -475,28 +475,27 @@ async fn insert_on(
     rows: &[Vec<Value>],
     location: &str,
 ) -> Result<()> {
-    let head = insert_head(Engine::Mysql, table, columns);
-    for chunk in rows.chunks(rows_per_statement(columns.len())) {
-        let mut qb: QueryBuilder<MySql> = QueryBuilder::new(head.clone());
-        qb.push_values(chunk, |mut b, row| {
-            for v in row {
-                match v {
-                    Value::Null => b.push_bind(Option::<i64>::None),
-                    Value::Bool(x) => b.push_bind(*x),
-                    Value::Int(x) => b.push_bind(*x),
-                    Value::Float(x) => b.push_bind(*x),
-                    Value::Text(x) => b.push_bind(x.as_str()),
-                    Value::Bytes(x) => b.push_bind(x.as_slice()),
-                    Value::Timestamp(t) => b.push_bind(format_mysql_datetime(*t)),
-                };
-            }
-        });
-        qb.build()
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| classify(&e, location))?;
-    }
-    Ok(())
+    insert_values::<MySql, _>(
+        conn,
+        Engine::Mysql,
+        table,
+        columns,
+        rows,
+        location,
+        |b, v, _| {
+            match v {
+                Value::Null => b.push_bind(Option::<i64>::None),
+                Value::Bool(x) => b.push_bind(*x),
+                Value::Int(x) => b.push_bind(*x),
+                Value::Float(x) => b.push_bind(*x),
+                Value::Text(x) => b.push_bind(x.as_str()),
+                Value::Bytes(x) => b.push_bind(x.as_slice()),
+                Value::Timestamp(t) => b.push_bind(format_mysql_datetime(*t)),
+            };
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// Streams `table` from `conn` into `out` in batches (see [`SnapshotRead::stream_rows`]).
@@ -510,29 +509,13 @@ async fn stream_on(
     let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
     let sql = select_all_sql(Engine::Mysql, table, select_expr);
     let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn);
-    let mut batch: RowBatch = Vec::with_capacity(ROW_BATCH);
-    let mut count = 0u64;
+    let stopped = |e: ConsumerStopped| e.reading(&table.name);
+    let mut batcher = RowBatcher::new(out);
     while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
-        batch.push(decode_row(&row, &kinds).map_err(|e| classify(&e, location))?);
-        count += 1;
-        if batch.len() == ROW_BATCH {
-            out.send(std::mem::take(&mut batch)).await.map_err(|_| {
-                Error::Aborted(format!(
-                    "reading {}: the consumer of the rows stopped",
-                    table.name
-                ))
-            })?;
-        }
+        let values = decode_row(&row, &kinds).map_err(|e| classify(&e, location))?;
+        batcher.push(values).await.map_err(stopped)?;
     }
-    if !batch.is_empty() {
-        out.send(batch).await.map_err(|_| {
-            Error::Aborted(format!(
-                "reading {}: the consumer of the rows stopped",
-                table.name
-            ))
-        })?;
-    }
-    Ok(count)
+    batcher.finish().await.map_err(stopped)
 }
 
 /// Runs one statement on a dedicated connection.

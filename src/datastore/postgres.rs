@@ -5,20 +5,19 @@ mod copy_binary;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{
-    AssertSqlSafe, ConnectOptions, Connection, Postgres, QueryBuilder, Row, TypeInfo, ValueRef,
-};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, TypeInfo, ValueRef};
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 use super::NextId;
+use super::batches::{ConsumerStopped, RowBatcher, insert_values};
 use super::catalogue::{Catalogue, Column, Index, Table};
-use super::driver_error::{classify, rows_per_statement};
+use super::driver_error::classify;
 use super::dsn::{Engine, PostgresSpec};
-use super::sql::{insert_head, select_all_sql};
+use super::sql::select_all_sql;
 use super::timefmt::parse_sqlite_datetime;
 use super::{
-    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, ROW_BATCH, RestoreWrite,
-    RowBatch, SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, RestoreWrite, RowBatch,
+    SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
 };
 use crate::error::{Error, Result};
 
@@ -475,29 +474,16 @@ async fn insert_on(
     rows: &[Vec<Value>],
     location: &str,
 ) -> Result<()> {
-    let head = insert_head(Engine::Postgres, table, columns);
-    for chunk in rows.chunks(rows_per_statement(columns.len())) {
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(head.clone());
-        let mut bad: Option<String> = None;
-        qb.push_values(chunk, |mut b, row| {
-            for (v, (cname, kind)) in row.iter().zip(columns) {
-                if let Err(msg) = push_pg(&mut b, v, *kind) {
-                    bad.get_or_insert_with(|| format!("{table}.{cname}: {msg}"));
-                }
-            }
-        });
-        if let Some(msg) = bad {
-            return Err(Error::Database {
-                location: location.to_string(),
-                detail: msg,
-            });
-        }
-        qb.build()
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| classify(&e, location))?;
-    }
-    Ok(())
+    insert_values::<Postgres, _>(
+        conn,
+        Engine::Postgres,
+        table,
+        columns,
+        rows,
+        location,
+        push_pg,
+    )
+    .await
 }
 
 /// Loads `data` (rows in COPY's text format, see [`copy_text`]) into `table`
@@ -664,33 +650,20 @@ async fn stream_on(
         location: location.to_string(),
         detail: format!("reading table {} through COPY: {e}", table.name),
     };
-    let stopped = || {
-        Error::Aborted(format!(
-            "reading {}: the consumer of the rows stopped",
-            table.name
-        ))
-    };
-    let mut batch: RowBatch = Vec::with_capacity(ROW_BATCH);
-    let mut count = 0u64;
+    let stopped = |e: ConsumerStopped| e.reading(&table.name);
+    let mut batcher = RowBatcher::new(out);
     while let Some(chunk) = stream
         .try_next()
         .await
         .map_err(|e| classify(&e, location))?
     {
-        decoder.feed(&chunk, &mut batch).map_err(malformed)?;
-        if batch.len() >= ROW_BATCH {
-            count += batch.len() as u64;
-            out.send(std::mem::replace(&mut batch, Vec::with_capacity(ROW_BATCH)))
-                .await
-                .map_err(|_| stopped())?;
-        }
+        decoder
+            .feed(&chunk, batcher.batch_mut())
+            .map_err(malformed)?;
+        batcher.send_if_full().await.map_err(stopped)?;
     }
     decoder.finish().map_err(malformed)?;
-    if !batch.is_empty() {
-        count += batch.len() as u64;
-        out.send(batch).await.map_err(|_| stopped())?;
-    }
-    Ok(count)
+    batcher.finish().await.map_err(stopped)
 }
 
 /// Runs one statement on a dedicated connection.

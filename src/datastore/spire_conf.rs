@@ -64,9 +64,10 @@ pub struct ServerLayout {
     pub keys_path: Option<PathBuf>,
     /// The KeyManager as configured.
     pub key_manager: KeyManagerConfig,
-    /// The SQLite datastore file, when the datastore is SQLite (the datastore
-    /// snapshot covers it, so a copy of the data dir leaves it out).
-    pub sqlite_path: Option<PathBuf>,
+    /// The files that hold the datastore, when it lives on this disk (a
+    /// SQLite file and its side files): the datastore snapshot covers them,
+    /// so a copy of the data dir leaves them out. Empty for a database server.
+    pub datastore_files: Vec<PathBuf>,
 }
 
 impl SpireDatastoreConfig {
@@ -86,10 +87,10 @@ impl SpireDatastoreConfig {
     #[must_use]
     pub fn server_layout(&self, workdir: &Path) -> ServerLayout {
         let resolve = |p: &str| normalize(&workdir.join(p));
-        let sqlite_path = match self.connection(workdir) {
-            Ok(ConnectionSpec::Sqlite(s)) => Some(normalize(&s.path)),
-            _ => None,
-        };
+        let datastore_files = self
+            .connection(workdir)
+            .map(|spec| spec.local_files().iter().map(|p| normalize(p)).collect())
+            .unwrap_or_default();
         ServerLayout {
             data_dir: self.data_dir.as_deref().map(resolve),
             keys_path: match &self.key_manager {
@@ -97,7 +98,7 @@ impl SpireDatastoreConfig {
                 _ => None,
             },
             key_manager: self.key_manager.clone(),
-            sqlite_path,
+            datastore_files,
         }
     }
 }
@@ -600,8 +601,9 @@ plugins {
             Some(PathBuf::from("/opt/spire/.data/keys.json"))
         );
         assert_eq!(
-            layout.sqlite_path,
-            Some(PathBuf::from("/opt/spire/.data/datastore.sqlite3"))
+            layout.datastore_files,
+            ["", "-wal", "-shm", "-journal"]
+                .map(|s| PathBuf::from(format!("/opt/spire/.data/datastore.sqlite3{s}")))
         );
         // Absolute paths stay as written; `plugin_data = { ... }` works too.
         let abs = SAMPLE
@@ -645,8 +647,8 @@ plugins {
             parse(&pg)
                 .unwrap()
                 .server_layout(Path::new("/x"))
-                .sqlite_path,
-            None
+                .datastore_files,
+            Vec::<PathBuf>::new()
         );
     }
 

@@ -7,13 +7,14 @@ mod bulk_read;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, TypeInfo, ValueRef};
+use sqlx::{AssertSqlSafe, Row, Sqlite, TypeInfo, ValueRef};
 
 use super::NextId;
+use super::batches::insert_values;
 use super::catalogue::{Catalogue, Column, Index, Table};
-use super::driver_error::{classify, rows_per_statement};
+use super::driver_error::classify;
 use super::dsn::{Engine, OpenMode, SqliteSpec};
-use super::sql::{insert_head, select_all_sql};
+use super::sql::select_all_sql;
 use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
 use super::{
     ColumnKind, CommitOutcome, Datastore, LiveSession, RestoreWrite, RowBatch, SnapshotRead, Value,
@@ -553,28 +554,27 @@ async fn insert_on(
     rows: &[Vec<Value>],
     location: &str,
 ) -> Result<()> {
-    let head = insert_head(Engine::Sqlite, table, columns);
-    for chunk in rows.chunks(rows_per_statement(columns.len())) {
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(head.clone());
-        qb.push_values(chunk, |mut b, row| {
-            for v in row {
-                match v {
-                    Value::Null => b.push_bind(Option::<i64>::None),
-                    Value::Bool(x) => b.push_bind(*x),
-                    Value::Int(x) => b.push_bind(*x),
-                    Value::Float(x) => b.push_bind(*x),
-                    Value::Text(x) => b.push_bind(x.as_str()),
-                    Value::Bytes(x) => b.push_bind(x.as_slice()),
-                    Value::Timestamp(t) => b.push_bind(format_sqlite_datetime(*t)),
-                };
-            }
-        });
-        qb.build()
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| classify(&e, location))?;
-    }
-    Ok(())
+    insert_values::<Sqlite, _>(
+        conn,
+        Engine::Sqlite,
+        table,
+        columns,
+        rows,
+        location,
+        |b, v, _| {
+            match v {
+                Value::Null => b.push_bind(Option::<i64>::None),
+                Value::Bool(x) => b.push_bind(*x),
+                Value::Int(x) => b.push_bind(*x),
+                Value::Float(x) => b.push_bind(*x),
+                Value::Text(x) => b.push_bind(x.as_str()),
+                Value::Bytes(x) => b.push_bind(x.as_slice()),
+                Value::Timestamp(t) => b.push_bind(format_sqlite_datetime(*t)),
+            };
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// Runs one statement on a dedicated connection.

@@ -298,7 +298,7 @@ pub async fn rehearse_first_hop(
         return Ok(None);
     };
     let scratch = match &r.scratch_env {
-        None => Scratch::TemporarySqlite,
+        None => Scratch::TemporaryFile,
         Some(var) => {
             let value = std::env::var(var).map_err(|_| {
                 format!("rehearsal.scratch_env: the environment variable {var} is not set")

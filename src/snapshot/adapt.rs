@@ -28,7 +28,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use unicode_normalization::UnicodeNormalization;
 
-use crate::datastore::{ColumnKind, Engine, Table, Value};
+use crate::datastore::{ColumnKind, Engine, Table, TimestampPrecision, Value, ValueLimits};
 
 /// Why a value changes (or why a row cannot go in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -88,11 +88,12 @@ struct ColumnRule {
 /// Adapts rows of one table for one target engine.
 #[derive(Debug)]
 pub struct Adapter {
-    target: Engine,
+    /// What the target engine can hold (the only thing asked about it).
+    limits: ValueLimits,
     table: String,
     key_positions: Vec<usize>,
     columns: Vec<ColumnRule>,
-    /// MySQL unique indexes: column positions, and the folded keys seen so far.
+    /// Unique indexes that fold text (MySQL's): column positions, and the folded keys seen so far.
     unique: Vec<(String, Vec<usize>, SeenKeys)>,
 }
 
@@ -134,6 +135,7 @@ impl Adapter {
     /// (the same columns, with the target engine's declared types).
     #[must_use]
     pub fn new(target: Engine, source_table: &Table, target_table: &Table) -> Self {
+        let limits = target.value_limits();
         let columns = source_table
             .columns
             .iter()
@@ -146,7 +148,7 @@ impl Adapter {
                     name: c.name.clone(),
                     kind: c.kind,
                     max_chars: varchar_len(&declared),
-                    range: integer_range(target, &declared),
+                    range: integer_range(&limits, &declared),
                 }
             })
             .collect();
@@ -156,7 +158,7 @@ impl Adapter {
         } else {
             source_table.primary_key.iter().filter_map(pos).collect()
         };
-        let unique = if target == Engine::Mysql {
+        let unique = if limits.unique_keys_fold_text {
             target_table
                 .indexes
                 .iter()
@@ -173,7 +175,7 @@ impl Adapter {
             Vec::new()
         };
         Self {
-            target,
+            limits,
             table: source_table.name.clone(),
             key_positions,
             columns,
@@ -189,7 +191,7 @@ impl Adapter {
         // Taken before any value changes; formatted only when needed.
         let key = self.row_key_of(row);
         for (value, rule) in row.iter_mut().zip(&self.columns) {
-            if let Some((kind, detail)) = adapt_value(self.target, rule, value) {
+            if let Some((kind, detail)) = adapt_value(&self.limits, rule, value) {
                 changes.push(Change {
                     table: self.table.clone(),
                     row: self.render(&key),
@@ -260,10 +262,14 @@ fn round_to_second(t: OffsetDateTime) -> OffsetDateTime {
     }
 }
 
-fn adapt_value(target: Engine, rule: &ColumnRule, v: &mut Value) -> Option<(ChangeKind, String)> {
+fn adapt_value(
+    limits: &ValueLimits,
+    rule: &ColumnRule,
+    v: &mut Value,
+) -> Option<(ChangeKind, String)> {
     match v {
-        Value::Timestamp(t) => match target {
-            Engine::Mysql if t.nanosecond() != 0 => {
+        Value::Timestamp(t) => match limits.timestamps {
+            TimestampPrecision::Seconds if t.nanosecond() != 0 => {
                 let before = *t;
                 *t = round_to_second(*t);
                 Some((
@@ -271,7 +277,7 @@ fn adapt_value(target: Engine, rule: &ColumnRule, v: &mut Value) -> Option<(Chan
                     format!("{} becomes {}", canonical(before), canonical(*t)),
                 ))
             }
-            Engine::Postgres if t.nanosecond() % 1000 != 0 => {
+            TimestampPrecision::Microseconds if t.nanosecond() % 1000 != 0 => {
                 let before = *t;
                 *t = t
                     .replace_nanosecond(t.nanosecond() / 1000 * 1000)
@@ -284,11 +290,11 @@ fn adapt_value(target: Engine, rule: &ColumnRule, v: &mut Value) -> Option<(Chan
             _ => None,
         },
         Value::Text(s) => {
-            if target == Engine::Postgres && s.contains('\0') {
+            if !limits.text_holds_nul && s.contains('\0') {
                 *s = s.replace('\0', "");
                 return Some((ChangeKind::NulInText, "NUL characters removed".into()));
             }
-            if target == Engine::Mysql && s.chars().any(|c| c.len_utf8() == 4) {
+            if !limits.text_holds_four_byte_utf8 && s.chars().any(|c| c.len_utf8() == 4) {
                 let n = s.chars().filter(|c| c.len_utf8() == 4).count();
                 *s = s
                     .chars()
@@ -336,16 +342,18 @@ fn varchar_len(declared: &str) -> Option<usize> {
     rest.split(')').next()?.parse().ok()
 }
 
-fn integer_range(target: Engine, declared: &str) -> Option<(i128, i128)> {
+fn integer_range(limits: &ValueLimits, declared: &str) -> Option<(i128, i128)> {
+    if !limits.enforces_integer_widths {
+        return None;
+    }
     let unsigned = declared.contains("unsigned");
     let base = declared.split(['(', ' ']).next().unwrap_or("");
-    let bits: u32 = match (target, base) {
-        (Engine::Sqlite, _) => return None,
-        (_, "tinyint") => 8,
-        (_, "smallint") => 16,
-        (_, "mediumint") => 24,
-        (_, "int" | "integer" | "serial") => 32,
-        (_, "bigint" | "bigserial") => 64,
+    let bits: u32 = match base {
+        "tinyint" => 8,
+        "smallint" => 16,
+        "mediumint" => 24,
+        "int" | "integer" | "serial" => 32,
+        "bigint" | "bigserial" => 64,
         _ => return None,
     };
     if unsigned {

@@ -65,7 +65,7 @@ use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, RowAccess, SPIREKEEP_VE
 use super::verify::{check_every_stored_object, read_every_object};
 use crate::datastore::{
     Column, ColumnKind, Datastore, Engine, LiveSession, NextId, RestoreWrite, RowBatch,
-    SnapshotRead, Table, Value, ddl, is_staging_table, quote_ident,
+    SnapshotRead, Table, Value, ddl, is_staging_table,
 };
 use crate::error::{Error, Result};
 use crate::store::Repository;
@@ -493,7 +493,7 @@ async fn plan_inner(
                 .map(|t| {
                     (
                         t.name.as_str(),
-                        target_shape(source_engine, target_engine, t),
+                        ddl::target_shape(source_engine, target_engine, t),
                     )
                 })
                 .collect()
@@ -1034,7 +1034,7 @@ async fn load(
             .iter()
             .map(|c| (c.name.clone(), c.kind))
             .collect();
-        let shape = adapting.then(|| target_shape(source_engine, target_engine, table));
+        let shape = adapting.then(|| ddl::target_shape(source_engine, target_engine, table));
         let mut adapter = shape
             .as_ref()
             .map(|s| Adapter::new(target_engine, table, s));
@@ -1335,11 +1335,10 @@ async fn check_sequences(
     out
 }
 
-/// Whether rows must pass the preflight for `target`: across engines (except
-/// into SQLite, which stores every value as given), and always into MySQL.
+/// Whether rows must pass the preflight for `target` (the engine's limits decide).
 #[must_use]
 pub fn needs_preflight(source: Engine, target: Engine) -> bool {
-    target == Engine::Mysql || (source != target && target != Engine::Sqlite)
+    target.needs_preflight_from(source)
 }
 
 /// The datastore's tables (its catalogue never lists a restore's staging tables).
@@ -1366,50 +1365,6 @@ pub(crate) fn name_list(names: &[String]) -> String {
         s.push_str(&format!(", … ({} in all)", names.len()));
     }
     s
-}
-
-/// `table` as the target will declare it: the column types come from the
-/// very `CREATE TABLE` the restore runs ([`ddl::create_statements`]), so the
-/// preflight checks against exactly what the target will hold.
-fn target_shape(source: Engine, target: Engine, table: &Table) -> Table {
-    let mut shape = table.clone();
-    if source == target {
-        return shape;
-    }
-    // A catalogue the DDL refuses is refused by the manifest check first.
-    let statements = ddl::create_statements(source, target, table, &table.name).unwrap_or_default();
-    if let Some(create) = statements.first() {
-        for c in &mut shape.columns {
-            if let Some(t) = declared_type_in(create, target, &c.name) {
-                c.declared_type = t;
-            }
-        }
-    }
-    shape.create_sql = None;
-    shape
-}
-
-/// The type `create` (a statement rendered by [`ddl`]: column definitions
-/// joined by `", "`) declares for `column`, without NULL, NOT NULL or
-/// AUTO_INCREMENT.
-fn declared_type_in(create: &str, engine: Engine, column: &str) -> Option<String> {
-    let q = quote_ident(engine, column);
-    let start = [format!("({q} "), format!(", {q} ")]
-        .iter()
-        .find_map(|p| create.find(p.as_str()).map(|i| i + p.len()))?;
-    let rest = &create[start..];
-    let end = rest.find(", ").or_else(|| rest.rfind(')'))?;
-    let mut ty = rest[..end].trim();
-    loop {
-        let before = ty;
-        for suffix in [" NOT NULL", " NULL", " AUTO_INCREMENT"] {
-            ty = ty.strip_suffix(suffix).unwrap_or(ty);
-        }
-        if ty == before {
-            break;
-        }
-    }
-    (!ty.is_empty()).then(|| ty.to_string())
 }
 
 /// Counts, lists and digests changes as they are found.
@@ -1504,7 +1459,6 @@ async fn read_live_side(target: &dyn Datastore) -> Result<SideDigests> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datastore::Index;
 
     fn server() -> LiveSession {
         LiveSession {
@@ -1551,86 +1505,6 @@ mod tests {
             None,
             "refused as not empty instead"
         );
-    }
-
-    fn table() -> Table {
-        let col = |name: &str, ty: &str, kind, nullable, ai| Column {
-            name: name.into(),
-            declared_type: ty.into(),
-            kind,
-            nullable,
-            auto_increment: ai,
-        };
-        Table {
-            name: "selectors".into(),
-            columns: vec![
-                col("id", "integer", ColumnKind::Integer, false, true),
-                col("created_at", "datetime", ColumnKind::Timestamp, true, false),
-                col(
-                    "registered_entry_id",
-                    "integer",
-                    ColumnKind::Integer,
-                    true,
-                    false,
-                ),
-                col("type", "varchar(255)", ColumnKind::Text, false, false),
-                col("expiry", "bigint", ColumnKind::Integer, true, false),
-            ],
-            primary_key: vec!["id".into()],
-            indexes: vec![Index {
-                name: "idx_selector_entry".into(),
-                columns: vec!["registered_entry_id".into(), "type".into()],
-                unique: true,
-            }],
-            create_sql: Some("CREATE TABLE \"selectors\" (...)".into()),
-        }
-    }
-
-    fn types(t: &Table) -> Vec<&str> {
-        t.columns.iter().map(|c| c.declared_type.as_str()).collect()
-    }
-
-    #[test]
-    fn target_shape_reads_the_ddl_that_will_run() {
-        let t = table();
-        assert_eq!(
-            types(&target_shape(Engine::Sqlite, Engine::Mysql, &t)),
-            vec![
-                "int unsigned",
-                "datetime",
-                "int unsigned",
-                "varchar(255)",
-                "bigint"
-            ]
-        );
-        assert_eq!(
-            types(&target_shape(Engine::Sqlite, Engine::Postgres, &t)),
-            vec![
-                "serial",
-                "timestamp with time zone",
-                "integer",
-                "text",
-                "bigint"
-            ]
-        );
-        // The same engine keeps the catalogue's own types.
-        assert_eq!(
-            types(&target_shape(Engine::Sqlite, Engine::Sqlite, &t)),
-            types(&t)
-        );
-    }
-
-    #[test]
-    fn preflight_runs_across_engines_and_into_mysql() {
-        use Engine::{Mysql, Postgres, Sqlite};
-        assert!(needs_preflight(Mysql, Mysql));
-        assert!(needs_preflight(Sqlite, Mysql));
-        assert!(needs_preflight(Sqlite, Postgres));
-        assert!(needs_preflight(Mysql, Postgres));
-        assert!(!needs_preflight(Postgres, Postgres));
-        assert!(!needs_preflight(Sqlite, Sqlite));
-        assert!(!needs_preflight(Postgres, Sqlite));
-        assert!(!needs_preflight(Mysql, Sqlite));
     }
 
     #[test]

@@ -125,17 +125,7 @@ pub fn collect(layout: &ServerLayout) -> Result<Collected> {
             .warnings
             .push(format!("server.conf: {why}; no keys file is backed up")),
     }
-    let skip: BTreeSet<PathBuf> = layout
-        .sqlite_path
-        .iter()
-        .flat_map(|p| {
-            ["", "-wal", "-shm", "-journal"].map(|s| {
-                let mut q = p.clone().into_os_string();
-                q.push(s);
-                PathBuf::from(q)
-            })
-        })
-        .collect();
+    let skip: BTreeSet<PathBuf> = layout.datastore_files.iter().cloned().collect();
     let keys = layout.keys_path.as_ref().map(|p| normalize(p));
     if let Some(dir) = &layout.data_dir {
         match std::fs::symlink_metadata(dir) {
@@ -728,7 +718,9 @@ mod tests {
             key_manager: KeyManagerConfig::Disk {
                 keys_path: "./data/keys.json".into(),
             },
-            sqlite_path: Some(root.join("data/datastore.sqlite3")),
+            datastore_files: ["", "-wal", "-shm", "-journal"]
+                .map(|s| root.join(format!("data/datastore.sqlite3{s}")))
+                .to_vec(),
         }
     }
 

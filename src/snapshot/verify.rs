@@ -229,7 +229,7 @@ pub async fn verify_observed(
                 VerifyMode::DeepInto(ds) => {
                     drill_into(repo, manifest, ds, &mut report, observer).await?;
                 }
-                _ => drill_in_temporary_sqlite(repo, manifest, &mut report, observer).await?,
+                _ => drill_in_temporary_file(repo, manifest, &mut report, observer).await?,
             }
         } else {
             report.notes.push(
@@ -440,7 +440,7 @@ impl Drop for TempDir {
     }
 }
 
-async fn drill_in_temporary_sqlite(
+async fn drill_in_temporary_file(
     repo: &Repository,
     manifest: &Manifest,
     report: &mut VerifyReport,
@@ -457,8 +457,7 @@ async fn drill_in_temporary_sqlite(
             dir.0.display()
         ))
     })?;
-    let path = dir.0.join("scratch.sqlite3");
-    let spec = dsn::ConnectionSpec::Sqlite(dsn::SqliteSpec { path });
+    let spec = dsn::ConnectionSpec::scratch_file(&dir.0, "scratch");
     let ds = datastore::open(&spec, OpenMode::Create).await?;
     let outcome = drill(repo, manifest, ds.as_ref(), report, observer).await;
     ds.close().await;

@@ -14,8 +14,9 @@ use std::path::Path;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 
+use crate::datastore::batches::RowBatcher;
 use crate::datastore::timefmt::parse_sqlite_datetime;
-use crate::datastore::{ColumnKind, ROW_BATCH, RowBatch, Value};
+use crate::datastore::{ColumnKind, RowBatch, Value};
 
 /// Why a bulk read stopped.
 #[derive(Debug)]
@@ -50,7 +51,7 @@ pub(super) fn begin(path: &Path, read_only: bool) -> Result<(Connection, i64), S
 }
 
 /// Runs `sql` and sends its rows to `out` in batches of at most
-/// [`ROW_BATCH`]. Returns the number of rows sent.
+/// [`ROW_BATCH`](crate::datastore::ROW_BATCH). Returns the number of rows sent.
 pub(super) fn stream(
     conn: &Connection,
     sql: &str,
@@ -60,25 +61,17 @@ pub(super) fn stream(
     let sqlite = |e: rusqlite::Error| ReadError::Sqlite(e.to_string());
     let mut statement = conn.prepare(sql).map_err(sqlite)?;
     let mut rows = statement.query([]).map_err(sqlite)?;
-    let mut batch: RowBatch = Vec::with_capacity(ROW_BATCH);
-    let mut count = 0u64;
+    let mut batcher = RowBatcher::new(out);
     while let Some(row) = rows.next().map_err(sqlite)? {
         let mut values = Vec::with_capacity(kinds.len());
         for (i, kind) in kinds.iter().enumerate() {
             values.push(decode(row.get_ref(i).map_err(sqlite)?, *kind)?);
         }
-        batch.push(values);
-        if batch.len() == ROW_BATCH {
-            count += batch.len() as u64;
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(ROW_BATCH));
-            out.blocking_send(full).map_err(|_| ReadError::Stopped)?;
-        }
+        batcher
+            .push_blocking(values)
+            .map_err(|_| ReadError::Stopped)?;
     }
-    if !batch.is_empty() {
-        count += batch.len() as u64;
-        out.blocking_send(batch).map_err(|_| ReadError::Stopped)?;
-    }
-    Ok(count)
+    batcher.finish_blocking().map_err(|_| ReadError::Stopped)
 }
 
 fn decode(value: ValueRef<'_>, kind: ColumnKind) -> Result<Value, ReadError> {

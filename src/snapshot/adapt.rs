@@ -93,41 +93,31 @@ pub struct Adapter {
     table: String,
     key_positions: Vec<usize>,
     columns: Vec<ColumnRule>,
-    /// Unique indexes that fold text (MySQL's): column positions, and the folded keys seen so far.
-    unique: Vec<(String, Vec<usize>, SeenKeys)>,
+    /// Unique indexes that fold text (MySQL's), checked in two reads.
+    unique: Vec<FoldedUnique>,
+}
+
+/// One unique index whose keys the target compares folded. The first read
+/// keeps only each row's folded-key hash (8 bytes a row, sorted at the end of
+/// the table, so a 3-million-row table costs 24 MiB, not a hash map of keys);
+/// the hashes seen twice, if any, are located by a second read of the table
+/// ([`Adapter::locate`]), which remembers rows for those hashes only.
+#[derive(Debug)]
+struct FoldedUnique {
+    name: String,
+    positions: Vec<usize>,
+    /// First read: every row's folded-key hash.
+    hashes: Vec<u64>,
+    /// Second read: the repeated hashes, and the first row found with each.
+    repeated: HashMap<u64, Option<RowKey>>,
 }
 
 /// A row's key, without formatting it: most SPIRE tables are keyed by one
 /// integer `id`, which needs no allocation per row.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 enum RowKey {
     Id(i64),
     Text(String),
-}
-
-/// The first row of each folded unique key, kept compact: the preflight
-/// remembers one per row of the table, so at a million rows the bytes per
-/// entry decide the restore's memory.
-#[derive(Debug, Default)]
-struct SeenKeys {
-    ids: HashMap<u64, i64>,
-    texts: HashMap<u64, String>,
-}
-
-impl SeenKeys {
-    fn get(&self, folded: u64) -> Option<RowKey> {
-        match self.ids.get(&folded) {
-            Some(id) => Some(RowKey::Id(*id)),
-            None => self.texts.get(&folded).cloned().map(RowKey::Text),
-        }
-    }
-
-    fn insert(&mut self, folded: u64, key: RowKey) {
-        match key {
-            RowKey::Id(id) => self.ids.insert(folded, id),
-            RowKey::Text(text) => self.texts.insert(folded, text).map(|_| 0),
-        };
-    }
 }
 
 impl Adapter {
@@ -135,6 +125,18 @@ impl Adapter {
     /// (the same columns, with the target engine's declared types).
     #[must_use]
     pub fn new(target: Engine, source_table: &Table, target_table: &Table) -> Self {
+        Self::with_rows(target, source_table, target_table, 0)
+    }
+
+    /// [`Self::new`] for a table of about `rows` rows, so the unique-key check
+    /// reserves its memory once instead of doubling it as rows come.
+    #[must_use]
+    pub fn with_rows(
+        target: Engine,
+        source_table: &Table,
+        target_table: &Table,
+        rows: u64,
+    ) -> Self {
         let limits = target.value_limits();
         let columns = source_table
             .columns
@@ -163,12 +165,11 @@ impl Adapter {
                 .indexes
                 .iter()
                 .filter(|i| i.unique)
-                .map(|i| {
-                    (
-                        i.name.clone(),
-                        i.columns.iter().filter_map(pos).collect(),
-                        SeenKeys::default(),
-                    )
+                .map(|i| FoldedUnique {
+                    name: i.name.clone(),
+                    positions: i.columns.iter().filter_map(pos).collect(),
+                    hashes: Vec::with_capacity(usize::try_from(rows).unwrap_or(0)),
+                    repeated: HashMap::new(),
                 })
                 .collect()
         } else {
@@ -184,8 +185,10 @@ impl Adapter {
     }
 
     /// Adapts one row in place and returns what changed. With `check_unique`,
-    /// also remembers the row's unique keys and reports collisions (the
-    /// preflight does; the restore itself need not).
+    /// also notes the row's folded unique keys: after the table's last row,
+    /// [`Self::end_first_read`] says whether any repeat, and a second read
+    /// through [`Self::locate`] names the rows (the preflight does this; the
+    /// restore itself need not).
     pub fn adapt(&mut self, row: &mut [Value], check_unique: bool) -> Vec<Change> {
         let mut changes = Vec::new();
         // Taken before any value changes; formatted only when needed.
@@ -202,22 +205,76 @@ impl Adapter {
             }
         }
         if check_unique {
-            for i in 0..self.unique.len() {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                for &p in &self.unique[i].1 {
-                    fold_general_ci(&row[p]).hash(&mut h);
+            for u in &mut self.unique {
+                u.hashes.push(folded_hash(row, &u.positions));
+            }
+        }
+        changes
+    }
+
+    /// Bytes the unique-key check holds now (the restore's memory bound
+    /// depends on it: 8 bytes a row of the table being read, whatever its keys).
+    #[must_use]
+    pub fn unique_check_bytes(&self) -> usize {
+        self.unique
+            .iter()
+            .map(|u| {
+                u.hashes.capacity() * std::mem::size_of::<u64>()
+                    + u.repeated.capacity() * std::mem::size_of::<(u64, Option<RowKey>)>()
+            })
+            .sum()
+    }
+
+    /// Ends the first read of the table: finds the folded keys that occur
+    /// more than once and frees the rest. Returns whether there are any, and
+    /// so whether the table must be read again through [`Self::locate`].
+    pub fn end_first_read(&mut self) -> bool {
+        let mut any = false;
+        for u in &mut self.unique {
+            let mut hashes = std::mem::take(&mut u.hashes);
+            hashes.sort_unstable();
+            for pair in hashes.windows(2) {
+                if pair[0] == pair[1] {
+                    u.repeated.insert(pair[0], None);
                 }
-                let folded = h.finish();
-                if let Some(first) = self.unique[i].2.get(folded) {
-                    changes.push(Change {
-                        table: self.table.clone(),
-                        row: self.render(&key),
-                        column: self.unique[i].0.clone(),
-                        kind: ChangeKind::UniqueCollision,
-                        detail: format!("equal to row {} under MySQL's utf8_general_ci (case, accents and trailing spaces are ignored)", self.render(&first)),
-                    });
-                } else {
-                    self.unique[i].2.insert(folded, key.clone());
+            }
+            any |= !u.repeated.is_empty();
+        }
+        any
+    }
+
+    /// The second read (after [`Self::end_first_read`] returned true), in
+    /// the same row order: each row after the first with a repeated folded
+    /// key is a collision with that first row. The row is adapted as
+    /// [`Self::adapt`] would (without reporting it again) before its keys are
+    /// folded.
+    pub fn locate(&mut self, row: &mut [Value]) -> Vec<Change> {
+        for (value, rule) in row.iter_mut().zip(&self.columns) {
+            let _ = adapt_value(&self.limits, rule, value);
+        }
+        let mut changes = Vec::new();
+        for i in 0..self.unique.len() {
+            if self.unique[i].repeated.is_empty() {
+                continue;
+            }
+            let folded = folded_hash(row, &self.unique[i].positions);
+            let Some(first) = self.unique[i].repeated.get(&folded).cloned() else {
+                continue;
+            };
+            let key = self.row_key_of(row);
+            match first {
+                Some(first) => changes.push(Change {
+                    table: self.table.clone(),
+                    row: self.render(&key),
+                    column: self.unique[i].name.clone(),
+                    kind: ChangeKind::UniqueCollision,
+                    detail: format!(
+                        "equal to row {} under MySQL's utf8_general_ci (case, accents and trailing spaces are ignored)",
+                        self.render(&first)
+                    ),
+                }),
+                None => {
+                    self.unique[i].repeated.insert(folded, Some(key));
                 }
             }
         }
@@ -365,6 +422,15 @@ fn integer_range(limits: &ValueLimits, declared: &str) -> Option<(i128, i128)> {
 
 /// The value as `utf8_general_ci` compares it: case-folded, accents removed,
 /// trailing spaces ignored (PAD SPACE). Non-text values compare as themselves.
+/// The hash of a row's unique key as `utf8_general_ci` compares it.
+fn folded_hash(row: &[Value], positions: &[usize]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for &p in positions {
+        fold_general_ci(&row[p]).hash(&mut h);
+    }
+    h.finish()
+}
+
 fn fold_general_ci(v: &Value) -> String {
     match v {
         Value::Text(s) => s
@@ -504,26 +570,63 @@ mod tests {
             ],
             &["v"],
         );
-        let mut a = Adapter::new(Engine::Mysql, &src, &src);
+        let rows = || {
+            vec![
+                vec![Value::Int(1), Value::Text("Café".into())],
+                vec![Value::Int(3), Value::Text("other".into())],
+                vec![Value::Int(2), Value::Text("cafe  ".into())],
+            ]
+        };
+        let mut a = Adapter::with_rows(Engine::Mysql, &src, &src, 3);
+        for mut row in rows() {
+            assert!(a.adapt(&mut row, true).is_empty());
+        }
         assert!(
-            a.adapt(&mut [Value::Int(1), Value::Text("Café".into())], true)
-                .is_empty()
+            a.end_first_read(),
+            "a repeated folded key needs the second read"
         );
-        let c = a.adapt(&mut [Value::Int(2), Value::Text("cafe  ".into())], true);
+        let c: Vec<Change> = rows().iter_mut().flat_map(|r| a.locate(r)).collect();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].kind, ChangeKind::UniqueCollision);
         assert!(c[0].detail.contains("row id=1 "), "{}", c[0].detail);
         assert_eq!(c[0].row, "id=2");
         // PostgreSQL and SQLite compare exactly.
         let mut p = Adapter::new(Engine::Postgres, &src, &src);
-        assert!(
-            p.adapt(&mut [Value::Int(1), Value::Text("Café".into())], true)
-                .is_empty()
+        for mut row in rows() {
+            assert!(p.adapt(&mut row, true).is_empty());
+        }
+        assert!(!p.end_first_read());
+        // Distinct keys need no second read on MySQL either.
+        let mut distinct = Adapter::new(Engine::Mysql, &src, &src);
+        for mut row in rows().into_iter().take(2) {
+            assert!(distinct.adapt(&mut row, true).is_empty());
+        }
+        assert!(!distinct.end_first_read());
+    }
+
+    /// Regression: the check kept a hash map entry (key and first row) per
+    /// row, 167 MiB of peak RSS for a 1M-entry MySQL restore (3.2M selectors).
+    #[test]
+    fn the_unique_check_holds_eight_bytes_a_row() {
+        let src = table(
+            &[
+                ("id", "integer", ColumnKind::Integer),
+                ("v", "varchar(255)", ColumnKind::Text),
+            ],
+            &["v"],
         );
-        assert!(
-            p.adapt(&mut [Value::Int(2), Value::Text("cafe".into())], true)
-                .is_empty()
-        );
+        let rows = 100_000u32;
+        let mut a = Adapter::with_rows(Engine::Mysql, &src, &src, u64::from(rows));
+        for i in 0..rows {
+            let mut row = [
+                Value::Int(i64::from(i)),
+                Value::Text(format!("selector value {i} with some length to it")),
+            ];
+            a.adapt(&mut row, true);
+        }
+        assert_eq!(a.unique_check_bytes(), 8 * rows as usize);
+        assert!(!a.end_first_read());
+        assert_eq!(a.unique_check_bytes(), 0, "freed once the table is read");
     }
 
     #[test]

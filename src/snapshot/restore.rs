@@ -62,7 +62,7 @@ use super::impact::{
 };
 use super::live_rules::{LiveFacts, RowRules, RuleOptions, RulesReport};
 use super::manifest::{MANIFEST_FORMAT_VERSION, Manifest, RowAccess, SPIREKEEP_VERSION};
-use super::verify::{check_every_stored_object, read_every_object};
+use super::verify::{check_every_stored_object, read_every_object, read_table_objects};
 use crate::datastore::{
     Column, ColumnKind, Datastore, Engine, LiveSession, NextId, RestoreWrite, RowBatch,
     SnapshotRead, Table, Value, ddl, is_staging_table,
@@ -501,18 +501,34 @@ async fn plan_inner(
             HashMap::new()
         };
         // Tables are read one after another: one adapter (and its unique-key
-        // memory) at a time.
+        // memory) at a time. A table whose folded unique keys repeat keeps
+        // its adapter for a second read that names the colliding rows.
+        let rows_of: HashMap<&str, u64> = manifest
+            .tables
+            .iter()
+            .map(|t| (t.name.as_str(), t.rows))
+            .collect();
         let mut current: Option<(String, Adapter)> = None;
+        let mut to_locate: Vec<(String, Adapter)> = Vec::new();
+        let end_table = |done: Option<(String, Adapter)>, to_locate: &mut Vec<_>| {
+            if let Some((name, mut adapter)) = done
+                && adapter.end_first_read()
+            {
+                to_locate.push((name, adapter));
+            }
+        };
         let read = read_every_object(repo, manifest, |table, batch| {
             if want_impact {
                 snapshot_side.collect(table, batch);
             }
             if let Some(shape) = shapes.get(table.name.as_str()) {
                 if current.as_ref().is_none_or(|(name, _)| *name != table.name) {
-                    current = Some((
+                    let rows = rows_of.get(table.name.as_str()).copied().unwrap_or(0);
+                    let next = (
                         table.name.clone(),
-                        Adapter::new(target_engine, table, shape),
-                    ));
+                        Adapter::with_rows(target_engine, table, shape, rows),
+                    );
+                    end_table(current.replace(next), &mut to_locate);
                 }
                 let (_, adapter) = current.as_mut().expect("set above");
                 for row in batch.iter_mut() {
@@ -528,6 +544,21 @@ async fn plan_inner(
             }
         })
         .await?;
+        end_table(current.take(), &mut to_locate);
+        // A damaged snapshot is refused for that; no second read of it.
+        if !read.problems.is_empty() {
+            to_locate.clear();
+        }
+        for (name, mut adapter) in to_locate {
+            read_table_objects(repo, manifest, &name, |_, batch| {
+                for row in batch.iter_mut() {
+                    for change in adapter.locate(row) {
+                        tally.add(change);
+                    }
+                }
+            })
+            .await?;
+        }
         for table in rules.load_order(&manifest.catalogue.tables) {
             rules.extra_rows(&table)?;
         }

@@ -629,6 +629,33 @@ where
     Ok(out)
 }
 
+/// Reads every object of one table as [`read_every_object`] does, for a
+/// second look at a table already checked by it (its problems were reported
+/// then; here one stops the read).
+///
+/// # Errors
+/// As [`read_every_object`], and any problem with the table's objects.
+pub(crate) async fn read_table_objects<F>(
+    repo: &Repository,
+    manifest: &Manifest,
+    name: &str,
+    mut visit: F,
+) -> Result<()>
+where
+    F: FnMut(&Table, &mut [Vec<Value>]) + Send,
+{
+    let (Some(data), Some(table)) = (
+        manifest.tables.iter().find(|t| t.name == name),
+        manifest.catalogue.table(name),
+    ) else {
+        return Ok(());
+    };
+    for object in &data.objects {
+        read_object(repo, table, object, &mut visit).await?;
+    }
+    Ok(())
+}
+
 async fn read_object<F>(
     repo: &Repository,
     table: &Table,

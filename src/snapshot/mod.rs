@@ -28,6 +28,7 @@ pub mod backup;
 pub mod codec;
 mod error;
 pub mod format;
+mod hash_runs;
 pub mod impact;
 pub mod listing;
 pub mod live_rules;

@@ -510,11 +510,20 @@ async fn plan_inner(
             .collect();
         let mut current: Option<(String, Adapter)> = None;
         let mut to_locate: Vec<(String, Adapter)> = Vec::new();
-        let end_table = |done: Option<(String, Adapter)>, to_locate: &mut Vec<_>| {
-            if let Some((name, mut adapter)) = done
-                && adapter.end_first_read()
-            {
-                to_locate.push((name, adapter));
+        let mut unique_check_failed: Option<String> = None;
+        let mut end_table = |done: Option<(String, Adapter)>, to_locate: &mut Vec<_>| {
+            if let Some((name, mut adapter)) = done {
+                match adapter.end_first_read() {
+                    Ok(true) => to_locate.push((name, adapter)),
+                    Ok(false) => {}
+                    Err(e) => {
+                        unique_check_failed.get_or_insert(format!(
+                            "checking the unique keys of {name} for collisions: its temporary files in {} \
+                             failed ({e}); free space there or set TMPDIR",
+                            std::env::temp_dir().display()
+                        ));
+                    }
+                }
             }
         };
         let read = read_every_object(repo, manifest, |table, batch| {
@@ -545,6 +554,9 @@ async fn plan_inner(
         })
         .await?;
         end_table(current.take(), &mut to_locate);
+        if let Some(why) = unique_check_failed {
+            return Err(Error::Aborted(why));
+        }
         // A damaged snapshot is refused for that; no second read of it.
         if !read.problems.is_empty() {
             to_locate.clear();

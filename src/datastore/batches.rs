@@ -140,6 +140,34 @@ where
     Ok(())
 }
 
+/// Binds `v` as it is, timestamps as the text `timestamp` renders: the
+/// binding of the engines whose drivers take every value as given (SQLite,
+/// MySQL), for [`insert_values`].
+pub(crate) fn bind_as_given<DB>(
+    b: &mut Separated<'_, DB, &'static str>,
+    v: &Value,
+    timestamp: fn(time::OffsetDateTime) -> String,
+) where
+    DB: Database,
+    Option<i64>: for<'x> sqlx::Encode<'x, DB> + sqlx::Type<DB>,
+    bool: for<'x> sqlx::Encode<'x, DB> + sqlx::Type<DB>,
+    i64: for<'x> sqlx::Encode<'x, DB> + sqlx::Type<DB>,
+    f64: for<'x> sqlx::Encode<'x, DB> + sqlx::Type<DB>,
+    String: for<'x> sqlx::Encode<'x, DB> + sqlx::Type<DB>,
+    for<'x> &'x str: sqlx::Encode<'x, DB> + sqlx::Type<DB>,
+    for<'x> &'x [u8]: sqlx::Encode<'x, DB> + sqlx::Type<DB>,
+{
+    match v {
+        Value::Null => b.push_bind(Option::<i64>::None),
+        Value::Bool(x) => b.push_bind(*x),
+        Value::Int(x) => b.push_bind(*x),
+        Value::Float(x) => b.push_bind(*x),
+        Value::Text(x) => b.push_bind(x.as_str()),
+        Value::Bytes(x) => b.push_bind(x.as_slice()),
+        Value::Timestamp(t) => b.push_bind(timestamp(*t)),
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -699,37 +699,20 @@ mod tests {
         assert!(!is_plain_identifier("a b"));
     }
 
+    /// [`entries_table`] with a NOT NULL text column and a `bigint` beside it,
+    /// as a catalogue read from SQLite gives them.
     fn shape_table() -> Table {
-        let col = |name: &str, ty: &str, kind, nullable, ai| Column {
-            name: name.into(),
-            declared_type: ty.into(),
-            kind,
-            nullable,
-            auto_increment: ai,
-        };
-        Table {
-            name: "selectors".into(),
-            columns: vec![
-                col("id", "integer", ColumnKind::Integer, false, true),
-                col("created_at", "datetime", ColumnKind::Timestamp, true, false),
-                col(
-                    "registered_entry_id",
-                    "integer",
-                    ColumnKind::Integer,
-                    true,
-                    false,
-                ),
-                col("type", "varchar(255)", ColumnKind::Text, false, false),
-                col("expiry", "bigint", ColumnKind::Integer, true, false),
-            ],
-            primary_key: vec!["id".into()],
-            indexes: vec![Index {
-                name: "idx_selector_entry".into(),
-                columns: vec!["registered_entry_id".into(), "type".into()],
-                unique: true,
-            }],
-            create_sql: Some("CREATE TABLE \"selectors\" (...)".into()),
-        }
+        let mut t = entries_table();
+        t.columns[3].nullable = false;
+        t.columns.push(Column {
+            name: "expiry".into(),
+            declared_type: "bigint".into(),
+            kind: ColumnKind::Integer,
+            nullable: true,
+            auto_increment: false,
+        });
+        t.create_sql = Some("CREATE TABLE \"selectors\" (...)".into());
+        t
     }
 
     fn types(t: &Table) -> Vec<&str> {

@@ -7,7 +7,7 @@ use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, MySql, Row, ValueRef};
 
 use super::NextId;
-use super::batches::{ConsumerStopped, RowBatcher, insert_values};
+use super::batches::{ConsumerStopped, RowBatcher, bind_as_given, insert_values};
 use super::catalogue::{Catalogue, Column, Index, Table};
 use super::driver_error::classify;
 use super::dsn::{Engine, MysqlSpec};
@@ -483,15 +483,7 @@ async fn insert_on(
         rows,
         location,
         |b, v, _| {
-            match v {
-                Value::Null => b.push_bind(Option::<i64>::None),
-                Value::Bool(x) => b.push_bind(*x),
-                Value::Int(x) => b.push_bind(*x),
-                Value::Float(x) => b.push_bind(*x),
-                Value::Text(x) => b.push_bind(x.as_str()),
-                Value::Bytes(x) => b.push_bind(x.as_slice()),
-                Value::Timestamp(t) => b.push_bind(format_mysql_datetime(*t)),
-            };
+            bind_as_given(b, v, format_mysql_datetime);
             Ok(())
         },
     )

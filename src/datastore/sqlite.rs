@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRo
 use sqlx::{AssertSqlSafe, Row, Sqlite, TypeInfo, ValueRef};
 
 use super::NextId;
-use super::batches::insert_values;
+use super::batches::{bind_as_given, insert_values};
 use super::catalogue::{Catalogue, Column, Index, Table};
 use super::driver_error::classify;
 use super::dsn::{Engine, OpenMode, SqliteSpec};
@@ -562,15 +562,7 @@ async fn insert_on(
         rows,
         location,
         |b, v, _| {
-            match v {
-                Value::Null => b.push_bind(Option::<i64>::None),
-                Value::Bool(x) => b.push_bind(*x),
-                Value::Int(x) => b.push_bind(*x),
-                Value::Float(x) => b.push_bind(*x),
-                Value::Text(x) => b.push_bind(x.as_str()),
-                Value::Bytes(x) => b.push_bind(x.as_slice()),
-                Value::Timestamp(t) => b.push_bind(format_sqlite_datetime(*t)),
-            };
+            bind_as_given(b, v, format_sqlite_datetime);
             Ok(())
         },
     )

@@ -157,7 +157,7 @@ async fn round_trip(source: Engine, target: Engine) {
     let order = column_order(src_ds.as_ref()).await;
     let expected = contents(src_ds.as_ref(), None, precision(target)).await;
     src_ds.close().await;
-    let exact = !spirekeep::snapshot::restore::needs_preflight(source, target) || source == target;
+    let exact = !target.needs_preflight_from(source) || source == target;
     let dir = tempfile::tempdir().unwrap();
     for repo in repositories(&dir, &name) {
         let id = backup(&src.url(), &repo);
@@ -180,7 +180,7 @@ async fn round_trip(source: Engine, target: Engine) {
         assert_eq!(report["rows"], src.counts.total(), "{source}->{target}");
         // One pass: without a preflight nothing reads the snapshot before
         // the load, and nothing reads the target back after it.
-        let mode = if spirekeep::snapshot::restore::needs_preflight(source, target) {
+        let mode = if target.needs_preflight_from(source) {
             "full"
         } else {
             "while-loading"

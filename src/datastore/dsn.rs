@@ -163,14 +163,7 @@ impl ConnectionSpec {
     #[must_use]
     pub fn local_files(&self) -> Vec<PathBuf> {
         match self {
-            Self::Sqlite(s) => ["", "-wal", "-shm", "-journal"]
-                .iter()
-                .map(|suffix| {
-                    let mut p = s.path.clone().into_os_string();
-                    p.push(suffix);
-                    PathBuf::from(p)
-                })
-                .collect(),
+            Self::Sqlite(s) => sqlite_files(&s.path).to_vec(),
             Self::Postgres(_) | Self::Mysql(_) => Vec::new(),
         }
     }
@@ -184,6 +177,15 @@ impl ConnectionSpec {
             Self::Mysql(m) => m.display.clone(),
         }
     }
+}
+
+/// A SQLite database file and its side files (`-wal`, `-shm`, `-journal`), in that order.
+pub(crate) fn sqlite_files(path: &Path) -> [PathBuf; 4] {
+    ["", "-wal", "-shm", "-journal"].map(|suffix| {
+        let mut p = path.to_path_buf().into_os_string();
+        p.push(suffix);
+        PathBuf::from(p)
+    })
 }
 
 /// Parses a connection string.

@@ -308,6 +308,28 @@ impl CreatedByOpen {
     }
 }
 
+/// Connects once directly, before a pool is built: a pool reports a refused
+/// connection or a bad password only as "pool timed out", which tells the
+/// user nothing.
+async fn probe_connection<O>(options: &O, location: &str) -> Result<()>
+where
+    O: sqlx::ConnectOptions,
+    O::Connection: Sized,
+{
+    use sqlx::Connection as _;
+    let probe = tokio::time::timeout(std::time::Duration::from_secs(15), options.connect())
+        .await
+        .map_err(|_| crate::error::Error::Unreachable {
+            location: location.to_string(),
+            detail: "no answer within 15 s".into(),
+        })?
+        .map_err(|e| driver_error::classify(&e, location))?;
+    probe
+        .close()
+        .await
+        .map_err(|e| driver_error::classify(&e, location))
+}
+
 /// What [`Datastore::next_id`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NextId {

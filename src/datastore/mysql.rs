@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlRow};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, MySql, Row, ValueRef};
+use sqlx::{AssertSqlSafe, MySql, Row, ValueRef};
 
 use super::NextId;
 use super::batches::{ConsumerStopped, RowBatcher, bind_as_given, insert_values};
@@ -28,16 +28,7 @@ impl MysqlDatastore {
     pub(crate) async fn open(spec: &MysqlSpec) -> Result<Self> {
         let location = spec.display.clone();
         let options = super::quiet_slow_statements(spec.options.clone());
-        // Connect once directly: a pool reports a refused connection or a bad
-        // password only as "pool timed out", which tells the user nothing.
-        let probe = tokio::time::timeout(std::time::Duration::from_secs(15), options.connect())
-            .await
-            .map_err(|_| Error::Unreachable {
-                location: location.clone(),
-                detail: "no answer within 15 s".into(),
-            })?
-            .map_err(|e| classify(&e, &location))?;
-        probe.close().await.map_err(|e| classify(&e, &location))?;
+        super::probe_connection(&options, &location).await?;
         let registry = location.clone();
         let pool = MySqlPoolOptions::new()
             .max_connections(4)

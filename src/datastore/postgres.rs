@@ -5,7 +5,7 @@ mod copy_binary;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, TypeInfo, ValueRef};
+use sqlx::{AssertSqlSafe, Postgres, Row, TypeInfo, ValueRef};
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 use super::NextId;
@@ -35,16 +35,7 @@ impl PostgresDatastore {
                 .clone()
                 .application_name(own_application_name()),
         );
-        // Connect once directly: a pool reports a refused connection or a bad
-        // password only as "pool timed out", which tells the user nothing.
-        let probe = tokio::time::timeout(std::time::Duration::from_secs(15), options.connect())
-            .await
-            .map_err(|_| Error::Unreachable {
-                location: location.clone(),
-                detail: "no answer within 15 s".into(),
-            })?
-            .map_err(|e| classify(&e, &location))?;
-        probe.close().await.map_err(|e| classify(&e, &location))?;
+        super::probe_connection(&options, &location).await?;
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(15))

@@ -283,16 +283,7 @@ fn holders(path: &std::path::Path) -> Vec<LiveSession> {
     let Ok(main) = std::fs::canonicalize(path) else {
         return Vec::new();
     };
-    let with_suffix = |suffix: &str| {
-        let mut p = main.clone().into_os_string();
-        p.push(suffix);
-        std::path::PathBuf::from(p)
-    };
-    let side_files = [
-        with_suffix("-wal"),
-        with_suffix("-shm"),
-        with_suffix("-journal"),
-    ];
+    let [_, side_files @ ..] = super::dsn::sqlite_files(&main);
     let own = std::process::id();
     let comm = |pid: u32| {
         std::fs::read_to_string(format!("/proc/{pid}/comm"))

@@ -217,8 +217,8 @@ impl Adapter {
 
     /// Bytes the unique-key check holds now (the restore's memory bound
     /// depends on it: 8 bytes a row of the table being read, whatever its keys).
-    #[must_use]
-    pub fn unique_check_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn unique_check_bytes(&self) -> usize {
         self.unique
             .iter()
             .map(|u| {

@@ -55,7 +55,7 @@ impl HashRuns {
     }
 
     /// Bytes held in memory now.
-    #[must_use]
+    #[cfg(test)]
     pub fn memory_bytes(&self) -> usize {
         self.buf.capacity() * std::mem::size_of::<u64>()
     }

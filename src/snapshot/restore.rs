@@ -467,7 +467,7 @@ async fn plan_inner(
     let existing = user_tables(target).await?;
     // Who else uses the target (SPIRE servers that should be stopped).
     let other_sessions = settled_other_sessions(target).await?;
-    let adapting = needs_preflight(source_engine, target_engine);
+    let adapting = target_engine.needs_preflight_from(source_engine);
     let want_impact = !existing.is_empty();
     let facts = if want_impact {
         LiveFacts::read(target, &options.rules).await?
@@ -1037,7 +1037,7 @@ async fn load(
 ) -> Result<Loaded> {
     let source_engine = manifest.engine;
     let target_engine = target.engine();
-    let adapting = needs_preflight(source_engine, target_engine);
+    let adapting = target_engine.needs_preflight_from(source_engine);
     let restorable: Vec<Table> = manifest
         .catalogue
         .tables
@@ -1376,12 +1376,6 @@ async fn check_sequences(
         }
     }
     out
-}
-
-/// Whether rows must pass the preflight for `target` (the engine's limits decide).
-#[must_use]
-pub fn needs_preflight(source: Engine, target: Engine) -> bool {
-    target.needs_preflight_from(source)
 }
 
 /// The datastore's tables (its catalogue never lists a restore's staging tables).

@@ -223,6 +223,23 @@ async fn write_pairs(url: String, engine: Engine, stop: Arc<AtomicBool>, written
     }
 }
 
+/// SPIRE's SQLite datastores run in WAL mode, where readers and a writer
+/// coexist (a rollback journal would keep the writer out while a backup reads).
+async fn wal_mode(fx: &SpireFixture, engine: Engine) {
+    if engine != Engine::Sqlite {
+        return;
+    }
+    let url = format!("sqlite://{}?mode=rw", fx.url());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("PRAGMA journal_mode=WAL")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_is_one_consistent_read_under_concurrent_writes() {
     let pop = population(6000);
@@ -230,18 +247,7 @@ async fn a_backup_is_one_consistent_read_under_concurrent_writes() {
         let Some(fx) = SpireFixture::create(engine, "consistent", &pop).await else {
             continue;
         };
-        if engine == Engine::Sqlite {
-            // SPIRE's SQLite datastores run in WAL mode, where readers and a writer coexist.
-            let url = format!("sqlite://{}?mode=rw", fx.url());
-            let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-                .await
-                .unwrap();
-            sqlx::query("PRAGMA journal_mode=WAL")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            sqlx::Connection::close(conn).await.unwrap();
-        }
+        wal_mode(&fx, engine).await;
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
         let writer = tokio::spawn(write_pairs(fx.url(), engine, stop.clone(), written.clone()));
@@ -274,6 +280,83 @@ async fn a_backup_is_one_consistent_read_under_concurrent_writes() {
             "{engine}: {bundles} pairs, writer at {before}..{after}"
         );
         read_back(&repo, &manifest).await;
+        fx.cleanup().await;
+    }
+}
+
+/// Counts `table`'s rows as `read` streams them.
+async fn streamed_rows(read: &mut dyn datastore::SnapshotRead, table: &datastore::Table) -> u64 {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let send = async move {
+        let sent = read.stream_rows(table, &tx).await;
+        drop(tx); // ends the count
+        sent
+    };
+    let count = async {
+        let mut received = 0u64;
+        while let Some(batch) = rx.recv().await {
+            received += batch.len() as u64;
+        }
+        received
+    };
+    let (sent, received) = tokio::join!(send, count);
+    assert_eq!(sent.unwrap(), received);
+    received
+}
+
+/// A backup streams two tables at once where the engine can share its
+/// snapshot with a second connection: that reader must see exactly the first
+/// reader's data, not what was committed after it began.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_reader_sees_the_snapshot_of_the_first() {
+    for engine in ENGINES {
+        let Some(fx) = SpireFixture::create(engine, "second-reader", &population(40)).await else {
+            continue;
+        };
+        wal_mode(&fx, engine).await;
+        let spec = dsn::parse(&fx.url(), Some(engine), std::path::Path::new(".")).unwrap();
+        let ds = datastore::open(&spec, OpenMode::ReadOnly).await.unwrap();
+        let mut read = ds.begin_snapshot().await.unwrap();
+        let catalogue = read.catalogue().await.unwrap();
+        let tokens = catalogue.table("join_tokens").unwrap();
+        // Committed after the snapshot began: in neither reader's view.
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let writer = tokio::spawn(write_pairs(fx.url(), engine, stop.clone(), written.clone()));
+        while written.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let second = read.second_reader().await.unwrap();
+        stop.store(true, Ordering::SeqCst);
+        writer.await.unwrap();
+        assert_eq!(
+            second.is_some(),
+            engine == Engine::Postgres,
+            "{engine}: a second reader where the engine exports its snapshot"
+        );
+        let sizes = read.size_estimates().await.unwrap();
+        if engine == Engine::Postgres {
+            assert!(
+                sizes["selectors"] > sizes["migrations"],
+                "{engine}: sizes {sizes:?}"
+            );
+        }
+        let expected = fx.counts.rows("join_tokens");
+        if let Some(mut second) = second {
+            assert_eq!(
+                streamed_rows(second.as_mut(), tokens).await,
+                expected,
+                "{engine}: second reader"
+            );
+            second.finish().await.unwrap();
+        }
+        assert_eq!(
+            streamed_rows(read.as_mut(), tokens).await,
+            expected,
+            "{engine}: first reader"
+        );
+        read.finish().await.unwrap();
+        ds.close().await;
         fx.cleanup().await;
     }
 }

@@ -183,6 +183,20 @@ pub trait SnapshotRead: Send {
 
     /// Ends the transaction.
     async fn finish(self: Box<Self>) -> Result<()>;
+
+    /// A second reader of this very snapshot, on a connection of its own, so
+    /// two tables can stream at once; `None` where the engine cannot share a
+    /// snapshot between connections. It must be opened before any table is
+    /// read, and this transaction kept open until it is finished.
+    async fn second_reader(&mut self) -> Result<Option<Box<dyn SnapshotRead>>> {
+        Ok(None)
+    }
+
+    /// The tables' sizes as the engine estimates them (any unit, the same for
+    /// every table), so the largest can start first; empty when unknown.
+    async fn size_estimates(&mut self) -> Result<std::collections::HashMap<String, u64>> {
+        Ok(std::collections::HashMap::new())
+    }
 }
 
 /// One open restore. Dropping it without [`RestoreWrite::commit`] leaves the

@@ -16,6 +16,9 @@
 //! except when the manifest write itself failed: then the manifest is read
 //! back first, and nothing is deleted unless it is surely absent.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
@@ -312,6 +315,11 @@ struct Copied {
     migrations: MigrationsRow,
 }
 
+/// Copies every table. When the datastore offers a [second reader of the same
+/// snapshot](SnapshotRead::second_reader), two tables stream at once, on two
+/// tasks, the largest first so that neither lane ends with a long table alone;
+/// each lane still holds a few batches at most. The manifest lists the tables
+/// in catalogue order whatever order they finished in.
 async fn copy_tables(
     read: &mut dyn SnapshotRead,
     repo: &Repository,
@@ -321,25 +329,204 @@ async fn copy_tables(
     observer: &dyn BackupObserver,
     written: &mut Vec<String>,
 ) -> Result<Copied> {
-    let mut tables = Vec::with_capacity(catalogue.tables.len());
+    let second = read.second_reader().await?;
+    let mut order: Vec<usize> = (0..catalogue.tables.len()).collect();
+    if second.is_some() {
+        let sizes = read.size_estimates().await?;
+        let size = |i: &usize| sizes.get(&catalogue.tables[*i].name).copied().unwrap_or(0);
+        order.sort_by_key(|i| std::cmp::Reverse(size(i)));
+    }
+    let queue = Arc::new(Mutex::new(order.into_iter().collect::<VecDeque<_>>()));
+    let tables = Arc::new(catalogue.tables.clone());
+    let keys = Arc::new(Mutex::new(Vec::new()));
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut lane = second.map(|reader| {
+        let lane = Lane {
+            queue: Arc::clone(&queue),
+            tables: Arc::clone(&tables),
+            repo: repo.clone(),
+            id: id.clone(),
+            options: options.clone(),
+            written: Arc::clone(&keys),
+        };
+        AbortOnDrop(tokio::spawn(lane.run(reader, Forward(events_tx))))
+    });
+    let here = Lane {
+        queue,
+        tables: Arc::clone(&tables),
+        repo: repo.clone(),
+        id: id.clone(),
+        options: options.clone(),
+        written: Arc::clone(&keys),
+    };
+    let mine = here.copy(read, observer);
+    tokio::pin!(mine);
+    let mut done: Vec<CopiedTable> = Vec::new();
+    let mut mine_done = false;
+    let outcome = loop {
+        tokio::select! {
+            r = &mut mine, if !mine_done => match r {
+                Ok(copies) => {
+                    done.extend(copies);
+                    mine_done = true;
+                    if lane.is_none() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(e),
+            },
+            r = async { (&mut lane.as_mut().expect("guarded by the condition").0).await }, if lane.is_some() => {
+                lane = None;
+                match r {
+                    Ok(Ok(copies)) => {
+                        done.extend(copies);
+                        if mine_done {
+                            break Ok(());
+                        }
+                    }
+                    Ok(Err(e)) => break Err(e),
+                    Err(join) => break Err(Error::Aborted(format!("a table copy stopped: {join}"))),
+                }
+            }
+            Some(event) = events.recv() => event.replay(observer),
+        }
+    };
+    // The other lane, if still running, stops here (its upload is abandoned).
+    drop(lane);
+    while let Ok(event) = events.try_recv() {
+        event.replay(observer);
+    }
+    written.extend(keys.lock().map(|k| k.clone()).unwrap_or_default());
+    outcome?;
+    done.sort_by_key(|c| c.index);
     let mut migrations = MigrationsRow {
         schema_version: 0,
         code_version: String::new(),
     };
-    for table in &catalogue.tables {
-        let (objects, first_row) =
-            copy_table(read, repo, id, table, options, observer, written).await?;
+    let mut copied = Vec::with_capacity(done.len());
+    for c in done {
+        let table = &tables[c.index];
         if table.name == "migrations"
-            && let Some(row) = first_row
+            && let Some(row) = &c.first_row
         {
-            migrations = migrations_row(table, &row);
+            migrations = migrations_row(table, row);
         }
-        let data = TableData::from_objects(table.name.clone(), objects)
-            .map_err(|e| Error::Integrity(format!("table {}: {e}", table.name)))?;
-        observer.table_done(&data);
-        tables.push(data);
+        copied.push(c.data);
     }
-    Ok(Copied { tables, migrations })
+    Ok(Copied {
+        tables: copied,
+        migrations,
+    })
+}
+
+/// One table copied: where it stands in the catalogue, its manifest entry,
+/// and (for `migrations`) its first row.
+struct CopiedTable {
+    index: usize,
+    data: TableData,
+    first_row: Option<Vec<Value>>,
+}
+
+/// What one lane of [`copy_tables`] shares with the other: the queue of
+/// tables still to copy and the keys of the objects written so far.
+struct Lane {
+    queue: Arc<Mutex<VecDeque<usize>>>,
+    tables: Arc<Vec<Table>>,
+    repo: Repository,
+    id: SnapshotId,
+    options: BackupOptions,
+    written: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lane {
+    /// Takes tables from the queue until it is empty.
+    async fn copy(
+        &self,
+        read: &mut dyn SnapshotRead,
+        observer: &dyn BackupObserver,
+    ) -> Result<Vec<CopiedTable>> {
+        let mut copies = Vec::new();
+        loop {
+            let next = self.queue.lock().ok().and_then(|mut q| q.pop_front());
+            let Some(index) = next else {
+                return Ok(copies);
+            };
+            let table = &self.tables[index];
+            let (objects, first_row) = copy_table(
+                read,
+                &self.repo,
+                &self.id,
+                table,
+                &self.options,
+                observer,
+                &self.written,
+            )
+            .await?;
+            let data = TableData::from_objects(table.name.clone(), objects)
+                .map_err(|e| Error::Integrity(format!("table {}: {e}", table.name)))?;
+            observer.table_done(&data);
+            copies.push(CopiedTable {
+                index,
+                data,
+                first_row,
+            });
+        }
+    }
+
+    /// [`Self::copy`] on a reader of its own, which it finishes.
+    async fn run(
+        self,
+        mut reader: Box<dyn SnapshotRead>,
+        observer: Forward,
+    ) -> Result<Vec<CopiedTable>> {
+        let copied = self.copy(reader.as_mut(), &observer).await;
+        let finished = reader.finish().await;
+        let copies = copied?;
+        finished?;
+        Ok(copies)
+    }
+}
+
+/// A spawned task that is stopped when its handle is dropped (a failed or
+/// cancelled backup leaves nothing running).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An observer call made on the second lane's task, replayed on the caller's.
+enum ObserverEvent {
+    Rows(String, u64),
+    TableDone(TableData),
+    Warning(String),
+}
+
+impl ObserverEvent {
+    fn replay(self, observer: &dyn BackupObserver) {
+        match self {
+            Self::Rows(table, copied) => observer.rows(&table, copied),
+            Self::TableDone(data) => observer.table_done(&data),
+            Self::Warning(message) => observer.warning(&message),
+        }
+    }
+}
+
+/// Forwards the second lane's observer calls to the caller's task.
+struct Forward(mpsc::UnboundedSender<ObserverEvent>);
+
+impl BackupObserver for Forward {
+    fn rows(&self, table: &str, copied: u64) {
+        let _ = self.0.send(ObserverEvent::Rows(table.to_string(), copied));
+    }
+    fn table_done(&self, table: &TableData) {
+        let _ = self.0.send(ObserverEvent::TableDone(table.clone()));
+    }
+    fn warning(&self, message: &str) {
+        let _ = self.0.send(ObserverEvent::Warning(message.to_string()));
+    }
 }
 
 /// SPIRE reads the first row by id; rows stream in primary-key order.
@@ -372,7 +559,7 @@ async fn copy_table(
     table: &Table,
     options: &BackupOptions,
     observer: &dyn BackupObserver,
-    written: &mut Vec<String>,
+    written: &Mutex<Vec<String>>,
 ) -> Result<(Vec<DataObject>, Option<Vec<Value>>)> {
     let (tx, mut rx) = mpsc::channel::<RowBatch>(BATCHES_IN_FLIGHT);
     let producer = async move {
@@ -385,7 +572,7 @@ async fn copy_table(
         let mut first_row = None;
         let mut part = 0u32;
         let mut writer = TableWriter::for_table(repo, id, table, part, options.codec)?;
-        written.push(writer.key().to_string());
+        remember(written, writer.key());
         let mut copied = 0u64;
         while let Some(batch) = rx.recv().await {
             if first_row.is_none() && table.name == "migrations" {
@@ -398,7 +585,7 @@ async fn copy_table(
                     objects.push(writer.finish().await?);
                     part += 1;
                     writer = TableWriter::for_table(repo, id, table, part, options.codec)?;
-                    written.push(writer.key().to_string());
+                    remember(written, writer.key());
                 }
                 if let Err(e) = writer.write_row(row).await {
                     let _ = writer.abort().await;
@@ -425,6 +612,13 @@ async fn copy_table(
         }
         // The consumer's error is the cause when the producer only saw the channel close.
         (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+    }
+}
+
+/// Notes a key about to be written, for deletion if the backup fails.
+fn remember(written: &Mutex<Vec<String>>, key: &str) {
+    if let Ok(mut keys) = written.lock() {
+        keys.push(key.to_string());
     }
 }
 

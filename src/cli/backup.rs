@@ -302,6 +302,10 @@ impl BackupObserver for BackupProgress {
         }
     }
 
+    fn table_started(&self, table: &str) {
+        self.progress.begin(table);
+    }
+
     fn rows(&self, table: &str, copied: u64) {
         self.progress.set(table, copied);
     }

@@ -63,8 +63,11 @@ pub(crate) struct Progress {
     bars: Mutex<HashMap<String, ProgressBar>>,
     started: Mutex<HashMap<String, Instant>>,
     /// When the last item finished: items run one after the other, so an
-    /// item's time runs from its start or the previous item's end.
+    /// item's time runs from its start or the previous item's end…
     last_finish: Mutex<Option<Instant>>,
+    /// …unless the work on it is said to have begun ([`Self::begin`]), as a
+    /// backup that copies two tables at once does.
+    begun: Mutex<HashMap<String, Instant>>,
 }
 
 impl Progress {
@@ -81,6 +84,7 @@ impl Progress {
             bars: Mutex::new(HashMap::new()),
             started: Mutex::new(HashMap::new()),
             last_finish: Mutex::new(None),
+            begun: Mutex::new(HashMap::new()),
         }
     }
 
@@ -149,6 +153,13 @@ impl Progress {
     }
 
     /// How far `name` got (rows or bytes so far).
+    /// The work on `name` begins now: its time is counted from here.
+    pub(crate) fn begin(&self, name: &str) {
+        if let Ok(mut begun) = self.begun.lock() {
+            begun.insert(name.to_owned(), Instant::now());
+        }
+    }
+
     pub(crate) fn set(&self, name: &str, position: u64) {
         if let Some(bar) = self.bar(name) {
             bar.set_position(position);
@@ -165,9 +176,8 @@ impl Progress {
             .lock()
             .ok()
             .and_then(|mut last| last.replace(now));
-        let seconds = started
-            .map(|t| previous.map_or(t, |p| p.max(t)))
-            .map_or(0.0, |t| (now - t).as_secs_f64());
+        let begun = self.begun.lock().ok().and_then(|mut b| b.remove(name));
+        let seconds = item_seconds(now, started, begun, previous);
         match self.mode {
             Mode::Bars => {
                 if let Some(bar) = self.bar(name) {
@@ -217,6 +227,20 @@ impl RestoreObserver for Progress {
     }
 }
 
+/// How long an item took: from when its work [began](Progress::begin) if
+/// that is known, else from its start or the previous item's end, whichever
+/// is later.
+fn item_seconds(
+    now: Instant,
+    started: Option<Instant>,
+    begun: Option<Instant>,
+    previous: Option<Instant>,
+) -> f64 {
+    begun
+        .or_else(|| started.map(|t| previous.map_or(t, |p| p.max(t))))
+        .map_or(0.0, |t| (now - t).as_secs_f64())
+}
+
 /// Writes one line to stderr; a closed stderr (`| head`) must not stop the
 /// operation half-way, as `eprintln!` would by panicking.
 fn line_to_stderr(line: &str) {
@@ -232,6 +256,21 @@ pub(crate) fn rows_and_bytes(rows: u64, bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two tables copied at once: each one's time runs from its own
+    /// beginning, not from when the other finished.
+    #[test]
+    fn an_item_that_began_is_timed_from_its_beginning() {
+        let start = Instant::now();
+        let at = |ms| start + std::time::Duration::from_millis(ms);
+        // Started at 0, began at 100, the other item finished at 900, done at 1000.
+        let began = item_seconds(at(1000), Some(at(0)), Some(at(100)), Some(at(900)));
+        assert!((began - 0.9).abs() < 1e-9, "{began}");
+        // One after the other, without a beginning: from the previous end.
+        let sequential = item_seconds(at(1000), Some(at(0)), None, Some(at(900)));
+        assert!((sequential - 0.1).abs() < 1e-9, "{sequential}");
+        assert!(item_seconds(at(1000), None, None, None).abs() < 1e-9);
+    }
 
     #[test]
     fn mode_follows_the_terminal_and_the_formats() {

@@ -69,6 +69,8 @@ impl Default for BackupOptions {
 pub trait BackupObserver: Send + Sync {
     /// The snapshot transaction is open and will copy these tables.
     fn started(&self, _id: &SnapshotId, _tables: &[Table]) {}
+    /// The copy of `table` begins (two can run at once).
+    fn table_started(&self, _table: &str) {}
     /// Rows of `table` copied so far (called once per batch).
     fn rows(&self, _table: &str, _copied: u64) {}
     /// `table` is complete.
@@ -452,6 +454,7 @@ impl Lane {
                 return Ok(copies);
             };
             let table = &self.tables[index];
+            observer.table_started(&table.name);
             let (objects, first_row) = copy_table(
                 read,
                 &self.repo,
@@ -499,6 +502,7 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// An observer call made on the second lane's task, replayed on the caller's.
 enum ObserverEvent {
+    TableStarted(String),
     Rows(String, u64),
     TableDone(TableData),
     Warning(String),
@@ -507,6 +511,7 @@ enum ObserverEvent {
 impl ObserverEvent {
     fn replay(self, observer: &dyn BackupObserver) {
         match self {
+            Self::TableStarted(table) => observer.table_started(&table),
             Self::Rows(table, copied) => observer.rows(&table, copied),
             Self::TableDone(data) => observer.table_done(&data),
             Self::Warning(message) => observer.warning(&message),
@@ -518,6 +523,9 @@ impl ObserverEvent {
 struct Forward(mpsc::UnboundedSender<ObserverEvent>);
 
 impl BackupObserver for Forward {
+    fn table_started(&self, table: &str) {
+        let _ = self.0.send(ObserverEvent::TableStarted(table.to_string()));
+    }
     fn rows(&self, table: &str, copied: u64) {
         let _ = self.0.send(ObserverEvent::Rows(table.to_string(), copied));
     }

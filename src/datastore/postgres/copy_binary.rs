@@ -48,36 +48,58 @@ impl BinaryCopyDecoder {
             }
             return Err("data after the end-of-data marker".into());
         }
-        self.buf.extend_from_slice(chunk);
+        if self.buf.is_empty() && self.header_done {
+            // The usual case (one `CopyData` message per row): decode the
+            // chunk where it lies and keep only a partial row's bytes.
+            let at = self.rows(chunk, 0, out)?;
+            self.buf.extend_from_slice(&chunk[at..]);
+            return Ok(());
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.extend_from_slice(chunk);
         let mut at = 0usize;
         if !self.header_done {
-            match header_len(&self.buf)? {
+            match header_len(&buf)? {
                 Some(n) => {
                     at = n;
                     self.header_done = true;
                 }
-                None => return Ok(()),
+                None => {
+                    self.buf = buf;
+                    return Ok(());
+                }
             }
         }
+        let at = self.rows(&buf, at, out)?;
+        buf.drain(..at);
+        self.buf = buf;
+        Ok(())
+    }
+
+    /// Decodes the complete rows of `b` from `at` on; returns where the
+    /// first incomplete one starts (or the end).
+    fn rows(
+        &mut self,
+        b: &[u8],
+        mut at: usize,
+        out: &mut Vec<Vec<Value>>,
+    ) -> Result<usize, String> {
         loop {
-            match self.tuple(at)? {
+            match self.tuple(b, at)? {
                 Tuple::Row(row, next) => {
                     out.push(row);
                     at = next;
                 }
                 Tuple::End(next) => {
                     self.ended = true;
-                    at = next;
-                    if at != self.buf.len() {
+                    if next != b.len() {
                         return Err("data after the end-of-data marker".into());
                     }
-                    break;
+                    return Ok(next);
                 }
-                Tuple::Incomplete => break,
+                Tuple::Incomplete => return Ok(at),
             }
         }
-        self.buf.drain(..at);
-        Ok(())
     }
 
     /// Checks that the stream ended with its end-of-data marker.
@@ -95,8 +117,7 @@ impl BinaryCopyDecoder {
         }
     }
 
-    fn tuple(&self, at: usize) -> Result<Tuple, String> {
-        let b = &self.buf;
+    fn tuple(&self, b: &[u8], at: usize) -> Result<Tuple, String> {
         let Some(count) = read_i16(b, at) else {
             return Ok(Tuple::Incomplete);
         };

@@ -168,6 +168,16 @@ if [ "${SPIREKEEP_SKIP_CLOUD_EMULATORS:-0}" != "1" ]; then
       "$SPIREKEEP_GCS_PORT" >"$gcs_account_file"
   fi
 
+  # An Azurite started by another checkout keeps its blobs in that checkout; once the checkout is
+  # deleted it still answers but stores nothing (every write times out). Restart such a one.
+  for pid in $(pgrep -f "azurite-blob .*--blobPort $SPIREKEEP_AZURE_PORT" || true); do
+    location="$( (tr '\0' '\n' <"/proc/$pid/cmdline" | sed -n '/^--location$/{n;p;}') 2>/dev/null || true)"
+    if [ -n "$location" ] && [ ! -d "$location" ]; then
+      log "restarting Azurite: its data directory $location is gone"
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 20); do curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_AZURE_PORT/" || break; sleep 0.25; done
+    fi
+  done
   # --disableTelemetry: Azurite otherwise tries to send usage data off the machine.
   if ! curl -s -o /dev/null "http://127.0.0.1:$SPIREKEEP_AZURE_PORT/"; then
     log "starting Azurite (blob) on 127.0.0.1:$SPIREKEEP_AZURE_PORT"

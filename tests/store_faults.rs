@@ -27,7 +27,9 @@ use repo_backends::{
     azure_settings, azure_store, gcs_settings, gcs_store, noise, s3_settings, s3_store,
 };
 use sha2::{Digest, Sha256};
-use spirekeep::datastore::testkit::{Population, create_spire_datastore, services_required};
+use spirekeep::datastore::testkit::{
+    Population, TestDatabase, create_spire_datastore, services_required,
+};
 use spirekeep::datastore::{self, Datastore, Engine, OpenMode, dsn};
 use spirekeep::snapshot::backup::{self, BackupOptions};
 use spirekeep::snapshot::manifest::list_snapshots;
@@ -325,7 +327,43 @@ async fn sqlite_with_bulk(
 async fn a_failed_backup_aborts_its_upload_and_lists_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ds = sqlite_with_bulk(&dir, "source.sqlite3", 20).await;
-    for (name, raw, _dir) in raw_stores("failed-backup") {
+    a_failed_backup_leaves_nothing(ds.as_ref(), "failed-backup").await;
+    ds.close().await;
+}
+
+/// The same on PostgreSQL, whose backups copy two tables at once: the lane
+/// whose upload fails stops the other, and nothing of either is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_lane_stops_the_other_and_leaves_nothing() {
+    let Some(db) = TestDatabase::create_or_skip(Engine::Postgres, "failed_lane")
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let ds = db.open().await.unwrap();
+    create_spire_datastore(ds.as_ref(), &Population::new(20))
+        .await
+        .unwrap();
+    // 12 MiB of random bytes: a data object of three multipart parts.
+    ds.execute_script(
+        "CREATE TABLE bulk (id integer PRIMARY KEY, b bytea);
+         INSERT INTO bulk SELECT g, (SELECT decode(string_agg(md5(random()::text || g || i), ''), 'hex')
+                                       FROM generate_series(1, 64) i)
+           FROM generate_series(1, 12288) g;",
+    )
+    .await
+    .unwrap();
+    a_failed_backup_leaves_nothing(ds.as_ref(), "failed-lane").await;
+    ds.close().await;
+    db.cleanup().await.unwrap();
+}
+
+/// A backup of `ds` (which has a `bulk` table of three upload parts) whose
+/// second part fails: one clear error, the upload aborted, nothing listed and
+/// nothing left; the next backup is whole.
+async fn a_failed_backup_leaves_nothing(ds: &dyn Datastore, test: &str) {
+    for (name, raw, _dir) in raw_stores(test) {
         if name == "local" {
             continue; // no multipart uploads to abort on a local directory
         }
@@ -333,14 +371,9 @@ async fn a_failed_backup_aborts_its_upload_and_lists_nothing() {
         let repo = faults.repo(quick_retries());
         let plain = Repository::from_object_store(raw.clone(), "", "plain").unwrap();
         faults.inject(Op::Part, 2..=usize::MAX, Fault::Error);
-        let err = backup::backup(
-            ds.as_ref(),
-            &repo,
-            &BackupOptions::default(),
-            &backup::Quiet,
-        )
-        .await
-        .unwrap_err();
+        let err = backup::backup(ds, &repo, &BackupOptions::default(), &backup::Quiet)
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(
             !text.contains('\n') && text.contains("bulk"),
@@ -363,21 +396,20 @@ async fn a_failed_backup_aborts_its_upload_and_lists_nothing() {
         if name == "s3" {
             let (endpoint, bucket) = s3_settings().unwrap();
             assert_eq!(
-                open_multipart_uploads(&endpoint, &bucket, "spirekeep-tests/faults-failed-backup")
-                    .await,
+                open_multipart_uploads(
+                    &endpoint,
+                    &bucket,
+                    &format!("spirekeep-tests/faults-{test}")
+                )
+                .await,
                 0
             );
         }
         // The store recovers: the next backup is whole and the only snapshot.
         faults.heal();
-        let manifest = backup::backup(
-            ds.as_ref(),
-            &repo,
-            &BackupOptions::default(),
-            &backup::Quiet,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let manifest = backup::backup(ds, &repo, &BackupOptions::default(), &backup::Quiet)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(
             list_snapshots(&repo).await.unwrap(),
             std::slice::from_ref(&manifest.snapshot_id),
@@ -385,7 +417,6 @@ async fn a_failed_backup_aborts_its_upload_and_lists_nothing() {
         );
         cleanup(&plain).await;
     }
-    ds.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -393,8 +393,13 @@ async fn copy_tables(
             Some(event) = events.recv() => event.replay(observer),
         }
     };
-    // The other lane, if still running, stops here (its upload is abandoned).
-    drop(lane);
+    // The other lane, if still running, stops here (its upload is
+    // abandoned), and is waited for, so no write of it lands after the
+    // caller deletes what the backup wrote.
+    if let Some(mut running) = lane {
+        running.0.abort();
+        let _ = (&mut running.0).await;
+    }
     while let Ok(event) = events.try_recv() {
         event.replay(observer);
     }

@@ -152,7 +152,6 @@ impl Progress {
         self.bars.lock().ok()?.get(name).cloned()
     }
 
-    /// How far `name` got (rows or bytes so far).
     /// The work on `name` begins now: its time is counted from here.
     pub(crate) fn begin(&self, name: &str) {
         if let Ok(mut begun) = self.begun.lock() {
@@ -160,6 +159,7 @@ impl Progress {
         }
     }
 
+    /// How far `name` got (rows or bytes so far).
     pub(crate) fn set(&self, name: &str, position: u64) {
         if let Some(bar) = self.bar(name) {
             bar.set_position(position);

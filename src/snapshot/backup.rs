@@ -342,17 +342,6 @@ async fn copy_tables(
     let tables = Arc::new(catalogue.tables.clone());
     let keys = Arc::new(Mutex::new(Vec::new()));
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut lane = second.map(|reader| {
-        let lane = Lane {
-            queue: Arc::clone(&queue),
-            tables: Arc::clone(&tables),
-            repo: repo.clone(),
-            id: id.clone(),
-            options: options.clone(),
-            written: Arc::clone(&keys),
-        };
-        AbortOnDrop(tokio::spawn(lane.run(reader, Forward(events_tx))))
-    });
     let here = Lane {
         queue,
         tables: Arc::clone(&tables),
@@ -361,6 +350,8 @@ async fn copy_tables(
         options: options.clone(),
         written: Arc::clone(&keys),
     };
+    let mut lane = second
+        .map(|reader| AbortOnDrop(tokio::spawn(here.clone().run(reader, Forward(events_tx)))));
     let mine = here.copy(read, observer);
     tokio::pin!(mine);
     let mut done: Vec<CopiedTable> = Vec::new();
@@ -436,6 +427,7 @@ struct CopiedTable {
 
 /// What one lane of [`copy_tables`] shares with the other: the queue of
 /// tables still to copy and the keys of the objects written so far.
+#[derive(Clone)]
 struct Lane {
     queue: Arc<Mutex<VecDeque<usize>>>,
     tables: Arc<Vec<Table>>,

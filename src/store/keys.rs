@@ -75,9 +75,13 @@ pub struct KeyError {
 }
 
 /// A snapshot identifier: `YYYYMMDDTHHMMSSZ-xxxxxx` (UTC start time, then six
-/// random lower-case hex digits). Identifiers sort by time as plain strings,
-/// which is also how object stores list them. Serialized as that string, and
-/// validated when deserialized.
+/// lower-case hex digits). Identifiers sort by time as plain strings, which is
+/// also how object stores list them, so `latest` is the last one listed. The
+/// first three suffix digits are the start time's fraction of a second in
+/// 1/4096ths and the last three are random, so two snapshots started within
+/// one second still sort in start order. (Identifiers written before that
+/// rule have six random digits; they stay valid.) Serialized as that string,
+/// and validated when deserialized.
 #[derive(
     Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
@@ -101,8 +105,14 @@ impl SnapshotId {
     /// A new identifier for a snapshot started at `at`.
     #[must_use]
     pub fn new(at: OffsetDateTime) -> Self {
-        let suffix: [u8; 3] = rand::random();
-        Self::with_suffix(at, suffix)
+        // 12 bits of the fraction of a second (~244 µs steps), then 12 random bits.
+        let fraction = u16::try_from((u64::from(at.nanosecond()) << 12) / 1_000_000_000)
+            .expect("a fraction of a second in 1/4096ths is below 4096");
+        let random = rand::random::<u16>() & 0x0fff;
+        let [hi, lo] = ((fraction << 4) | (random >> 8)).to_be_bytes();
+        #[allow(clippy::cast_possible_truncation)] // the low 8 random bits
+        let last = random as u8;
+        Self::with_suffix(at, [hi, lo, last])
     }
 
     /// The identifier for `at` with a chosen suffix (tests, fixtures).
@@ -424,6 +434,29 @@ mod tests {
         let later = SnapshotId::new(datetime!(2027-01-01 00:00:00 UTC));
         assert!(b < later);
         assert_eq!(later.as_str().len(), 23);
+    }
+
+    /// Regression: the suffix was six random digits, so two snapshots started
+    /// in one second sorted at random, and `latest` (and the metrics' newest
+    /// snapshot) could name the older one.
+    #[test]
+    fn snapshots_started_within_one_second_sort_in_start_order() {
+        let second = datetime!(2026-12-06 23:30:29 UTC);
+        let ids: Vec<SnapshotId> = (0..200)
+            .map(|i| SnapshotId::new(second + time::Duration::microseconds(i * 4_900)))
+            .collect();
+        for pair in ids.windows(2) {
+            assert!(pair[0] < pair[1], "{} sorts after {}", pair[0], pair[1]);
+            assert_eq!(pair[1].time(), second);
+        }
+        assert!(ids[0].as_str().starts_with("20261206T233029Z-000"));
+        assert!(ids[199].as_str().starts_with("20261206T233029Z-f9a"));
+        let next_second = SnapshotId::new(second + time::Duration::seconds(1));
+        assert!(ids[199] < next_second);
+        assert_eq!(
+            SnapshotId::parse(next_second.as_str()).unwrap(),
+            next_second
+        );
     }
 
     #[test]

@@ -286,7 +286,7 @@ async fn a_backup_is_one_consistent_read_under_concurrent_writes() {
 
 /// Counts `table`'s rows as `read` streams them.
 async fn streamed_rows(read: &mut dyn datastore::SnapshotRead, table: &datastore::Table) -> u64 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let (tx, mut rx) = datastore::row_channel(4);
     let send = async move {
         let sent = read.stream_rows(table, &tx).await;
         drop(tx); // ends the count

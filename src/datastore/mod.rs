@@ -7,6 +7,7 @@
 //! driver.
 
 mod batches;
+pub use batches::{RowReceiver, RowSender, row_channel};
 mod catalogue;
 pub mod ddl;
 mod driver_error;
@@ -178,7 +179,7 @@ pub trait SnapshotRead: Send {
     async fn stream_rows(
         &mut self,
         table: &Table,
-        out: &tokio::sync::mpsc::Sender<RowBatch>,
+        out: &crate::datastore::RowSender,
     ) -> Result<u64>;
 
     /// Ends the transaction.

@@ -7,14 +7,14 @@ use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, MySql, Row, ValueRef};
 
 use super::NextId;
-use super::batches::{ConsumerStopped, RowBatcher, bind_as_given, insert_values};
+use super::batches::{ConsumerStopped, RowBatcher, RowSlots, bind_as_given, insert_values};
 use super::catalogue::{Catalogue, Column, Index, Table};
 use super::driver_error::classify;
 use super::dsn::{Engine, MysqlSpec};
 use super::sql::select_all_sql;
 use super::timefmt::{format_mysql_datetime, parse_mysql_datetime};
 use super::{
-    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, RestoreWrite, RowBatch,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, RestoreWrite,
     STAGING_PREFIXES, SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
 };
 use crate::error::{Error, Result};
@@ -334,29 +334,39 @@ fn decode_row(
     row: &MySqlRow,
     kinds: &[ColumnKind],
 ) -> std::result::Result<Vec<Value>, sqlx::Error> {
-    let mut out = Vec::with_capacity(kinds.len());
-    for (i, kind) in kinds.iter().enumerate() {
+    let mut out = vec![Value::Null; kinds.len()];
+    decode_row_into(row, kinds, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes `row` into `out` (one slot per column), reusing the slots' text
+/// and bytes buffers (see [`crate::datastore::row_channel`]).
+fn decode_row_into(
+    row: &MySqlRow,
+    kinds: &[ColumnKind],
+    out: &mut [Value],
+) -> std::result::Result<(), sqlx::Error> {
+    for (i, (kind, slot)) in kinds.iter().zip(out).enumerate() {
         if row.try_get_raw(i)?.is_null() {
-            out.push(Value::Null);
+            *slot = Value::Null;
             continue;
         }
-        let v = match kind {
-            ColumnKind::Integer => Value::Int(row.try_get::<i64, _>(i)?),
-            ColumnKind::Boolean => Value::Bool(row.try_get::<i64, _>(i)? != 0),
-            ColumnKind::Float => Value::Float(row.try_get::<f64, _>(i)?),
-            ColumnKind::Text => Value::Text(row.try_get::<String, _>(i)?),
-            ColumnKind::Bytes => Value::Bytes(row.try_get::<Vec<u8>, _>(i)?),
+        match kind {
+            ColumnKind::Integer => *slot = Value::Int(row.try_get::<i64, _>(i)?),
+            ColumnKind::Boolean => *slot = Value::Bool(row.try_get::<i64, _>(i)? != 0),
+            ColumnKind::Float => *slot = Value::Float(row.try_get::<f64, _>(i)?),
+            ColumnKind::Text => slot.set_text(row.try_get::<&str, _>(i)?),
+            ColumnKind::Bytes => slot.set_bytes(row.try_get::<&[u8], _>(i)?),
             ColumnKind::Timestamp => {
-                let text: String = row.try_get(i)?;
-                match parse_mysql_datetime(&text) {
-                    Some(t) => Value::Timestamp(t),
-                    None => Value::Text(text),
+                let text: &str = row.try_get(i)?;
+                match parse_mysql_datetime(text) {
+                    Some(t) => *slot = Value::Timestamp(t),
+                    None => slot.set_text(text),
                 }
             }
-        };
-        out.push(v);
+        }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Takes the database's swap lock on `conn` (see [`SWAP_LOCK_SQL`]).
@@ -485,7 +495,7 @@ async fn insert_on(
 async fn stream_on(
     conn: &mut sqlx::mysql::MySqlConnection,
     table: &Table,
-    out: &tokio::sync::mpsc::Sender<RowBatch>,
+    out: &crate::datastore::RowSender,
     location: &str,
 ) -> Result<u64> {
     use futures::TryStreamExt;
@@ -495,8 +505,10 @@ async fn stream_on(
     let stopped = |e: ConsumerStopped| e.reading(&table.name);
     let mut batcher = RowBatcher::new(out);
     while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
-        let values = decode_row(&row, &kinds).map_err(|e| classify(&e, location))?;
-        batcher.push(values).await.map_err(stopped)?;
+        decode_row_into(&row, &kinds, batcher.slot(kinds.len()))
+            .map_err(|e| classify(&e, location))?;
+        batcher.commit();
+        batcher.send_if_full().await.map_err(stopped)?;
     }
     batcher.finish().await.map_err(stopped)
 }
@@ -526,7 +538,7 @@ impl SnapshotRead for Snapshot {
     async fn stream_rows(
         &mut self,
         table: &Table,
-        out: &tokio::sync::mpsc::Sender<RowBatch>,
+        out: &crate::datastore::RowSender,
     ) -> Result<u64> {
         stream_on(&mut self.conn, table, out, &self.location).await
     }

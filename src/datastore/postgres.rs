@@ -16,7 +16,7 @@ use super::dsn::{Engine, PostgresSpec};
 use super::sql::select_all_sql;
 use super::timefmt::parse_sqlite_datetime;
 use super::{
-    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, RestoreWrite, RowBatch,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RESTORE_LOCK_WAIT, RestoreWrite,
     SnapshotRead, Value, ddl, is_staging_table, quote_ident, restore_busy,
 };
 use crate::error::{Error, Result};
@@ -631,7 +631,7 @@ fn bulk_read_sql(table: &Table) -> String {
 async fn stream_on(
     conn: &mut sqlx::postgres::PgConnection,
     table: &Table,
-    out: &tokio::sync::mpsc::Sender<RowBatch>,
+    out: &crate::datastore::RowSender,
     location: &str,
 ) -> Result<u64> {
     use futures::TryStreamExt;
@@ -653,9 +653,7 @@ async fn stream_on(
         .await
         .map_err(|e| classify(&e, location))?
     {
-        decoder
-            .feed(&chunk, batcher.batch_mut())
-            .map_err(malformed)?;
+        decoder.feed(&chunk, &mut batcher).map_err(malformed)?;
         batcher.send_if_full().await.map_err(stopped)?;
     }
     decoder.finish().map_err(malformed)?;
@@ -701,7 +699,7 @@ impl SnapshotRead for Snapshot {
     async fn stream_rows(
         &mut self,
         table: &Table,
-        out: &tokio::sync::mpsc::Sender<RowBatch>,
+        out: &crate::datastore::RowSender,
     ) -> Result<u64> {
         stream_on(&mut self.conn, table, out, &self.location).await
     }

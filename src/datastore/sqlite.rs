@@ -17,8 +17,8 @@ use super::dsn::{Engine, OpenMode, SqliteSpec};
 use super::sql::select_all_sql;
 use super::timefmt::{format_sqlite_datetime, parse_sqlite_datetime};
 use super::{
-    ColumnKind, CommitOutcome, Datastore, LiveSession, RestoreWrite, RowBatch, SnapshotRead, Value,
-    ddl, is_staging_table, quote_ident,
+    ColumnKind, CommitOutcome, Datastore, LiveSession, RestoreWrite, SnapshotRead, Value, ddl,
+    is_staging_table, quote_ident,
 };
 use crate::error::{Error, Result};
 
@@ -592,7 +592,7 @@ impl SnapshotRead for Snapshot {
     async fn stream_rows(
         &mut self,
         table: &Table,
-        out: &tokio::sync::mpsc::Sender<RowBatch>,
+        out: &crate::datastore::RowSender,
     ) -> Result<u64> {
         let conn = self.rows.take().ok_or_else(|| {
             Error::Aborted(format!(
@@ -771,7 +771,7 @@ mod tests {
         let table = ds.catalogue().await.unwrap().table("t").unwrap().clone();
         let expected = ds.read_table(&table).await.unwrap();
         let mut snapshot = ds.begin_snapshot().await.unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let (tx, mut rx) = crate::datastore::row_channel(4);
         let sent = snapshot.stream_rows(&table, &tx).await.unwrap();
         drop(tx);
         let mut got = Vec::new();

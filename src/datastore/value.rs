@@ -119,4 +119,34 @@ impl Value {
             Self::Timestamp(_) => "timestamp",
         }
     }
+
+    /// Makes this value the text `text`, reusing its buffer when it holds
+    /// text already (a reader refilling a handed-back batch).
+    pub fn set_text(&mut self, text: &str) {
+        match self {
+            Self::Text(s) if reusable(s.capacity(), text.len()) => {
+                s.clear();
+                s.push_str(text);
+            }
+            _ => *self = Self::Text(text.to_owned()),
+        }
+    }
+
+    /// [`Self::set_text`] for bytes.
+    pub fn set_bytes(&mut self, bytes: &[u8]) {
+        match self {
+            Self::Bytes(b) if reusable(b.capacity(), bytes.len()) => {
+                b.clear();
+                b.extend_from_slice(bytes);
+            }
+            _ => *self = Self::Bytes(bytes.to_vec()),
+        }
+    }
+}
+
+/// Whether a buffer of `capacity` bytes is reused for `len` bytes: not when it
+/// is far larger, so one large value does not pin its size in every batch
+/// that reuses the row.
+fn reusable(capacity: usize, len: usize) -> bool {
+    capacity <= 2 * len + 64
 }

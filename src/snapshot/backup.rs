@@ -27,9 +27,7 @@ use super::manifest::{
     DataFormat, DataObject, Encryption, Manifest, ObjectEncryption, SPIREKEEP_VERSION, TableData,
 };
 use super::server_files::{self, ServerFilesPolicy};
-use crate::datastore::{
-    Catalogue, Datastore, MigrationsRow, RowBatch, SnapshotRead, Table, Value, ddl,
-};
+use crate::datastore::{Catalogue, Datastore, MigrationsRow, SnapshotRead, Table, Value, ddl};
 use crate::error::{Error, Result};
 use crate::store::keys::{self, SnapshotId};
 use crate::store::lock::{CommitFence, Unfenced};
@@ -566,7 +564,7 @@ async fn copy_table(
     observer: &dyn BackupObserver,
     written: &Mutex<Vec<String>>,
 ) -> Result<(Vec<DataObject>, Option<Vec<Value>>)> {
-    let (tx, mut rx) = mpsc::channel::<RowBatch>(BATCHES_IN_FLIGHT);
+    let (tx, mut rx) = crate::datastore::row_channel(BATCHES_IN_FLIGHT);
     let producer = async move {
         let result = read.stream_rows(table, &tx).await;
         drop(tx); // ends the consumer's loop
@@ -599,6 +597,8 @@ async fn copy_table(
             }
             copied += u64::try_from(batch.len()).unwrap_or(u64::MAX);
             observer.rows(&table.name, copied);
+            // Encoded: the reader refills its rows in place.
+            rx.give_back(batch);
         }
         objects.push(writer.finish().await?);
         Ok::<_, Error>((objects, first_row))

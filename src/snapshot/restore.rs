@@ -51,7 +51,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
 
 use super::SnapshotError;
 use super::adapt::{Adapter, Change, ChangeKind};
@@ -1196,7 +1195,8 @@ pub(crate) async fn for_each_batch<F>(
 where
     F: FnMut(RowBatch) + Send,
 {
-    let (tx, mut rx) = mpsc::channel::<RowBatch>(4);
+    // The batches are `f`'s to keep: none is handed back.
+    let (tx, mut rx) = crate::datastore::row_channel(4);
     let producer = async move {
         let result = read.stream_rows(table, &tx).await;
         drop(tx);

@@ -12,6 +12,7 @@
 
 use time::OffsetDateTime;
 
+use crate::datastore::batches::RowSlots;
 use crate::datastore::{ColumnKind, Value};
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
@@ -41,7 +42,7 @@ impl BinaryCopyDecoder {
     ///
     /// # Errors
     /// A stream that is not binary `COPY` data for these columns.
-    pub(super) fn feed(&mut self, chunk: &[u8], out: &mut Vec<Vec<Value>>) -> Result<(), String> {
+    pub(super) fn feed(&mut self, chunk: &[u8], out: &mut impl RowSlots) -> Result<(), String> {
         if self.ended {
             if chunk.is_empty() {
                 return Ok(());
@@ -78,16 +79,11 @@ impl BinaryCopyDecoder {
 
     /// Decodes the complete rows of `b` from `at` on; returns where the
     /// first incomplete one starts (or the end).
-    fn rows(
-        &mut self,
-        b: &[u8],
-        mut at: usize,
-        out: &mut Vec<Vec<Value>>,
-    ) -> Result<usize, String> {
+    fn rows(&mut self, b: &[u8], mut at: usize, out: &mut impl RowSlots) -> Result<usize, String> {
         loop {
-            match self.tuple(b, at)? {
-                Tuple::Row(row, next) => {
-                    out.push(row);
+            match self.tuple(b, at, out.slot(self.kinds.len()))? {
+                Tuple::Row(next) => {
+                    out.commit();
                     at = next;
                 }
                 Tuple::End(next) => {
@@ -117,7 +113,9 @@ impl BinaryCopyDecoder {
         }
     }
 
-    fn tuple(&self, b: &[u8], at: usize) -> Result<Tuple, String> {
+    /// Decodes the tuple at `at` into `row` (a slot whose old values' buffers
+    /// are reused; it is whole only when `Tuple::Row` is returned).
+    fn tuple(&self, b: &[u8], at: usize, row: &mut [Value]) -> Result<Tuple, String> {
         let Some(count) = read_i16(b, at) else {
             return Ok(Tuple::Incomplete);
         };
@@ -131,14 +129,13 @@ impl BinaryCopyDecoder {
                 self.kinds.len()
             ));
         }
-        let mut row = Vec::with_capacity(self.kinds.len());
-        for kind in &self.kinds {
+        for (kind, value) in self.kinds.iter().zip(row) {
             let Some(len) = read_i32(b, p) else {
                 return Ok(Tuple::Incomplete);
             };
             p += 4;
             if len == -1 {
-                row.push(Value::Null);
+                *value = Value::Null;
                 continue;
             }
             let len = usize::try_from(len).map_err(|_| format!("a field length of {len}"))?;
@@ -146,14 +143,15 @@ impl BinaryCopyDecoder {
                 return Ok(Tuple::Incomplete);
             };
             p += len;
-            row.push(decode_value(*kind, bytes)?);
+            decode_value(*kind, bytes, value)?;
         }
-        Ok(Tuple::Row(row, p))
+        Ok(Tuple::Row(p))
     }
 }
 
 enum Tuple {
-    Row(Vec<Value>, usize),
+    /// A whole row, and where the next tuple starts.
+    Row(usize),
     End(usize),
     Incomplete,
 }
@@ -190,36 +188,76 @@ fn read_i32(b: &[u8], at: usize) -> Option<i32> {
     Some(i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-fn decode_value(kind: ColumnKind, bytes: &[u8]) -> Result<Value, String> {
+/// Decodes one field into `slot`, reusing its buffer for text and bytes.
+fn decode_value(kind: ColumnKind, bytes: &[u8], slot: &mut Value) -> Result<(), String> {
     let eight = || -> Result<[u8; 8], String> {
         bytes
             .try_into()
             .map_err(|_| format!("a {kind:?} value of {} bytes, not 8", bytes.len()))
     };
-    Ok(match kind {
+    *slot = match kind {
         ColumnKind::Integer => Value::Int(i64::from_be_bytes(eight()?)),
         ColumnKind::Float => Value::Float(f64::from_bits(u64::from_be_bytes(eight()?))),
         ColumnKind::Boolean => match bytes {
             [b] => Value::Bool(*b != 0),
             _ => return Err(format!("a boolean of {} bytes", bytes.len())),
         },
-        ColumnKind::Text => Value::Text(
-            String::from_utf8(bytes.to_vec()).map_err(|_| "text that is not UTF-8".to_string())?,
-        ),
-        ColumnKind::Bytes => Value::Bytes(bytes.to_vec()),
+        ColumnKind::Text => {
+            let text =
+                std::str::from_utf8(bytes).map_err(|_| "text that is not UTF-8".to_string())?;
+            slot.set_text(text);
+            return Ok(());
+        }
+        ColumnKind::Bytes => {
+            slot.set_bytes(bytes);
+            return Ok(());
+        }
         ColumnKind::Timestamp => {
             let micros = i64::from_be_bytes(eight()?);
             if micros == i64::MAX || micros == i64::MIN {
                 return Err("an infinite timestamp (spirekeep stores only finite ones)".into());
             }
-            Value::Timestamp(PG_EPOCH + time::Duration::microseconds(micros))
+            // PostgreSQL's range (to year 294276) is wider than spirekeep's.
+            PG_EPOCH
+                .checked_add(time::Duration::microseconds(micros))
+                .map(Value::Timestamp)
+                .ok_or_else(|| format!("a timestamp {micros} µs from 2000-01-01, past year 9999"))?
         }
-    })
+    };
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows as a [`RowBatcher`](crate::datastore::batches::RowBatcher) keeps
+    /// them: slots past `filled` hold old rows, which are overwritten.
+    #[derive(Default)]
+    struct Rows {
+        rows: Vec<Vec<Value>>,
+        filled: usize,
+    }
+
+    impl RowSlots for Rows {
+        fn slot(&mut self, width: usize) -> &mut Vec<Value> {
+            if self.filled == self.rows.len() {
+                self.rows.push(Vec::new());
+            }
+            let row = &mut self.rows[self.filled];
+            row.resize(width, Value::Null);
+            row
+        }
+        fn commit(&mut self) {
+            self.filled += 1;
+        }
+    }
+
+    impl Rows {
+        fn whole(&self) -> &[Vec<Value>] {
+            &self.rows[..self.filled]
+        }
+    }
 
     fn field(out: &mut Vec<u8>, v: Option<&[u8]>) {
         match v {
@@ -265,11 +303,12 @@ mod tests {
         let s = stream();
         for size in [1, 2, 3, 7, 19, 64, s.len()] {
             let mut d = BinaryCopyDecoder::new(kinds());
-            let mut rows = Vec::new();
+            let mut slots = Rows::default();
             for chunk in s.chunks(size) {
-                d.feed(chunk, &mut rows).unwrap();
+                d.feed(chunk, &mut slots).unwrap();
             }
             d.finish().unwrap();
+            let rows = slots.whole();
             assert_eq!(rows.len(), 2, "chunks of {size}");
             assert_eq!(rows[0][0], Value::Int(1));
             assert_eq!(rows[0][1], Value::Text("a\tb".into()));
@@ -285,24 +324,73 @@ mod tests {
         }
     }
 
+    /// Rows decoded over old ones (a handed-back batch) are exactly the rows
+    /// decoded afresh: no old value survives, whatever its type was.
+    #[test]
+    fn rows_decoded_over_old_rows_keep_nothing_of_them() {
+        let s = stream();
+        let mut fresh = Rows::default();
+        BinaryCopyDecoder::new(kinds())
+            .feed(&s, &mut fresh)
+            .unwrap();
+        // The same six columns, every one of another type or null.
+        let mut other = SIGNATURE.to_vec();
+        other.extend_from_slice(&0i32.to_be_bytes());
+        other.extend_from_slice(&0i32.to_be_bytes());
+        for _ in 0..3 {
+            other.extend_from_slice(&6i16.to_be_bytes());
+            for _ in 0..6 {
+                field(&mut other, None);
+            }
+        }
+        other.extend_from_slice(&(-1i16).to_be_bytes());
+        let mut reused = Rows::default();
+        BinaryCopyDecoder::new(kinds())
+            .feed(&other, &mut reused)
+            .unwrap();
+        reused.filled = 0;
+        for size in [1, 5, s.len()] {
+            let mut d = BinaryCopyDecoder::new(kinds());
+            for chunk in s.chunks(size) {
+                d.feed(chunk, &mut reused).unwrap();
+            }
+            assert_eq!(reused.whole(), fresh.whole(), "chunks of {size}");
+            reused.filled = 0;
+        }
+    }
+
+    /// Regression: PostgreSQL's timestamps reach year 294276; adding such a
+    /// value to the epoch panicked instead of failing the read.
+    #[test]
+    fn a_timestamp_past_year_9999_is_an_error_not_a_panic() {
+        let mut s = SIGNATURE.to_vec();
+        s.extend_from_slice(&0i32.to_be_bytes());
+        s.extend_from_slice(&0i32.to_be_bytes());
+        s.extend_from_slice(&1i16.to_be_bytes());
+        field(&mut s, Some(&(9_000_000_000_000_000_000i64).to_be_bytes()));
+        let err = BinaryCopyDecoder::new(vec![ColumnKind::Timestamp])
+            .feed(&s, &mut Rows::default())
+            .unwrap_err();
+        assert!(err.contains("past year 9999"), "{err}");
+    }
+
     #[test]
     fn a_cut_stream_or_a_wrong_shape_is_an_error() {
         let s = stream();
         let mut d = BinaryCopyDecoder::new(kinds());
-        let mut rows = Vec::new();
-        d.feed(&s[..s.len() - 5], &mut rows).unwrap();
+        d.feed(&s[..s.len() - 5], &mut Rows::default()).unwrap();
         assert!(d.finish().unwrap_err().contains("end-of-data"));
 
         let mut d = BinaryCopyDecoder::new(kinds()[..5].to_vec());
         assert!(
-            d.feed(&s, &mut Vec::new())
+            d.feed(&s, &mut Rows::default())
                 .unwrap_err()
                 .contains("6 field(s)")
         );
 
         let mut d = BinaryCopyDecoder::new(kinds());
         assert!(
-            d.feed(b"PGCOPY\n\xfe", &mut Vec::new())
+            d.feed(b"PGCOPY\n\xfe", &mut Rows::default())
                 .unwrap_err()
                 .contains("signature")
         );
@@ -311,7 +399,7 @@ mod tests {
         with_tail.push(0);
         let mut d = BinaryCopyDecoder::new(kinds());
         assert!(
-            d.feed(&with_tail, &mut Vec::new())
+            d.feed(&with_tail, &mut Rows::default())
                 .unwrap_err()
                 .contains("after the end")
         );

@@ -14,9 +14,9 @@ use std::path::Path;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 
-use crate::datastore::batches::RowBatcher;
+use crate::datastore::batches::{RowBatcher, RowSlots};
 use crate::datastore::timefmt::parse_sqlite_datetime;
-use crate::datastore::{ColumnKind, RowBatch, Value};
+use crate::datastore::{ColumnKind, Value};
 
 /// Why a bulk read stopped.
 #[derive(Debug)]
@@ -56,42 +56,58 @@ pub(super) fn stream(
     conn: &Connection,
     sql: &str,
     kinds: &[ColumnKind],
-    out: &tokio::sync::mpsc::Sender<RowBatch>,
+    out: &crate::datastore::RowSender,
 ) -> Result<u64, ReadError> {
     let sqlite = |e: rusqlite::Error| ReadError::Sqlite(e.to_string());
     let mut statement = conn.prepare(sql).map_err(sqlite)?;
     let mut rows = statement.query([]).map_err(sqlite)?;
     let mut batcher = RowBatcher::new(out);
     while let Some(row) = rows.next().map_err(sqlite)? {
-        let mut values = Vec::with_capacity(kinds.len());
-        for (i, kind) in kinds.iter().enumerate() {
-            values.push(decode(row.get_ref(i).map_err(sqlite)?, *kind)?);
+        // Refills a handed-back row in place (see `row_channel`).
+        let values = batcher.slot(kinds.len());
+        for (i, (value, kind)) in values.iter_mut().zip(kinds).enumerate() {
+            decode_into(value, row.get_ref(i).map_err(sqlite)?, *kind)?;
         }
+        batcher.commit();
         batcher
-            .push_blocking(values)
+            .send_if_full_blocking()
             .map_err(|_| ReadError::Stopped)?;
     }
     batcher.finish_blocking().map_err(|_| ReadError::Stopped)
 }
 
-fn decode(value: ValueRef<'_>, kind: ColumnKind) -> Result<Value, ReadError> {
-    Ok(match value {
+/// Decodes `value` into `slot`, reusing the slot's buffer for text and bytes.
+fn decode_into(slot: &mut Value, value: ValueRef<'_>, kind: ColumnKind) -> Result<(), ReadError> {
+    *slot = match value {
         ValueRef::Null => Value::Null,
         ValueRef::Integer(x) if kind == ColumnKind::Boolean => Value::Bool(x != 0),
         ValueRef::Integer(x) => Value::Int(x),
         ValueRef::Real(x) => Value::Float(x),
-        ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
+        ValueRef::Blob(b) => {
+            slot.set_bytes(b);
+            return Ok(());
+        }
         ValueRef::Text(t) => {
             let text = std::str::from_utf8(t)
                 .map_err(|e| ReadError::Sqlite(format!("a text value that is not UTF-8 ({e})")))?;
             match kind {
                 ColumnKind::Timestamp => match parse_sqlite_datetime(text) {
                     Some(t) => Value::Timestamp(t),
-                    None => Value::Text(text.to_owned()),
+                    None => {
+                        slot.set_text(text);
+                        return Ok(());
+                    }
                 },
-                ColumnKind::Bytes => Value::Bytes(text.as_bytes().to_vec()),
-                _ => Value::Text(text.to_owned()),
+                ColumnKind::Bytes => {
+                    slot.set_bytes(t);
+                    return Ok(());
+                }
+                _ => {
+                    slot.set_text(text);
+                    return Ok(());
+                }
             }
         }
-    })
+    };
+    Ok(())
 }

@@ -687,3 +687,64 @@ async fn prune_removes_the_upload_staging_files_a_killed_backup_left() {
     assert!(out.status.success(), "{}", stderr(&out));
     fx.cleanup().await;
 }
+
+/// MySQL's bulk read (text protocol, columns as they are) gives exactly the
+/// values of the checked read (binary protocol, every value cast), on the
+/// column types that differ between the two: unsigned and wide integers,
+/// booleans, fractional, zero and `TIMESTAMP` times, dates, multi-byte text,
+/// bytes that are not UTF-8, nulls; and a table with a float column keeps the
+/// binary protocol. An integer past `i64` is an error, not a wrapped value.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mysql_bulk_read_gives_the_values_of_the_checked_read() {
+    let Some(fx) = SpireFixture::create_empty(Engine::Mysql, "bulkread").await else {
+        eprintln!("no MySQL test server: skipped");
+        return;
+    };
+    let ds = fx.open().await;
+    ds.execute_script(
+        "SET SESSION sql_mode = '';
+         CREATE TABLE odd (id INT UNSIGNED NOT NULL PRIMARY KEY, big BIGINT, flag TINYINT(1),
+           at DATETIME(6), stamp TIMESTAMP NULL, day DATE, name VARCHAR(64), raw BLOB);
+         INSERT INTO odd VALUES
+           (4294967295, -9223372036854775808, 1, '2026-12-07 00:41:02.123456', '2026-12-07 00:41:02',
+            '2026-12-07', 'ünïcødé ✓', x'00ff80'),
+           (1, 9223372036854775807, 0, '0000-00-00 00:00:00', NULL, NULL, '', x''),
+           (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+         CREATE TABLE measured (id INT NOT NULL PRIMARY KEY, x DOUBLE, f FLOAT);
+         INSERT INTO measured VALUES (1, 0.30000000000000004, 0.1), (2, -1.5e300, NULL);
+         CREATE TABLE wide (id BIGINT UNSIGNED NOT NULL PRIMARY KEY);
+         INSERT INTO wide VALUES (18446744073709551615);",
+    )
+    .await
+    .unwrap();
+    let catalogue = ds.catalogue().await.unwrap();
+    let mut read = ds.begin_snapshot().await.unwrap();
+    for name in ["odd", "measured"] {
+        let table = catalogue.table(name).unwrap().clone();
+        let expected = ds.read_table(&table).await.unwrap();
+        let (tx, mut rx) = datastore::row_channel(4);
+        let sent = read.stream_rows(&table, &tx).await.unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(batch) = rx.recv().await {
+            got.extend(batch);
+        }
+        assert_eq!(sent, expected.len() as u64, "{name}");
+        assert_eq!(got, expected, "{name}");
+    }
+    let odd = catalogue.table("odd").unwrap();
+    assert!(
+        ds.read_table(odd).await.unwrap().iter().any(|r| matches!(
+            r[3],
+            datastore::Value::Timestamp(t) if t.year() == 1
+        )),
+        "the zero date reads as Go's zero time"
+    );
+    let wide = catalogue.table("wide").unwrap().clone();
+    let (tx, _rx) = datastore::row_channel(4);
+    let err = read.stream_rows(&wide, &tx).await.unwrap_err();
+    assert!(err.to_string().contains("too large"), "{err}");
+    read.finish().await.unwrap();
+    ds.close().await;
+    fx.cleanup().await;
+}

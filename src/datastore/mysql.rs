@@ -369,6 +369,43 @@ fn decode_row_into(
     Ok(())
 }
 
+/// [`decode_row_into`] for a row of the text protocol with the columns
+/// selected as they are (no casts): integers of any width or sign and
+/// timestamps arrive as text, which is decoded without sqlx's type check (it
+/// would refuse an unsigned column as `i64`, and a `DATETIME` as text). An
+/// integer outside `i64` is an error, never wrapped.
+fn decode_text_row_into(
+    row: &MySqlRow,
+    kinds: &[ColumnKind],
+    out: &mut [Value],
+) -> std::result::Result<(), sqlx::Error> {
+    for (i, (kind, slot)) in kinds.iter().zip(out).enumerate() {
+        if row.try_get_raw(i)?.is_null() {
+            *slot = Value::Null;
+            continue;
+        }
+        match kind {
+            ColumnKind::Integer => *slot = Value::Int(row.try_get_unchecked::<i64, _>(i)?),
+            ColumnKind::Boolean => *slot = Value::Bool(row.try_get_unchecked::<i64, _>(i)? != 0),
+            ColumnKind::Text => slot.set_text(row.try_get::<&str, _>(i)?),
+            ColumnKind::Bytes => slot.set_bytes(row.try_get::<&[u8], _>(i)?),
+            ColumnKind::Timestamp => {
+                let text: &str = row.try_get_unchecked(i)?;
+                match parse_mysql_datetime(text) {
+                    Some(t) => *slot = Value::Timestamp(t),
+                    None => slot.set_text(text),
+                }
+            }
+            ColumnKind::Float => {
+                return Err(sqlx::Error::Decode(
+                    "a float column read through the text protocol".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Takes the database's swap lock on `conn` (see [`SWAP_LOCK_SQL`]).
 async fn take_swap_lock(conn: &mut sqlx::mysql::MySqlConnection, location: &str) -> Result<()> {
     let got: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
@@ -500,13 +537,30 @@ async fn stream_on(
 ) -> Result<u64> {
     use futures::TryStreamExt;
     let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
-    let sql = select_all_sql(Engine::Mysql, table, select_expr);
-    let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn);
+    // The text protocol with the columns as they are: the server formats
+    // every value as text, as for mysqldump, and no `CAST` runs per value (the
+    // casts cost the server a third more CPU than the read itself). Floats
+    // keep the binary protocol, whose doubles are exact whatever the
+    // server's text formatting of them.
+    let text = !kinds.contains(&ColumnKind::Float);
+    let mut rows = if text {
+        let sql = select_all_sql(Engine::Mysql, table, |c| {
+            quote_ident(Engine::Mysql, &c.name)
+        });
+        sqlx::raw_sql(AssertSqlSafe(sql)).fetch(&mut *conn)
+    } else {
+        let sql = select_all_sql(Engine::Mysql, table, select_expr);
+        sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn)
+    };
+    let decode = if text {
+        decode_text_row_into
+    } else {
+        decode_row_into
+    };
     let stopped = |e: ConsumerStopped| e.reading(&table.name);
     let mut batcher = RowBatcher::new(out);
     while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
-        decode_row_into(&row, &kinds, batcher.slot(kinds.len()))
-            .map_err(|e| classify(&e, location))?;
+        decode(&row, &kinds, batcher.slot(kinds.len())).map_err(|e| classify(&e, location))?;
         batcher.commit();
         batcher.send_if_full().await.map_err(stopped)?;
     }

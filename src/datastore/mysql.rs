@@ -340,41 +340,14 @@ fn decode_row(
 }
 
 /// Decodes `row` into `out` (one slot per column), reusing the slots' text
-/// and bytes buffers (see [`crate::datastore::row_channel`]).
+/// and bytes buffers (see [`crate::datastore::row_channel`]). The row comes
+/// from either protocol: the binary one with [`select_expr`]'s casts, or the
+/// text one with the columns as they are, where integers of any width or sign
+/// and timestamps arrive as text. So integers and timestamps are decoded
+/// without sqlx's type check (it would refuse an unsigned column as `i64`,
+/// and a `DATETIME` as text); an integer outside `i64` is an error, never
+/// wrapped.
 fn decode_row_into(
-    row: &MySqlRow,
-    kinds: &[ColumnKind],
-    out: &mut [Value],
-) -> std::result::Result<(), sqlx::Error> {
-    for (i, (kind, slot)) in kinds.iter().zip(out).enumerate() {
-        if row.try_get_raw(i)?.is_null() {
-            *slot = Value::Null;
-            continue;
-        }
-        match kind {
-            ColumnKind::Integer => *slot = Value::Int(row.try_get::<i64, _>(i)?),
-            ColumnKind::Boolean => *slot = Value::Bool(row.try_get::<i64, _>(i)? != 0),
-            ColumnKind::Float => *slot = Value::Float(row.try_get::<f64, _>(i)?),
-            ColumnKind::Text => slot.set_text(row.try_get::<&str, _>(i)?),
-            ColumnKind::Bytes => slot.set_bytes(row.try_get::<&[u8], _>(i)?),
-            ColumnKind::Timestamp => {
-                let text: &str = row.try_get(i)?;
-                match parse_mysql_datetime(text) {
-                    Some(t) => *slot = Value::Timestamp(t),
-                    None => slot.set_text(text),
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// [`decode_row_into`] for a row of the text protocol with the columns
-/// selected as they are (no casts): integers of any width or sign and
-/// timestamps arrive as text, which is decoded without sqlx's type check (it
-/// would refuse an unsigned column as `i64`, and a `DATETIME` as text). An
-/// integer outside `i64` is an error, never wrapped.
-fn decode_text_row_into(
     row: &MySqlRow,
     kinds: &[ColumnKind],
     out: &mut [Value],
@@ -387,6 +360,7 @@ fn decode_text_row_into(
         match kind {
             ColumnKind::Integer => *slot = Value::Int(row.try_get_unchecked::<i64, _>(i)?),
             ColumnKind::Boolean => *slot = Value::Bool(row.try_get_unchecked::<i64, _>(i)? != 0),
+            ColumnKind::Float => *slot = Value::Float(row.try_get::<f64, _>(i)?),
             ColumnKind::Text => slot.set_text(row.try_get::<&str, _>(i)?),
             ColumnKind::Bytes => slot.set_bytes(row.try_get::<&[u8], _>(i)?),
             ColumnKind::Timestamp => {
@@ -395,11 +369,6 @@ fn decode_text_row_into(
                     Some(t) => *slot = Value::Timestamp(t),
                     None => slot.set_text(text),
                 }
-            }
-            ColumnKind::Float => {
-                return Err(sqlx::Error::Decode(
-                    "a float column read through the text protocol".into(),
-                ));
             }
         }
     }
@@ -552,15 +521,11 @@ async fn stream_on(
         let sql = select_all_sql(Engine::Mysql, table, select_expr);
         sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn)
     };
-    let decode = if text {
-        decode_text_row_into
-    } else {
-        decode_row_into
-    };
     let stopped = |e: ConsumerStopped| e.reading(&table.name);
     let mut batcher = RowBatcher::new(out);
     while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
-        decode(&row, &kinds, batcher.slot(kinds.len())).map_err(|e| classify(&e, location))?;
+        decode_row_into(&row, &kinds, batcher.slot(kinds.len()))
+            .map_err(|e| classify(&e, location))?;
         batcher.commit();
         batcher.send_if_full().await.map_err(stopped)?;
     }

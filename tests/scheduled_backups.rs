@@ -365,16 +365,28 @@ async fn retention_keeps_exactly_what_the_rules_say_and_dry_run_matches() {
             verified: None,
         });
     }
-    // Specials, chosen so that the rules alone would delete them:
+    // Specials, chosen so that the rules alone would delete them. Which
+    // snapshots the rules keep depends on the hour and weekday the test runs
+    // (regression: at 01:00 UTC on a Monday, snapshot 57 was the newest of
+    // its ISO week and kept by --keep-weekly), so each special is the first
+    // snapshot from a nominal position on that the rules alone delete.
+    let kept_by_rules = expected_keep(&snaps, 4, 7, 4, 3);
+    let deleted_from = |nominal: usize| {
+        (nominal..snaps.len())
+            .find(|i| !kept_by_rules.contains(&snaps[*i].id))
+            .expect("the rules delete most snapshots")
+    };
+    let [failed, verified, label_pinned, pinned, older_verified] =
+        [57, 150, 203, 301, 420].map(deleted_from);
     // an explicitly pinned snapshot (an unfinished upgrade's pre-upgrade snapshot),
-    snaps[301].pinned = true;
+    snaps[pinned].pinned = true;
     // one carrying the label given with --pin-label,
-    snaps[203].label_pinned = true;
+    snaps[label_pinned].label_pinned = true;
     // the newest snapshot whose newest verification passed (older ones passed too),
-    snaps[150].verified = Some(true);
-    snaps[420].verified = Some(true);
+    snaps[verified].verified = Some(true);
+    snaps[older_verified].verified = Some(true);
     // and a newer one whose latest verification failed (after an earlier pass): not "verified".
-    snaps[57].verified = Some(false);
+    snaps[failed].verified = Some(false);
     for s in &snaps {
         let mut m = template.clone();
         let old_prefix = keys::data_prefix(&m.snapshot_id);
@@ -416,7 +428,7 @@ async fn retention_keeps_exactly_what_the_rules_say_and_dry_run_matches() {
     }
     spirekeep::snapshot::pins::pin(
         repo,
-        &snaps[301].id,
+        &snaps[pinned].id,
         "upgrade-1.14",
         "pre-upgrade snapshot of plan upgrade-1.14",
     )
@@ -480,10 +492,10 @@ async fn retention_keeps_exactly_what_the_rules_say_and_dry_run_matches() {
         "the policy keeps a few: {}",
         expected.len()
     );
-    for special in [301, 203, 150] {
+    for special in [pinned, label_pinned, verified] {
         assert!(expected.contains(&snaps[special].id));
     }
-    assert!(!expected.contains(&snaps[57].id) && !expected.contains(&snaps[420].id));
+    assert!(!expected.contains(&snaps[failed].id) && !expected.contains(&snaps[older_verified].id));
 
     // The dry run: every snapshot named once, with its reasons.
     let mut args = vec!["prune", "--dry-run"];
@@ -633,7 +645,7 @@ async fn retention_keeps_exactly_what_the_rules_say_and_dry_run_matches() {
         keys::data_object(&running, "bundles", 0),
         "snapshots/junk/readme.txt".to_owned(),
         dangling,
-        keys::pin(&snaps[301].id, "upgrade-1.14").unwrap(),
+        keys::pin(&snaps[pinned].id, "upgrade-1.14").unwrap(),
     ] {
         assert!(keys_after.contains(&key), "{key} must stay");
     }
@@ -662,13 +674,13 @@ async fn retention_keeps_exactly_what_the_rules_say_and_dry_run_matches() {
     assert!(again["plan"]["delete"].as_array().unwrap().is_empty());
 
     // Unpinning releases the snapshot at the next run; a policy without rules is refused.
-    spirekeep::snapshot::pins::unpin(repo, &snaps[301].id, "upgrade-1.14")
+    spirekeep::snapshot::pins::unpin(repo, &snaps[pinned].id, "upgrade-1.14")
         .await
         .unwrap();
     let mut args = vec!["--json", "prune"];
     args.extend(policy);
     json_of(&spirekeep(&t.with(&args), &[]));
-    assert!(!t.snapshot_ids().await.contains(&snaps[301].id));
+    assert!(!t.snapshot_ids().await.contains(&snaps[pinned].id));
     let out = spirekeep(&t.with(&["prune", "--keep-hourly", "0"]), &[]);
     assert_one_line_error(&out, 2, "no retention rule given");
 }

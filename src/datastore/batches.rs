@@ -44,11 +44,7 @@ pub fn row_channel(in_flight: usize) -> (RowSender, RowReceiver) {
             tx,
             spares: spares.clone(),
         },
-        RowReceiver {
-            rx,
-            spares,
-            keep: SPARE_BATCHES,
-        },
+        RowReceiver { rx, spares },
     )
 }
 
@@ -75,7 +71,6 @@ impl RowSender {
 pub struct RowReceiver {
     rx: Receiver<RowBatch>,
     spares: Spares,
-    keep: usize,
 }
 
 impl RowReceiver {
@@ -87,7 +82,7 @@ impl RowReceiver {
     /// Hands a batch back to the reader for reuse (dropped if enough are kept).
     pub fn give_back(&self, batch: RowBatch) {
         if let Ok(mut spares) = self.spares.lock()
-            && spares.len() < self.keep
+            && spares.len() < SPARE_BATCHES
         {
             spares.push(batch);
         }

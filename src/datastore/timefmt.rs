@@ -49,7 +49,7 @@ fn parse_any_layout(text: &str) -> Option<OffsetDateTime> {
 
 /// The layout SPIRE's drivers write, `YYYY-MM-DD HH:MM:SS[.f…][±HH:MM|Z]`
 /// (a space or `T` between date and time), parsed byte by byte: a backup
-/// parses two timestamps a row, and the general parser below was a tenth of a
+/// parses two timestamps a row, and the general parser above was a tenth of a
 /// SQLite backup's CPU. `None` for anything else, which the general parser
 /// then reads, so both accept exactly the same texts.
 fn parse_usual_layout(b: &[u8]) -> Option<OffsetDateTime> {

@@ -555,6 +555,10 @@ fn migrations_row(table: &Table, row: &[Value]) -> MigrationsRow {
 
 /// Streams one table into one or more data objects. Returns them and, for the
 /// `migrations` table, its first row.
+///
+/// The reader and the encoder run on tasks of their own, so each can have a
+/// core: joined on one task they took turns on one thread, and a MySQL
+/// backup (the driver's row decoding is the reader's work) waited on it.
 async fn copy_table(
     read: &mut dyn SnapshotRead,
     repo: &Repository,
@@ -562,46 +566,39 @@ async fn copy_table(
     table: &Table,
     options: &BackupOptions,
     observer: &dyn BackupObserver,
-    written: &Mutex<Vec<String>>,
+    written: &Arc<Mutex<Vec<String>>>,
 ) -> Result<(Vec<DataObject>, Option<Vec<Value>>)> {
-    let (tx, mut rx) = crate::datastore::row_channel(BATCHES_IN_FLIGHT);
+    let (tx, rx) = crate::datastore::row_channel(BATCHES_IN_FLIGHT);
+    let (progress_tx, mut progress) = mpsc::unbounded_channel();
+    let mut encoder = AbortOnDrop(tokio::spawn(encode_table(
+        rx,
+        repo.clone(),
+        id.clone(),
+        table.clone(),
+        options.clone(),
+        Arc::clone(written),
+        progress_tx,
+    )));
     let producer = async move {
         let result = read.stream_rows(table, &tx).await;
-        drop(tx); // ends the consumer's loop
+        drop(tx); // ends the encoder's loop
         result
     };
     let consumer = async {
-        let mut objects = Vec::new();
-        let mut first_row = None;
-        let mut part = 0u32;
-        let mut writer = TableWriter::for_table(repo, id, table, part, options.codec)?;
-        remember(written, writer.key());
-        let mut copied = 0u64;
-        while let Some(batch) = rx.recv().await {
-            if first_row.is_none() && table.name == "migrations" {
-                first_row = batch.first().cloned();
-            }
-            for row in &batch {
-                // Start the next part only when a row is waiting for it, so
-                // no table ends with an empty part.
-                if writer.raw_size() >= options.part_raw_bytes {
-                    objects.push(writer.finish().await?);
-                    part += 1;
-                    writer = TableWriter::for_table(repo, id, table, part, options.codec)?;
-                    remember(written, writer.key());
-                }
-                if let Err(e) = writer.write_row(row).await {
-                    let _ = writer.abort().await;
-                    return Err(Error::from(e));
+        loop {
+            tokio::select! {
+                biased;
+                Some(copied) = progress.recv() => observer.rows(&table.name, copied),
+                joined = &mut encoder.0 => {
+                    while let Ok(copied) = progress.try_recv() {
+                        observer.rows(&table.name, copied);
+                    }
+                    break joined.map_err(|e| {
+                        Error::Aborted(format!("encoding table {}: {e}", table.name))
+                    })?;
                 }
             }
-            copied += u64::try_from(batch.len()).unwrap_or(u64::MAX);
-            observer.rows(&table.name, copied);
-            // Encoded: the reader refills its rows in place.
-            rx.give_back(batch);
         }
-        objects.push(writer.finish().await?);
-        Ok::<_, Error>((objects, first_row))
     };
     let (produced, consumed) = tokio::join!(producer, consumer);
     match (produced, consumed) {
@@ -618,6 +615,51 @@ async fn copy_table(
         // The consumer's error is the cause when the producer only saw the channel close.
         (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
     }
+}
+
+/// The encoding half of [`copy_table`]: rows from `rx` into the table's
+/// data objects, a part at a time. Sends the running row count after each
+/// batch.
+async fn encode_table(
+    mut rx: crate::datastore::RowReceiver,
+    repo: Repository,
+    id: SnapshotId,
+    table: Table,
+    options: BackupOptions,
+    written: Arc<Mutex<Vec<String>>>,
+    progress: mpsc::UnboundedSender<u64>,
+) -> Result<(Vec<DataObject>, Option<Vec<Value>>)> {
+    let mut objects = Vec::new();
+    let mut first_row = None;
+    let mut part = 0u32;
+    let mut writer = TableWriter::for_table(&repo, &id, &table, part, options.codec)?;
+    remember(&written, writer.key());
+    let mut copied = 0u64;
+    while let Some(batch) = rx.recv().await {
+        if first_row.is_none() && table.name == "migrations" {
+            first_row = batch.first().cloned();
+        }
+        for row in &batch {
+            // Start the next part only when a row is waiting for it, so
+            // no table ends with an empty part.
+            if writer.raw_size() >= options.part_raw_bytes {
+                objects.push(writer.finish().await?);
+                part += 1;
+                writer = TableWriter::for_table(&repo, &id, &table, part, options.codec)?;
+                remember(&written, writer.key());
+            }
+            if let Err(e) = writer.write_row(row).await {
+                let _ = writer.abort().await;
+                return Err(Error::from(e));
+            }
+        }
+        copied += u64::try_from(batch.len()).unwrap_or(u64::MAX);
+        let _ = progress.send(copied);
+        // Encoded: the reader refills its rows in place.
+        rx.give_back(batch);
+    }
+    objects.push(writer.finish().await?);
+    Ok((objects, first_row))
 }
 
 /// Notes a key about to be written, for deletion if the backup fails.

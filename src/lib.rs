@@ -18,6 +18,9 @@
 //! # Ok(()) }
 //! ```
 
+// No unsafe code in the library, and no `allow` can let any in.
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod ca_keys;
 pub mod cli;

@@ -994,6 +994,12 @@ impl RestoreWrite for Restore {
                 exec_on(conn, &sql, &location).await?;
             }
         }
+        // The planner's statistics now, not at autovacuum's next pass: the
+        // SPIRE server's first queries on the restored tables plan with them.
+        for t in tables {
+            let sql = format!("ANALYZE {}", quote_ident(Engine::Postgres, &t.name));
+            exec_on(conn, &sql, &location).await?;
+        }
         crate::testpoint::pause("restore.mid_swap").await;
         exec_on(conn, "COMMIT", &location).await?;
         Ok(CommitOutcome::default())
@@ -1311,6 +1317,18 @@ mod tests {
         for (t, rows) in catalogue.tables.iter().zip(&before) {
             assert_eq!(&ds.read_table(t).await.unwrap(), rows, "{}", t.name);
         }
+        // Analyzed in the restore's transaction: the planner has statistics.
+        let mut conn = sqlx::postgres::PgConnection::connect(db.url())
+            .await
+            .unwrap();
+        let analyzed: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT tablename::text FROM pg_stats WHERE schemaname = current_schema() ORDER BY 1",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(analyzed, ["mixed", "plain"]);
+        conn.close().await.unwrap();
         ds.close().await;
         db.cleanup().await.unwrap();
     }

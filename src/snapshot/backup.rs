@@ -347,6 +347,7 @@ async fn copy_tables(
         id: id.clone(),
         options: options.clone(),
         written: Arc::clone(&keys),
+        encode_apart: second.is_none(),
     };
     let mut lane = second
         .map(|reader| AbortOnDrop(tokio::spawn(here.clone().run(reader, Forward(events_tx)))));
@@ -433,6 +434,9 @@ struct Lane {
     id: SnapshotId,
     options: BackupOptions,
     written: Arc<Mutex<Vec<String>>>,
+    /// Whether each table's encoder runs on a task of its own (see
+    /// [`copy_table`]): with one lane only; two lanes already keep two cores busy.
+    encode_apart: bool,
 }
 
 impl Lane {
@@ -458,6 +462,7 @@ impl Lane {
                 &self.options,
                 observer,
                 &self.written,
+                self.encode_apart,
             )
             .await?;
             let data = TableData::from_objects(table.name.clone(), objects)
@@ -556,9 +561,12 @@ fn migrations_row(table: &Table, row: &[Value]) -> MigrationsRow {
 /// Streams one table into one or more data objects. Returns them and, for the
 /// `migrations` table, its first row.
 ///
-/// The reader and the encoder run on tasks of their own, so each can have a
-/// core: joined on one task they took turns on one thread, and a MySQL
-/// backup (the driver's row decoding is the reader's work) waited on it.
+/// With `encode_apart`, the encoder runs on a task of its own, so the reader
+/// and the encoder can each have a core: joined on one task they take turns
+/// on one thread, and a MySQL backup (the driver's row decoding is the
+/// reader's work) waited on it. With two lanes at once that only adds
+/// hand-offs between threads.
+#[allow(clippy::too_many_arguments)]
 async fn copy_table(
     read: &mut dyn SnapshotRead,
     repo: &Repository,
@@ -567,10 +575,11 @@ async fn copy_table(
     options: &BackupOptions,
     observer: &dyn BackupObserver,
     written: &Arc<Mutex<Vec<String>>>,
+    encode_apart: bool,
 ) -> Result<(Vec<DataObject>, Option<Vec<Value>>)> {
     let (tx, rx) = crate::datastore::row_channel(BATCHES_IN_FLIGHT);
     let (progress_tx, mut progress) = mpsc::unbounded_channel();
-    let mut encoder = AbortOnDrop(tokio::spawn(encode_table(
+    let encoding = encode_table(
         rx,
         repo.clone(),
         id.clone(),
@@ -578,7 +587,18 @@ async fn copy_table(
         options.clone(),
         Arc::clone(written),
         progress_tx,
-    )));
+    );
+    let mut encoder: std::pin::Pin<Box<dyn Future<Output = Result<Encoded>> + Send>> =
+        if encode_apart {
+            let mut task = AbortOnDrop(tokio::spawn(encoding));
+            Box::pin(async move {
+                (&mut task.0)
+                    .await
+                    .map_err(|e| Error::Aborted(format!("encoding a table: {e}")))?
+            })
+        } else {
+            Box::pin(encoding)
+        };
     let producer = async move {
         let result = read.stream_rows(table, &tx).await;
         drop(tx); // ends the encoder's loop
@@ -589,13 +609,11 @@ async fn copy_table(
             tokio::select! {
                 biased;
                 Some(copied) = progress.recv() => observer.rows(&table.name, copied),
-                joined = &mut encoder.0 => {
+                encoded = &mut encoder => {
                     while let Ok(copied) = progress.try_recv() {
                         observer.rows(&table.name, copied);
                     }
-                    break joined.map_err(|e| {
-                        Error::Aborted(format!("encoding table {}: {e}", table.name))
-                    })?;
+                    break encoded;
                 }
             }
         }
@@ -617,6 +635,9 @@ async fn copy_table(
     }
 }
 
+/// A table's data objects and, for `migrations`, its first row.
+type Encoded = (Vec<DataObject>, Option<Vec<Value>>);
+
 /// The encoding half of [`copy_table`]: rows from `rx` into the table's
 /// data objects, a part at a time. Sends the running row count after each
 /// batch.
@@ -628,7 +649,7 @@ async fn encode_table(
     options: BackupOptions,
     written: Arc<Mutex<Vec<String>>>,
     progress: mpsc::UnboundedSender<u64>,
-) -> Result<(Vec<DataObject>, Option<Vec<Value>>)> {
+) -> Result<Encoded> {
     let mut objects = Vec::new();
     let mut first_row = None;
     let mut part = 0u32;

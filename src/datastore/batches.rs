@@ -19,14 +19,22 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ConsumerStopped;
 
-/// How many handed-back batches are kept: the reader takes one each time it
-/// sends one, so two cover a consumer that keeps up, and each kept batch is
-/// memory (more raised a backup's peak RSS without making it faster).
-const SPARE_BATCHES: usize = 2;
+/// Batches kept for reuse beyond a channel's `in_flight`: the one the reader
+/// fills and the one the consumer encodes. With fewer, a batch came back when
+/// the pool was full and was freed, value by value, while the reader
+/// allocated a new one when it found the pool empty a moment later (a tenth
+/// of a PostgreSQL backup's CPU was `malloc` and `free`). Kept this way, no
+/// more batches exist than a full channel holds anyway, so the peak memory
+/// does not move.
+const SPARES_BEYOND_IN_FLIGHT: usize = 2;
 
 /// Batches a reader has sent and its consumer has handed back, kept for the
-/// reader to refill.
-type Spares = Arc<Mutex<Vec<RowBatch>>>;
+/// reader to refill, and how many may be kept.
+#[derive(Debug, Clone)]
+struct Spares {
+    batches: Arc<Mutex<Vec<RowBatch>>>,
+    keep: usize,
+}
 
 /// A channel of row batches that also carries them back: the consumer hands
 /// each batch back once it is done with it ([`RowReceiver::give_back`]) and
@@ -34,11 +42,15 @@ type Spares = Arc<Mutex<Vec<RowBatch>>>;
 /// Without it, a backup allocated every text value of every row on the
 /// reading thread and freed it on the encoding one: a seventh of a SQLite
 /// backup's CPU was `malloc` and `free`. At most `in_flight` batches wait in
-/// the channel and [`SPARE_BATCHES`] more are kept for reuse.
+/// the channel, and as many as can exist at once are kept for reuse
+/// (see [`SPARES_BEYOND_IN_FLIGHT`]).
 #[must_use]
 pub fn row_channel(in_flight: usize) -> (RowSender, RowReceiver) {
     let (tx, rx) = tokio::sync::mpsc::channel(in_flight);
-    let spares = Spares::default();
+    let spares = Spares {
+        batches: Arc::default(),
+        keep: in_flight + SPARES_BEYOND_IN_FLIGHT,
+    };
     (
         RowSender {
             tx,
@@ -59,6 +71,7 @@ impl RowSender {
     /// A handed-back batch (its rows still hold old values), or a new one.
     fn spare(&self) -> RowBatch {
         self.spares
+            .batches
             .lock()
             .ok()
             .and_then(|mut spares| spares.pop())
@@ -81,8 +94,8 @@ impl RowReceiver {
 
     /// Hands a batch back to the reader for reuse (dropped if enough are kept).
     pub fn give_back(&self, batch: RowBatch) {
-        if let Ok(mut spares) = self.spares.lock()
-            && spares.len() < SPARE_BATCHES
+        if let Ok(mut spares) = self.spares.batches.lock()
+            && spares.len() < self.spares.keep
         {
             spares.push(batch);
         }
@@ -371,6 +384,39 @@ mod tests {
             reused_buffers > ROW_BATCH,
             "{reused_buffers} text buffers reused"
         );
+    }
+
+    /// A consumer that fell behind and then caught up hands back every
+    /// batch of the full channel: all are kept, so the reader allocates none
+    /// afterwards (two were kept before, and the others freed).
+    #[tokio::test]
+    async fn every_batch_of_a_full_channel_is_kept_for_reuse() {
+        let in_flight = 4;
+        let (tx, mut rx) = row_channel(in_flight);
+        let mut batcher = RowBatcher::new(&tx);
+        for i in 0..ROW_BATCH * in_flight {
+            let id = i64::try_from(i).unwrap();
+            push(&mut batcher, vec![Value::Int(id)]).await.unwrap();
+        }
+        let mut sent = Vec::new();
+        while let Ok(batch) = rx.rx.try_recv() {
+            sent.push(batch.as_ptr());
+            rx.give_back(batch);
+        }
+        assert_eq!(sent.len(), in_flight);
+        let kept: Vec<_> = rx
+            .spares
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_ptr())
+            .collect();
+        assert_eq!(kept, sent);
+        // The next batches the reader fills are those, not new ones.
+        for _ in 0..in_flight {
+            assert!(sent.contains(&tx.spare().as_ptr()));
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlRow};
-use sqlx::{AssertSqlSafe, MySql, Row, ValueRef};
+use sqlx::{AssertSqlSafe, Decode, MySql, Row, ValueRef};
 
 use super::NextId;
 use super::batches::{ConsumerStopped, RowBatcher, RowSlots, bind_as_given, insert_values};
@@ -353,18 +353,34 @@ fn decode_row_into(
     out: &mut [Value],
 ) -> std::result::Result<(), sqlx::Error> {
     for (i, (kind, slot)) in kinds.iter().zip(out).enumerate() {
-        if row.try_get_raw(i)?.is_null() {
+        // One look-up per value: its raw form, decoded as the kind says
+        // (sqlx's `try_get` looked the value up again to check its type).
+        let raw = row.try_get_raw(i)?;
+        if raw.is_null() {
             *slot = Value::Null;
             continue;
         }
+        let decoded = |source| sqlx::Error::ColumnDecode {
+            index: format!("{i:?}"),
+            source,
+        };
         match kind {
-            ColumnKind::Integer => *slot = Value::Int(row.try_get_unchecked::<i64, _>(i)?),
-            ColumnKind::Boolean => *slot = Value::Bool(row.try_get_unchecked::<i64, _>(i)? != 0),
+            ColumnKind::Integer => {
+                *slot = Value::Int(<i64 as Decode<MySql>>::decode(raw).map_err(decoded)?)
+            }
+            ColumnKind::Boolean => {
+                *slot = Value::Bool(<i64 as Decode<MySql>>::decode(raw).map_err(decoded)? != 0)
+            }
+            // The binary protocol, where the type decides the width.
             ColumnKind::Float => *slot = Value::Float(row.try_get::<f64, _>(i)?),
-            ColumnKind::Text => slot.set_text(row.try_get::<&str, _>(i)?),
-            ColumnKind::Bytes => slot.set_bytes(row.try_get::<&[u8], _>(i)?),
+            ColumnKind::Text => {
+                slot.set_text(<&str as Decode<MySql>>::decode(raw).map_err(decoded)?)
+            }
+            ColumnKind::Bytes => {
+                slot.set_bytes(<&[u8] as Decode<MySql>>::decode(raw).map_err(decoded)?)
+            }
             ColumnKind::Timestamp => {
-                let text: &str = row.try_get_unchecked(i)?;
+                let text = <&str as Decode<MySql>>::decode(raw).map_err(decoded)?;
                 match parse_mysql_datetime(text) {
                     Some(t) => *slot = Value::Timestamp(t),
                     None => slot.set_text(text),

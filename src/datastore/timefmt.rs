@@ -104,7 +104,13 @@ fn parse_usual_layout(b: &[u8]) -> Option<OffsetDateTime> {
         _ => return None,
     };
     let time = Time::from_hms_nano(hour, minute, second, nanos).ok()?;
-    PrimitiveDateTime::new(date, time)
+    let local = PrimitiveDateTime::new(date, time);
+    if offset == UtcOffset::UTC {
+        // Already UTC (MySQL's texts, most SQLite ones): no conversion, whose
+        // date arithmetic was 1.4 % of a MySQL backup's CPU.
+        return Some(local.assume_utc());
+    }
+    local
         .assume_offset(offset)
         .checked_to_offset(UtcOffset::UTC)
 }

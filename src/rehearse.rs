@@ -20,6 +20,7 @@ use crate::datastore::{self, ConnectionSpec, Datastore, OpenMode, Value, quote_i
 use crate::error::{Error, Result};
 use crate::inspect::read_migrations;
 use crate::snapshot::TableReader;
+use crate::snapshot::backup::keep_lowest_id;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::restore::{self, RestoreOptions};
 use crate::store::Repository;
@@ -257,9 +258,9 @@ async fn rehearse_in(
 }
 
 /// The trust domain of the registration entry with the lowest id, the one
-/// SPIRE compares with its own at start-up; `None` without entries. Reads
-/// only the first batch of the table's first object (backups read tables in
-/// primary-key order).
+/// SPIRE compares with its own at start-up; `None` without entries. Reads the
+/// whole table: rows are stored in the order the engine read them, not
+/// always by id (see [`crate::datastore::SnapshotRead::stream_rows`]).
 async fn first_entry_trust_domain(
     repo: &Repository,
     manifest: &Manifest,
@@ -273,26 +274,22 @@ async fn first_entry_trust_domain(
     ) else {
         return Ok(None);
     };
-    let position = |name: &str| table.columns.iter().position(|c| c.name == name);
-    let (Some(id_at), Some(spiffe_id_at)) = (position("id"), position("spiffe_id")) else {
+    let Some(spiffe_id_at) = table.columns.iter().position(|c| c.name == "spiffe_id") else {
         return Ok(None);
     };
+    let mut first = None;
     for object in &data.objects {
         let mut reader = TableReader::open(repo, table, object).await?;
-        let Some(batch) = reader.next_batch().await? else {
-            continue;
-        };
-        let first = batch.iter().min_by_key(|row| match row.get(id_at) {
-            Some(Value::Int(id)) => *id,
-            _ => i64::MAX,
-        });
-        if let Some(Value::Text(spiffe_id)) = first.and_then(|row| row.get(spiffe_id_at)) {
-            return Ok(url::Url::parse(spiffe_id)
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_string)));
+        while let Some(batch) = reader.next_batch().await? {
+            keep_lowest_id(table, &mut first, &batch);
         }
     }
-    Ok(None)
+    Ok(match first.as_ref().and_then(|row| row.get(spiffe_id_at)) {
+        Some(Value::Text(spiffe_id)) => url::Url::parse(spiffe_id)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string)),
+        _ => None,
+    })
 }
 
 async fn schema_row(ds: &dyn Datastore) -> Result<Option<SchemaRow>> {

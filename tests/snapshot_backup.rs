@@ -748,3 +748,40 @@ async fn the_mysql_bulk_read_gives_the_values_of_the_checked_read() {
     ds.close().await;
     fx.cleanup().await;
 }
+
+/// The manifest's schema version is the one of the `migrations` row with the
+/// lowest id, the row SPIRE reads, whatever order the engine streams rows in.
+/// Regression: PostgreSQL's bulk read streams in storage order, where an
+/// updated row comes after the rows inserted before the update, and the
+/// backup took the first row it saw.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schema_version_is_the_lowest_id_row_of_migrations_in_any_storage_order() {
+    let pop = population(20);
+    for engine in ENGINES {
+        let Some(fx) = SpireFixture::create(engine, "lowestid", &pop).await else {
+            continue;
+        };
+        let ds = fx.open().await;
+        ds.execute_script(
+            "INSERT INTO migrations (id, version, code_version) VALUES (2, 999, 'not-the-first')",
+        )
+        .await
+        .unwrap();
+        // On PostgreSQL the new version of row 1 goes after row 2.
+        ds.execute_script("UPDATE migrations SET code_version = code_version WHERE id = 1")
+            .await
+            .unwrap();
+        let repo = Repository::in_memory();
+        let manifest = backup(ds.as_ref(), &repo, &BackupOptions::default(), &Quiet)
+            .await
+            .unwrap();
+        ds.close().await;
+        assert_eq!(
+            manifest.spire.schema_version,
+            i64::from(pop.schema),
+            "{engine}"
+        );
+        assert_eq!(manifest.spire.code_version, pop.code_version, "{engine}");
+        fx.cleanup().await;
+    }
+}

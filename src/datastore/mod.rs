@@ -174,8 +174,11 @@ pub trait SnapshotRead: Send {
     /// The catalogue as this transaction sees it.
     async fn catalogue(&mut self) -> Result<Catalogue>;
 
-    /// Streams every row of `table`, in primary-key order, into `out` in
-    /// batches of at most [`ROW_BATCH`]. Returns the number of rows.
+    /// Streams every row of `table` into `out` in batches of at most
+    /// [`ROW_BATCH`]. Returns the number of rows. The order is the one the
+    /// engine reads cheapest (primary-key order on SQLite and MySQL, whose
+    /// tables are stored that way; storage order on PostgreSQL): a consumer
+    /// that needs the row with the lowest key looks for it.
     async fn stream_rows(
         &mut self,
         table: &Table,

@@ -632,11 +632,16 @@ fn push_timestamp(out: &mut String, t: OffsetDateTime) {
     );
 }
 
-/// The bulk path: one binary `COPY` message per row, decoded here.
+/// The bulk path: one binary `COPY` message per row, decoded here. In storage
+/// order, as `pg_dump` reads: an `ORDER BY` the primary key made the server
+/// walk each index and fetch the rows through it, a third more server CPU for
+/// `selectors` and a tenth of the whole backup's.
 fn bulk_read_sql(table: &Table) -> String {
+    let columns: Vec<String> = table.columns.iter().map(select_expr).collect();
     format!(
-        "COPY ({}) TO STDOUT (FORMAT binary)",
-        select_all_sql(Engine::Postgres, table, select_expr)
+        "COPY (SELECT {} FROM {}) TO STDOUT (FORMAT binary)",
+        columns.join(", "),
+        quote_ident(Engine::Postgres, &table.name)
     )
 }
 

@@ -417,7 +417,7 @@ async fn copy_tables(
 }
 
 /// One table copied: where it stands in the catalogue, its manifest entry,
-/// and (for `migrations`) its first row.
+/// and (for `migrations`) its row with the lowest id.
 struct CopiedTable {
     index: usize,
     data: TableData,
@@ -537,7 +537,24 @@ impl BackupObserver for Forward {
     }
 }
 
-/// SPIRE reads the first row by id; rows stream in primary-key order.
+/// Keeps in `kept` the row of `rows` (or `kept` itself) with the lowest
+/// integer `id`, the row SPIRE reads first; rows without one never win over
+/// a row with one. Rows may stream in any order (see
+/// [`SnapshotRead::stream_rows`]).
+pub(crate) fn keep_lowest_id(table: &Table, kept: &mut Option<Vec<Value>>, rows: &[Vec<Value>]) {
+    let id_at = table.columns.iter().position(|c| c.name == "id");
+    let id = |row: &[Value]| match id_at.and_then(|i| row.get(i)) {
+        Some(Value::Int(id)) => *id,
+        _ => i64::MAX,
+    };
+    for row in rows {
+        if kept.as_deref().is_none_or(|k| id(row) < id(k)) {
+            *kept = Some(row.clone());
+        }
+    }
+}
+
+/// SPIRE reads the first row by id (see [`keep_lowest_id`]).
 fn migrations_row(table: &Table, row: &[Value]) -> MigrationsRow {
     let at = |name: &str| {
         table
@@ -559,7 +576,7 @@ fn migrations_row(table: &Table, row: &[Value]) -> MigrationsRow {
 }
 
 /// Streams one table into one or more data objects. Returns them and, for the
-/// `migrations` table, its first row.
+/// `migrations` table, its row with the lowest id.
 ///
 /// With `encode_apart`, the encoder runs on a task of its own, so the reader
 /// and the encoder can each have a core: joined on one task they take turns
@@ -635,7 +652,7 @@ async fn copy_table(
     }
 }
 
-/// A table's data objects and, for `migrations`, its first row.
+/// A table's data objects and, for `migrations`, its row with the lowest id.
 type Encoded = (Vec<DataObject>, Option<Vec<Value>>);
 
 /// The encoding half of [`copy_table`]: rows from `rx` into the table's
@@ -657,8 +674,8 @@ async fn encode_table(
     remember(&written, writer.key());
     let mut copied = 0u64;
     while let Some(batch) = rx.recv().await {
-        if first_row.is_none() && table.name == "migrations" {
-            first_row = batch.first().cloned();
+        if table.name == "migrations" {
+            keep_lowest_id(&table, &mut first_row, &batch);
         }
         for row in &batch {
             // Start the next part only when a row is waiting for it, so
@@ -707,4 +724,46 @@ pub async fn delete_snapshot(repo: &Repository, id: &SnapshotId) -> Result<u64> 
         deleted += 1;
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::ColumnKind;
+
+    #[test]
+    fn the_row_with_the_lowest_id_is_kept_across_batches_in_any_order() {
+        let table = Table::of_columns(
+            "registered_entries",
+            &[("spiffe_id", ColumnKind::Text), ("id", ColumnKind::Integer)],
+        );
+        let row = |id: Option<i64>, name: &str| {
+            vec![Value::Text(name.into()), id.map_or(Value::Null, Value::Int)]
+        };
+        let mut kept = None;
+        keep_lowest_id(
+            &table,
+            &mut kept,
+            &[row(None, "no id"), row(Some(7), "seven")],
+        );
+        assert_eq!(
+            kept,
+            Some(row(Some(7), "seven")),
+            "a row with an id wins over one without"
+        );
+        keep_lowest_id(
+            &table,
+            &mut kept,
+            &[row(Some(9), "nine"), row(Some(2), "two")],
+        );
+        keep_lowest_id(
+            &table,
+            &mut kept,
+            &[row(Some(5), "five"), row(None, "none")],
+        );
+        assert_eq!(kept, Some(row(Some(2), "two")));
+        let mut nothing = None;
+        keep_lowest_id(&table, &mut nothing, &[]);
+        assert_eq!(nothing, None);
+    }
 }

@@ -1017,11 +1017,12 @@ mod tests {
     use crate::datastore::testkit::TestDatabase;
     use sqlx::Connection;
 
-    /// The backup's read walks each table's primary key: no sort of the
-    /// whole table on the server (a regression: the `ORDER BY` named the
-    /// cast output column, which no index covers).
+    /// The backup's read is a plain scan of each table, as `pg_dump`'s: no
+    /// sort of the whole table on the server (once, an `ORDER BY` that named
+    /// the cast output column sorted every table) and no walk of the primary
+    /// key's index (the order it gave cost a tenth of a backup's server CPU).
     #[tokio::test]
-    async fn the_bulk_read_walks_the_primary_key_instead_of_sorting() {
+    async fn the_bulk_read_scans_each_table_without_sorting_or_walking_an_index() {
         let Some(db) = TestDatabase::create_or_skip(Engine::Postgres, "bulk_read_order")
             .await
             .unwrap()
@@ -1054,7 +1055,7 @@ mod tests {
                 .unwrap();
             let plan = plan.join("\n");
             assert!(
-                plan.contains("Index") && !plan.contains("Sort"),
+                plan.starts_with("Seq Scan") && !plan.contains("Index") && !plan.contains("Sort"),
                 "{}: {plan}",
                 table.name
             );

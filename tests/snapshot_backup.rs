@@ -710,10 +710,14 @@ async fn the_mysql_bulk_read_gives_the_values_of_the_checked_read() {
             '2026-12-07', 'ünïcødé ✓', x'00ff80'),
            (1, 9223372036854775807, 0, '0000-00-00 00:00:00', NULL, NULL, '', x''),
            (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
-         CREATE TABLE measured (id INT NOT NULL PRIMARY KEY, x DOUBLE, f FLOAT);
-         INSERT INTO measured VALUES (1, 0.30000000000000004, 0.1), (2, -1.5e300, NULL);
+         CREATE TABLE measured (id INT NOT NULL PRIMARY KEY, x DOUBLE, f FLOAT,
+           u INT UNSIGNED, m MEDIUMINT, top BIGINT UNSIGNED);
+         INSERT INTO measured VALUES (1, 0.30000000000000004, 0.1, 4294967295, -8388608, 9223372036854775807),
+           (2, -1.5e300, NULL, 0, 8388607, 0);
          CREATE TABLE wide (id BIGINT UNSIGNED NOT NULL PRIMARY KEY);
-         INSERT INTO wide VALUES (18446744073709551615);",
+         INSERT INTO wide VALUES (18446744073709551615);
+         CREATE TABLE wide_measured (id BIGINT UNSIGNED NOT NULL PRIMARY KEY, x DOUBLE);
+         INSERT INTO wide_measured VALUES (18446744073709551615, 1.0);",
     )
     .await
     .unwrap();
@@ -740,10 +744,33 @@ async fn the_mysql_bulk_read_gives_the_values_of_the_checked_read() {
         )),
         "the zero date reads as Go's zero time"
     );
-    let wide = catalogue.table("wide").unwrap().clone();
-    let (tx, _rx) = datastore::row_channel(4);
-    let err = read.stream_rows(&wide, &tx).await.unwrap_err();
-    assert!(err.to_string().contains("too large"), "{err}");
+    // The binary protocol (a table with a float) reads unsigned and
+    // medium integers at their value, not sign-extended or cast.
+    let measured = ds
+        .read_table(catalogue.table("measured").unwrap())
+        .await
+        .unwrap();
+    let ints = |row: &[datastore::Value]| row[3..].to_vec();
+    use datastore::Value::Int;
+    assert_eq!(
+        ints(&measured[0]),
+        [Int(4_294_967_295), Int(-8_388_608), Int(i64::MAX)]
+    );
+    assert_eq!(ints(&measured[1]), [Int(0), Int(8_388_607), Int(0)]);
+    // An unsigned integer past `i64` is an error naming its table and
+    // column, in both protocols and in both reads; regression: the checked
+    // read and the binary bulk read cast it `AS SIGNED`, which wrapped it to -1.
+    for name in ["wide", "wide_measured"] {
+        let table = catalogue.table(name).unwrap().clone();
+        let (tx, _rx) = datastore::row_channel(4);
+        let streamed = read.stream_rows(&table, &tx).await.unwrap_err();
+        let checked = ds.read_table(&table).await.unwrap_err();
+        for err in [streamed, checked] {
+            let err = err.to_string();
+            assert!(err.contains("too large"), "{name}: {err}");
+            assert!(err.contains(&format!("{name}.id")), "{name}: {err}");
+        }
+    }
     read.finish().await.unwrap();
     ds.close().await;
     fx.cleanup().await;

@@ -897,6 +897,68 @@ async fn mysql_tables_physically(url: &str) -> Vec<String> {
     tables
 }
 
+/// Regression: a MySQL load sent each batch in statements of up to 5,000
+/// rows whatever their size, so a batch of large values went over the
+/// server's `max_allowed_packet` and the load failed. Statements now carry
+/// at most half of it, in a restore's staging load and in `insert_rows`.
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_statements_stay_under_the_servers_packet_limit() {
+    let Some(fx) = SpireFixture::create_empty(Engine::Mysql, "packet").await else {
+        eprintln!("no MySQL test server: skipped");
+        return;
+    };
+    let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&fx.url())
+        .await
+        .unwrap();
+    let packet: u64 = sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS UNSIGNED)")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    assert!(
+        packet <= 256 << 20,
+        "max_allowed_packet is {packet}: too large for this test to exceed"
+    );
+    let value_len = 1 << 20;
+    let n = usize::try_from(packet).unwrap() / value_len + 4;
+    let rows: Vec<Vec<Value>> = (0..n)
+        .map(|i| {
+            vec![
+                Value::Int(i64::try_from(i).unwrap()),
+                Value::Bytes(vec![u8::try_from(i % 251).unwrap(); value_len]),
+            ]
+        })
+        .collect();
+    let columns = [
+        ("id".to_string(), ColumnKind::Integer),
+        ("data".to_string(), ColumnKind::Bytes),
+    ];
+    let ds = fx.open().await;
+    ds.execute_script("CREATE TABLE blobs (id BIGINT NOT NULL PRIMARY KEY, data LONGBLOB)")
+        .await
+        .unwrap();
+    ds.insert_rows("blobs", &columns, &rows).await.unwrap();
+    let table = ds
+        .catalogue()
+        .await
+        .unwrap()
+        .table("blobs")
+        .unwrap()
+        .clone();
+    let mut restore = ds.begin_restore(&["blobs".to_string()]).await.unwrap();
+    restore.create_table(Engine::Mysql, &table).await.unwrap();
+    let staging = restore.staging_name("blobs");
+    restore
+        .insert_rows(&staging, &columns, &rows)
+        .await
+        .unwrap();
+    restore.commit(std::slice::from_ref(&table)).await.unwrap();
+    let back = ds.read_table(&table).await.unwrap();
+    assert_eq!(back, rows);
+    ds.close().await;
+    fx.cleanup().await;
+}
+
 /// Regression (issue 14), reproduced: a `restore --replace` into MariaDB
 /// killed (SIGKILL) while loading left `_spirekeep_new_*` tables; the next
 /// backup snapshotted them as user tables and restoring that snapshot made

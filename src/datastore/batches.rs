@@ -206,17 +206,65 @@ impl ConsumerStopped {
     }
 }
 
+/// Bytes one bound value takes in a statement, about: its data plus a type
+/// and a length prefix (MySQL's binary protocol spends up to 11 bytes there).
+fn bound_size(v: &Value) -> usize {
+    const PER_VALUE: usize = 11;
+    PER_VALUE
+        + match v {
+            Value::Null => 0,
+            Value::Bool(_) => 1,
+            Value::Int(_) | Value::Float(_) => 8,
+            Value::Text(t) => t.len(),
+            Value::Bytes(b) => b.len(),
+            // Bound as text (`2026-12-07 12:00:00.123456789+00:00` at most).
+            Value::Timestamp(_) => 35,
+        }
+}
+
+/// Splits `rows` into the statements of one load: at most `max_rows` rows
+/// each, and at most `max_bytes` of bound values unless a single row is
+/// larger (it then goes alone, and the server says whether it fits).
+fn statement_chunks(
+    rows: &[Vec<Value>],
+    max_rows: usize,
+    max_bytes: usize,
+) -> impl Iterator<Item = &[Vec<Value>]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0usize;
+        let mut n = 0;
+        for row in rest.iter().take(max_rows.max(1)) {
+            let size: usize = row.iter().map(bound_size).sum();
+            if n > 0 && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 /// Inserts `rows` into `table` with multi-row `INSERT … VALUES` statements
-/// of [`rows_per_statement`] rows each, on one connection (the caller owns
-/// the transaction). `bind` pushes one value as the engine's driver takes it;
-/// an `Err` from it (a value the engine cannot hold) stops the load with the
-/// table and column named.
+/// of [`rows_per_statement`] rows each and at most `max_statement_bytes` of
+/// values (the server's packet limit, where it has one), on one connection
+/// (the caller owns the transaction). `bind` pushes one value as the
+/// engine's driver takes it; an `Err` from it (a value the engine cannot
+/// hold) stops the load with the table and column named.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn insert_values<DB, B>(
     conn: &mut DB::Connection,
     engine: Engine,
     table: &str,
     columns: &[(String, ColumnKind)],
     rows: &[Vec<Value>],
+    max_statement_bytes: usize,
     location: &str,
     mut bind: B,
 ) -> Result<()>
@@ -227,7 +275,7 @@ where
     B: FnMut(&mut Separated<'_, DB, &'static str>, &Value, ColumnKind) -> Result<(), String>,
 {
     let head = insert_head(engine, table, columns);
-    for chunk in rows.chunks(rows_per_statement(columns.len())) {
+    for chunk in statement_chunks(rows, rows_per_statement(columns.len()), max_statement_bytes) {
         let mut qb: QueryBuilder<DB> = QueryBuilder::new(head.clone());
         let mut bad: Option<String> = None;
         qb.push_values(chunk, |mut b, row| {
@@ -282,6 +330,44 @@ pub(crate) fn bind_as_given<DB>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn text_row(bytes: usize) -> Vec<Value> {
+        vec![Value::Int(1), Value::Text("x".repeat(bytes))]
+    }
+
+    #[test]
+    fn statements_stop_at_the_row_limit_or_the_byte_limit() {
+        let rows: Vec<Vec<Value>> = (0..10).map(|_| text_row(1_000)).collect();
+        let row_size: usize = rows[0].iter().map(bound_size).sum();
+        let sizes = |max_rows, max_bytes| -> Vec<usize> {
+            statement_chunks(&rows, max_rows, max_bytes)
+                .map(<[_]>::len)
+                .collect()
+        };
+        assert_eq!(sizes(4, usize::MAX), [4, 4, 2]);
+        assert_eq!(sizes(100, 3 * row_size), [3, 3, 3, 1]);
+        assert_eq!(sizes(100, 3 * row_size - 1), [2, 2, 2, 2, 2]);
+        // A row over the limit goes alone rather than not at all.
+        assert_eq!(sizes(100, 10), [1; 10]);
+        assert_eq!(sizes(0, usize::MAX), [1; 10]);
+        assert_eq!(statement_chunks(&[], 4, 100).count(), 0);
+        // Every row goes, once, in order.
+        let mut mixed: Vec<Vec<Value>> = (0..50).map(|i| text_row(i * 37 % 500)).collect();
+        mixed.push(vec![Value::Null, Value::Bytes(vec![0; 5_000])]);
+        let joined: Vec<Vec<Value>> = statement_chunks(&mixed, 7, 2_000)
+            .inspect(|c| {
+                let bytes: usize = c.iter().flatten().map(bound_size).sum();
+                assert!(
+                    c.len() <= 7 && (c.len() == 1 || bytes <= 2_000),
+                    "{}",
+                    c.len()
+                );
+            })
+            .flatten()
+            .cloned()
+            .collect();
+        assert_eq!(joined, mixed);
+    }
 
     /// Adds one row as a driver does, sending the batch on when it is full.
     async fn push(batcher: &mut RowBatcher<'_>, row: Vec<Value>) -> Result<(), ConsumerStopped> {

@@ -3,8 +3,8 @@
 //! `longblob`, utf8 tables).
 
 use async_trait::async_trait;
-use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlRow};
-use sqlx::{AssertSqlSafe, Decode, MySql, Row, ValueRef};
+use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlRow, MySqlValueRef};
+use sqlx::{AssertSqlSafe, Decode, MySql, Row, TypeInfo, ValueRef};
 
 use super::NextId;
 use super::batches::{ConsumerStopped, RowBatcher, RowSlots, bind_as_given, insert_values};
@@ -179,7 +179,7 @@ impl Datastore for MysqlDatastore {
             .map_err(|e| self.err(&e))?;
         let kinds: Vec<ColumnKind> = table.columns.iter().map(|c| c.kind).collect();
         rows.iter()
-            .map(|r| decode_row(r, &kinds).map_err(|e| self.err(&e)))
+            .map(|r| decode_row(r, table, &kinds).map_err(|e| self.err(&e)))
             .collect()
     }
 
@@ -198,7 +198,8 @@ impl Datastore for MysqlDatastore {
         rows: &[Vec<Value>],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(&e))?;
-        insert_on(&mut tx, table, columns, rows, &self.location).await?;
+        let budget = statement_budget(&mut tx, &self.location).await?;
+        insert_on(&mut tx, table, columns, rows, budget, &self.location).await?;
         tx.commit().await.map_err(|e| self.err(&e))
     }
 
@@ -263,12 +264,21 @@ impl Datastore for MysqlDatastore {
             )
             .await?;
         }
+        // As a mysqldump replay does: the staging tables are new and hold
+        // only a verified snapshot's rows, and InnoDB loads an empty table
+        // inside a transaction in bulk (sorted, without per-row undo) when
+        // both checks are off. Their only unique key during the load is the
+        // primary key, which is always checked; the checks are back on for
+        // the secondary keys' `ALTER TABLE` and for the swap.
+        exec_on(&mut conn, LOAD_CHECKS_OFF, &self.location).await?;
+        let statement_budget = statement_budget(&mut conn, &self.location).await?;
         Ok(Box::new(Restore {
             conn,
             location: self.location.clone(),
             existing: existing.to_vec(),
             loading: false,
             pending_keys: Vec::new(),
+            statement_budget,
         }))
     }
 
@@ -319,24 +329,41 @@ impl Datastore for MysqlDatastore {
 }
 
 /// Casts that make every column decode the same way whatever its exact
-/// MySQL type (`int unsigned`, `tinyint(1)`, zero dates).
+/// MySQL type (`tinyint(1)`, zero dates). Integers are not cast: `CAST(… AS
+/// SIGNED)` wraps a `BIGINT UNSIGNED` past `i64` to a negative number (with
+/// only a warning), so they keep their own type and [`decode_integer`] reads
+/// the sign from the column.
 fn select_expr(c: &Column) -> String {
     let q = quote_ident(Engine::Mysql, &c.name);
     match c.kind {
-        ColumnKind::Integer | ColumnKind::Boolean => format!("CAST({q} AS SIGNED)"),
+        ColumnKind::Boolean => format!("CAST({q} AS SIGNED)"),
         ColumnKind::Float => format!("CAST({q} AS DOUBLE)"),
         ColumnKind::Timestamp => format!("CAST({q} AS CHAR)"),
-        ColumnKind::Text | ColumnKind::Bytes => q,
+        ColumnKind::Integer | ColumnKind::Text | ColumnKind::Bytes => q,
     }
 }
 
 fn decode_row(
     row: &MySqlRow,
+    table: &Table,
     kinds: &[ColumnKind],
 ) -> std::result::Result<Vec<Value>, sqlx::Error> {
     let mut out = vec![Value::Null; kinds.len()];
-    decode_row_into(row, kinds, &mut out)?;
+    decode_row_into(row, table, kinds, &mut out)?;
     Ok(out)
+}
+
+/// An integer of any MySQL width and sign, in either protocol, as `i64`. An
+/// unsigned column is read as `u64` (the binary protocol's `i64` read would
+/// sign-extend an `INT UNSIGNED` of 4294967295 to -1), and a value past
+/// `i64::MAX` is an error, never wrapped.
+fn decode_integer(raw: MySqlValueRef<'_>) -> std::result::Result<i64, sqlx::error::BoxDynError> {
+    if !raw.type_info().name().ends_with("UNSIGNED") {
+        return <i64 as Decode<MySql>>::decode(raw);
+    }
+    let wide = <u64 as Decode<MySql>>::decode(raw)?;
+    i64::try_from(wide)
+        .map_err(|_| format!("{wide} is too large for a signed 64-bit integer").into())
 }
 
 /// Decodes `row` into `out` (one slot per column), reusing the slots' text
@@ -349,6 +376,7 @@ fn decode_row(
 /// wrapped.
 fn decode_row_into(
     row: &MySqlRow,
+    table: &Table,
     kinds: &[ColumnKind],
     out: &mut [Value],
 ) -> std::result::Result<(), sqlx::Error> {
@@ -360,19 +388,21 @@ fn decode_row_into(
             *slot = Value::Null;
             continue;
         }
+        // The error names the table and column, not the column's index.
         let decoded = |source| sqlx::Error::ColumnDecode {
-            index: format!("{i:?}"),
+            index: format!("{}.{}", table.name, table.columns[i].name),
             source,
         };
         match kind {
-            ColumnKind::Integer => {
-                *slot = Value::Int(<i64 as Decode<MySql>>::decode(raw).map_err(decoded)?)
-            }
+            ColumnKind::Integer => *slot = Value::Int(decode_integer(raw).map_err(decoded)?),
             ColumnKind::Boolean => {
                 *slot = Value::Bool(<i64 as Decode<MySql>>::decode(raw).map_err(decoded)? != 0)
             }
-            // The binary protocol, where the type decides the width.
-            ColumnKind::Float => *slot = Value::Float(row.try_get::<f64, _>(i)?),
+            // The binary protocol, where the type decides the width (a
+            // `FLOAT` comes as 4 bytes, a `DOUBLE` as 8).
+            ColumnKind::Float => {
+                *slot = Value::Float(<f64 as Decode<MySql>>::decode(raw).map_err(decoded)?)
+            }
             ColumnKind::Text => {
                 slot.set_text(<&str as Decode<MySql>>::decode(raw).map_err(decoded)?)
             }
@@ -490,12 +520,29 @@ async fn catalogue_unlocked(
     Ok(Catalogue { tables })
 }
 
-/// Inserts rows with multi-row INSERTs on one connection (the caller owns the transaction).
+/// The bytes of values one statement may carry on `conn`: half the server's
+/// `max_allowed_packet`, which bounds a whole statement (4 MiB by default on
+/// MySQL 5.7, 16 MiB on MariaDB), leaving room for the rest of it.
+async fn statement_budget(
+    conn: &mut sqlx::mysql::MySqlConnection,
+    location: &str,
+) -> Result<usize> {
+    let packet: u64 = sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS UNSIGNED)")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, location))?;
+    Ok(usize::try_from(packet / 2).unwrap_or(usize::MAX))
+}
+
+/// Inserts rows with multi-row INSERTs on one connection (the caller owns
+/// the transaction), each statement within `budget` bytes of values (see
+/// [`statement_budget`]).
 async fn insert_on(
     conn: &mut sqlx::mysql::MySqlConnection,
     table: &str,
     columns: &[(String, ColumnKind)],
     rows: &[Vec<Value>],
+    budget: usize,
     location: &str,
 ) -> Result<()> {
     insert_values::<MySql, _>(
@@ -504,6 +551,7 @@ async fn insert_on(
         table,
         columns,
         rows,
+        budget,
         location,
         |b, v, _| {
             bind_as_given(b, v, format_mysql_datetime);
@@ -540,7 +588,7 @@ async fn stream_on(
     let stopped = |e: ConsumerStopped| e.reading(&table.name);
     let mut batcher = RowBatcher::new(out);
     while let Some(row) = rows.try_next().await.map_err(|e| classify(&e, location))? {
-        decode_row_into(&row, &kinds, batcher.slot(kinds.len()))
+        decode_row_into(&row, table, &kinds, batcher.slot(kinds.len()))
             .map_err(|e| classify(&e, location))?;
         batcher.commit();
         batcher.send_if_full().await.map_err(stopped)?;
@@ -597,6 +645,8 @@ struct Restore {
     /// The current table's secondary keys (one `ALTER TABLE`), added once
     /// its rows are in: one sort per key instead of a key insertion per row.
     pending_keys: Vec<String>,
+    /// Bytes of values per `INSERT` (see [`statement_budget`]).
+    statement_budget: usize,
 }
 
 impl Restore {
@@ -605,12 +655,23 @@ impl Restore {
         if std::mem::take(&mut self.loading) {
             exec_on(&mut self.conn, "COMMIT", &self.location).await?;
         }
-        for sql in std::mem::take(&mut self.pending_keys) {
-            exec_on(&mut self.conn, &sql, &self.location).await?;
+        let keys = std::mem::take(&mut self.pending_keys);
+        if !keys.is_empty() {
+            // A unique key is built with its duplicate check, whatever the
+            // server would skip with `unique_checks` off.
+            exec_on(&mut self.conn, LOAD_CHECKS_ON, &self.location).await?;
+            for sql in keys {
+                exec_on(&mut self.conn, &sql, &self.location).await?;
+            }
+            exec_on(&mut self.conn, LOAD_CHECKS_OFF, &self.location).await?;
         }
         Ok(())
     }
 }
+
+/// The session's checks while rows load into a staging table, and after.
+const LOAD_CHECKS_OFF: &str = "SET SESSION unique_checks = 0, foreign_key_checks = 0";
+const LOAD_CHECKS_ON: &str = "SET SESSION unique_checks = 1, foreign_key_checks = 1";
 
 const SHADOW_NEW: &str = STAGING_PREFIXES[0];
 const SHADOW_OLD: &str = STAGING_PREFIXES[1];
@@ -645,11 +706,20 @@ impl RestoreWrite for Restore {
             exec_on(&mut self.conn, "START TRANSACTION", &self.location).await?;
             self.loading = true;
         }
-        insert_on(&mut self.conn, table, columns, rows, &self.location).await
+        insert_on(
+            &mut self.conn,
+            table,
+            columns,
+            rows,
+            self.statement_budget,
+            &self.location,
+        )
+        .await
     }
 
     async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome> {
         self.end_load().await?;
+        exec_on(&mut self.conn, LOAD_CHECKS_ON, &self.location).await?;
         let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
         let existing = std::mem::take(&mut self.existing);
         let mut runner = OnConnection {

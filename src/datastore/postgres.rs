@@ -482,6 +482,8 @@ async fn insert_on(
         table,
         columns,
         rows,
+        // No packet limit short of a gigabyte; batches weigh a few MiB.
+        usize::MAX,
         location,
         push_pg,
     )

@@ -551,6 +551,8 @@ async fn insert_on(
         table,
         columns,
         rows,
+        // No packet limit short of a gigabyte; batches weigh a few MiB.
+        usize::MAX,
         location,
         |b, v, _| {
             bind_as_given(b, v, format_sqlite_datetime);

@@ -897,6 +897,96 @@ async fn mysql_tables_physically(url: &str) -> Vec<String> {
     tables
 }
 
+/// A SQLite restore loads into a staging file and copies it into the target
+/// in one write transaction of the target's. So: a connection that held the
+/// target open throughout (a server kept running with `--force`) reads the
+/// restored tables, not an unlinked old file; the file holds no free pages of
+/// the replaced tables (regression: the restore dropped and refilled them in
+/// place, and the file kept the old tables' pages as free space); it is in
+/// WAL mode; and the staging file, a killed restore's leftover included, is
+/// gone afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sqlite_restore_copies_its_staging_file_into_the_target() {
+    let src = SpireFixture::create(Engine::Sqlite, "staged-src", &Population::new(40))
+        .await
+        .unwrap();
+    let other = Population {
+        seed: 7,
+        ..Population::new(120)
+    };
+    let dst = SpireFixture::create(Engine::Sqlite, "staged-dst", &other)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&src.url(), &repo);
+    let target = dst.sqlite_path();
+    let mut leftover = target.clone().into_os_string();
+    leftover.push(".spirekeep-restore");
+    std::fs::write(&leftover, b"a killed restore's half-written staging file").unwrap();
+
+    // A connection that stays open on the target, in WAL mode as SPIRE's.
+    let held = dst.open().await;
+    held.execute_script("PRAGMA journal_mode=WAL")
+        .await
+        .unwrap();
+    let entries = || held.count_rows("registered_entries");
+    assert_eq!(entries().await.unwrap(), 120);
+
+    let report = ok_json(
+        &[
+            "restore",
+            "--keep-join-tokens",
+            "--keep-snapshot-bundle",
+            "--keep-snapshot-revisions",
+            &id,
+            "--datastore",
+            &dst.url(),
+            "--replace",
+            "--force",
+        ],
+        &repo,
+    );
+    assert_eq!(report["ok"], true);
+    assert_eq!(
+        entries().await.unwrap(),
+        40,
+        "the held connection sees the restore"
+    );
+    let src_ds = src.open().await;
+    assert_eq!(
+        contents(held.as_ref(), None, 1).await,
+        contents(src_ds.as_ref(), None, 1).await
+    );
+    src_ds.close().await;
+    held.close().await;
+
+    let conn = rusqlite::Connection::open(&target).unwrap();
+    let pragma = |name: &str| -> String {
+        conn.query_row(&format!("PRAGMA {name}"), [], |r| {
+            r.get::<_, rusqlite::types::Value>(0)
+        })
+        .map(|v| format!("{v:?}"))
+        .unwrap()
+    };
+    assert_eq!(
+        pragma("freelist_count"),
+        "Integer(0)",
+        "no free pages left behind"
+    );
+    assert_eq!(pragma("journal_mode"), "Text(\"wal\")");
+    assert_eq!(pragma("integrity_check"), "Text(\"ok\")");
+    drop(conn);
+    let left: Vec<String> = std::fs::read_dir(target.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("spirekeep-restore"))
+        .collect();
+    assert!(left.is_empty(), "staging files left: {left:?}");
+    dst.cleanup().await;
+    src.cleanup().await;
+}
+
 /// Regression: a MySQL load sent each batch in statements of up to 5,000
 /// rows whatever their size, so a batch of large values went over the
 /// server's `max_allowed_packet` and the load failed. Statements now carry

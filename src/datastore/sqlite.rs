@@ -202,34 +202,44 @@ impl Datastore for SqliteDatastore {
         }))
     }
 
-    async fn begin_restore(&self, existing: &[String]) -> Result<Box<dyn RestoreWrite>> {
-        let mut conn = self
+    async fn begin_restore(&self, _existing: &[String]) -> Result<Box<dyn RestoreWrite>> {
+        let mut target = self
             .pool
             .acquire()
             .await
             .map_err(|e| self.err(&e))?
             .detach();
-        // The write lock: one restore (or writer) at a time.
-        exec_on(&mut conn, "BEGIN IMMEDIATE", &self.location).await?;
-        // Tables named like a restore's staging tables are never the user's
-        // (a snapshot taken before spirekeep left them out may have carried them).
-        let staging: Vec<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '\\_spirekeep\\_%' ESCAPE '\\'",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .map_err(|e| self.err(&e))?;
-        let staging = staging.into_iter().filter(|t| is_staging_table(t));
-        for t in existing.iter().cloned().chain(staging) {
-            exec_on(
-                &mut conn,
-                &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Sqlite, &t)),
-                &self.location,
-            )
-            .await?;
-        }
+        // The write lock, held until the copy: one restore (or writer) at a
+        // time, and so one user of the staging file.
+        exec_on(&mut target, "BEGIN IMMEDIATE", &self.location).await?;
+        // The copy into a WAL-mode target needs the staging file's page size.
+        let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+            .fetch_one(&mut target)
+            .await
+            .map_err(|e| self.err(&e))?;
+        let staging_file = StagingFile::beside(&self.path);
+        // Holding the lock, a staging file is a killed restore's leftover.
+        staging_file.remove();
+        let options = super::quiet_slow_statements(
+            SqliteConnectOptions::new()
+                .filename(&staging_file.path)
+                .create_if_missing(true)
+                .page_size(u32::try_from(page_size).unwrap_or(4096))
+                // A scratch file: a crash leaves it to be removed, never to be
+                // recovered, so no journal and no syncs while it fills.
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Off)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Off),
+        );
+        let mut staging =
+            <sqlx::sqlite::SqliteConnection as sqlx::Connection>::connect_with(&options)
+                .await
+                .map_err(|e| self.err(&e))?;
+        exec_on(&mut staging, "BEGIN", &self.location).await?;
         Ok(Box::new(Restore {
-            conn,
+            target,
+            target_path: self.path.clone(),
+            staging,
+            staging_file,
             location: self.location.clone(),
             deferred_indexes: Vec::new(),
         }))
@@ -633,11 +643,60 @@ impl SnapshotRead for Snapshot {
     }
 }
 
-/// A restore inside one `BEGIN IMMEDIATE` transaction. The secondary
-/// indexes are built once the tables are full (one sort per index instead of
-/// an index insertion per row), still inside the transaction.
+/// The scratch file a restore loads into, next to the target (so on the
+/// same file system, with the same permissions of its directory): the
+/// target's name with [`STAGING_SUFFIX`]. Removed when dropped, so a failed
+/// restore leaves nothing; a killed one leaves it to the next restore.
+struct StagingFile {
+    path: std::path::PathBuf,
+}
+
+/// What a staging file's name adds to its target's.
+const STAGING_SUFFIX: &str = ".spirekeep-restore";
+
+impl StagingFile {
+    fn beside(target: &std::path::Path) -> Self {
+        let mut path = target.as_os_str().to_owned();
+        path.push(STAGING_SUFFIX);
+        Self { path: path.into() }
+    }
+
+    /// Removes the file and the side files SQLite may have made for it.
+    fn remove(&self) {
+        for file in super::dsn::sqlite_files(&self.path) {
+            if let Err(e) = std::fs::remove_file(&file)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(file = %file.display(), error = %e, "could not remove a restore's staging file");
+            }
+        }
+    }
+}
+
+impl Drop for StagingFile {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// A restore through a staging file. The tables load into a new SQLite file
+/// beside the target, with no journal and no syncs, and the secondary
+/// indexes are built once the tables are full (one sort per index instead
+/// of an index insertion per row). The commit copies the whole file into the
+/// target with SQLite's online backup, in one write transaction of the
+/// target's: all or nothing through the target's own journal or WAL, seen
+/// at once by every connection (a server still running on it with `--force`
+/// included), and the target ends up page for page the staging file, with
+/// none of the free pages that dropping its old tables in place would leave.
+/// (Renaming the file over the target would write the data once less, but
+/// a process holding the target open would go on with the old file.)
 struct Restore {
-    conn: sqlx::sqlite::SqliteConnection,
+    /// Holds the target's write lock from the start to the copy.
+    target: sqlx::sqlite::SqliteConnection,
+    target_path: std::path::PathBuf,
+    /// The staging file's connection, inside one transaction.
+    staging: sqlx::sqlite::SqliteConnection,
+    staging_file: StagingFile,
     location: String,
     /// `CREATE INDEX` statements to run at commit, after the load.
     deferred_indexes: Vec<String>,
@@ -655,7 +714,7 @@ impl RestoreWrite for Restore {
         // The first statement creates the table (with its primary key); the
         // others are its indexes.
         if let Some(create) = statements.next() {
-            exec_on(&mut self.conn, &create, &self.location).await?;
+            exec_on(&mut self.staging, &create, &self.location).await?;
         }
         self.deferred_indexes.extend(statements);
         Ok(())
@@ -667,23 +726,77 @@ impl RestoreWrite for Restore {
         columns: &[(String, ColumnKind)],
         rows: &[Vec<Value>],
     ) -> Result<()> {
-        insert_on(&mut self.conn, table, columns, rows, &self.location).await
+        insert_on(&mut self.staging, table, columns, rows, &self.location).await
     }
 
     async fn commit(mut self: Box<Self>, _tables: &[Table]) -> Result<CommitOutcome> {
         // AUTOINCREMENT keeps sqlite_sequence at the largest id inserted, so
         // ids continue past the restored ones without help.
         for sql in std::mem::take(&mut self.deferred_indexes) {
-            exec_on(&mut self.conn, &sql, &self.location).await?;
+            exec_on(&mut self.staging, &sql, &self.location).await?;
         }
+        exec_on(&mut self.staging, "COMMIT", &self.location).await?;
+        let Self {
+            mut target,
+            target_path,
+            staging,
+            staging_file,
+            location,
+            ..
+        } = *self;
+        <sqlx::sqlite::SqliteConnection as sqlx::Connection>::close(staging)
+            .await
+            .map_err(|e| classify(&e, &location))?;
         crate::testpoint::pause("restore.mid_swap").await;
-        exec_on(&mut self.conn, "COMMIT", &self.location).await?;
+        // The copy takes the target's write lock itself: this connection
+        // lets go of it first.
+        exec_on(&mut target, "ROLLBACK", &location).await?;
+        let from = staging_file.path.clone();
+        tokio::task::spawn_blocking(move || copy_into(&from, &target_path))
+            .await
+            .map_err(|e| {
+                Error::Aborted(format!("copying the restored tables into {location}: {e}"))
+            })?
+            .map_err(|detail| Error::Database {
+                location: location.clone(),
+                detail: format!("copying the restored tables into the target: {detail}"),
+            })?;
+        drop(staging_file);
         // SPIRE opens its SQLite datastore in WAL mode (spire-reference §8): a
         // restored file starts out in it too. The restore stands either way.
-        if let Err(e) = exec_on(&mut self.conn, "PRAGMA journal_mode=WAL", &self.location).await {
+        if let Err(e) = exec_on(&mut target, "PRAGMA journal_mode=WAL", &location).await {
             tracing::debug!(error = %e, "could not switch the restored SQLite file to WAL mode");
         }
         Ok(CommitOutcome::default())
+    }
+}
+
+/// How long the copy waits for another connection's lock on the target.
+const COPY_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Copies the SQLite file `from` over the database `to` with the online
+/// backup API, all pages in one step: one write transaction of `to`.
+fn copy_into(from: &std::path::Path, to: &std::path::Path) -> std::result::Result<(), String> {
+    use rusqlite::{Connection, OpenFlags, backup};
+    let text = |e: rusqlite::Error| e.to_string();
+    let source = Connection::open_with_flags(
+        from,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(text)?;
+    let mut target = Connection::open_with_flags(
+        to,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(text)?;
+    target.busy_timeout(COPY_LOCK_WAIT).map_err(text)?;
+    let copy = backup::Backup::new(&source, &mut target).map_err(text)?;
+    match copy.step(-1).map_err(text)? {
+        backup::StepResult::Done => Ok(()),
+        other => Err(format!(
+            "the target stayed locked by another connection ({other:?}) for {} s; nothing was changed",
+            COPY_LOCK_WAIT.as_secs()
+        )),
     }
 }
 

@@ -12,7 +12,7 @@
 //! | `backup.before_manifest` | every data object is stored, the manifest is not |
 //! | `backup.after_manifest` | the manifest is stored, the lease not yet released |
 //! | `restore.before_commit` | the staging copy is loaded and checked, the swap not begun |
-//! | `restore.mid_swap` | inside the engine's swap: before its `COMMIT` (PostgreSQL), before the staging file's copy into the target (SQLite), between the `RENAME TABLE` and the `DROP` of the replaced tables (MySQL) |
+//! | `restore.mid_swap` | inside the engine's swap: after the tables moved out of the staging schema, before the `COMMIT` (PostgreSQL), before the staging file's copy into the target (SQLite), between the `RENAME TABLE` and the `DROP` of the replaced tables (MySQL) |
 //! | `restore.after_commit` | the swap is done, the read-back and the record not |
 
 use std::sync::OnceLock;

@@ -897,6 +897,191 @@ async fn mysql_tables_physically(url: &str) -> Vec<String> {
     tables
 }
 
+/// A PostgreSQL restore loads into a staging schema inside its transaction
+/// and swaps the tables in at its end. Regression: it dropped the tables it
+/// replaces first, so every reader of the target (a server kept running,
+/// a backup) waited on their locks for the whole load. Now they stay
+/// readable until the swap; a kill then leaves the target as it was and no
+/// staging schema, and the next restore goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_restore_leaves_the_replaced_tables_readable_until_its_swap() {
+    let Some(src) = SpireFixture::create(Engine::Postgres, "swap-src", &Population::new(30)).await
+    else {
+        return;
+    };
+    let other = Population {
+        seed: 5,
+        ..Population::new(12)
+    };
+    let dst = SpireFixture::create(Engine::Postgres, "swap-dst", &other)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&src.url(), &repo);
+    let before = contents_of(&dst).await;
+    let url = dst.url();
+    let mut args = vec![
+        "restore",
+        "--keep-join-tokens",
+        "--keep-snapshot-bundle",
+        "--keep-snapshot-revisions",
+        id.as_str(),
+        "--datastore",
+        url.as_str(),
+        "--replace",
+        // The killed restore's repository lease expires soon.
+        "--lock-ttl",
+        "2s",
+    ];
+    args.extend(repo.iter().map(String::as_str));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spirekeep"))
+        .args(&args)
+        .env("NO_COLOR", "1")
+        .env(spirekeep::testpoint::PAUSE_AT_ENV, "restore.before_commit")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let paused = spirekeep::testpoint::announcement("restore.before_commit");
+    let progress = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = false;
+    for line in progress.lines() {
+        let line = line.unwrap_or_default();
+        eprintln!("restore: {line}");
+        if line.contains(&paused) {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the restore never reached its commit");
+    // Every row is loaded; the replaced tables answer at once.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("SET lock_timeout = '3s'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM registered_entries")
+        .fetch_one(&mut conn)
+        .await
+        .expect("the replaced tables are readable while the restore loads");
+    assert_eq!(entries, 12);
+    let _ = child.kill();
+    child.wait().unwrap();
+    let schemas: Vec<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE '%spirekeep%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(schemas.is_empty(), "left behind: {schemas:?}");
+    sqlx::Connection::close(conn).await.unwrap();
+    assert_eq!(
+        contents_of(&dst).await,
+        before,
+        "the killed restore changed nothing"
+    );
+
+    let out = spirekeep(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let src_ds = src.open().await;
+    assert_eq!(
+        contents_of(&dst).await,
+        contents(src_ds.as_ref(), None, 1).await
+    );
+    src_ds.close().await;
+    dst.cleanup().await;
+    src.cleanup().await;
+}
+
+/// A restore user that may not create a schema in the database (the owner
+/// granted it only the `public` schema, as managed setups do) still
+/// restores: into an empty target, then over it with `--replace`, with the
+/// tables replaced in place inside the one transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_restore_without_the_create_privilege_replaces_in_place() {
+    let Some(dst) = SpireFixture::create_empty(Engine::Postgres, "nocreate").await else {
+        return;
+    };
+    let mut owner = <sqlx::PgConnection as sqlx::Connection>::connect(&dst.url())
+        .await
+        .unwrap();
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut owner)
+        .await
+        .unwrap();
+    for sql in [
+        format!("REVOKE CREATE ON DATABASE \"{database}\" FROM PUBLIC"),
+        "GRANT ALL ON SCHEMA public TO spirekeep_auth".to_string(),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut owner)
+            .await
+            .unwrap();
+    }
+    sqlx::Connection::close(owner).await.unwrap();
+    // spirekeep_auth's password is really checked (scripts/test-services.sh).
+    let url = format!(
+        "postgres://spirekeep_auth:right-password@127.0.0.1:5432/{database}?sslmode=disable"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let mut expected = Vec::new();
+    for (i, entries) in [(0, 9), (1, 17)] {
+        let src = SpireFixture::create(
+            Engine::Sqlite,
+            &format!("nocreate-src{i}"),
+            &Population {
+                seed: 40 + i,
+                ..Population::new(entries)
+            },
+        )
+        .await
+        .unwrap();
+        let id = backup(&src.url(), &repo);
+        let report = ok_json(
+            &[
+                "restore",
+                "--keep-join-tokens",
+                "--keep-snapshot-bundle",
+                "--keep-snapshot-revisions",
+                &id,
+                "--datastore",
+                &url,
+                "--replace",
+                "--accept-changes",
+            ],
+            &repo,
+        );
+        assert_eq!(report["ok"], true);
+        let src_ds = src.open().await;
+        let order = column_order(src_ds.as_ref()).await;
+        expected.push(contents(src_ds.as_ref(), None, 1000).await);
+        src_ds.close().await;
+        // Read as the restore user, who owns the tables.
+        let spec = spirekeep::datastore::dsn::parse(
+            &url,
+            Some(Engine::Postgres),
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let dst_ds = spirekeep::datastore::open(&spec, spirekeep::datastore::OpenMode::ReadWrite)
+            .await
+            .unwrap();
+        assert_eq!(
+            contents(dst_ds.as_ref(), Some(&order), 1000).await,
+            *expected.last().unwrap(),
+            "restore {i}"
+        );
+        dst_ds.close().await;
+        src.cleanup().await;
+    }
+    dst.cleanup().await;
+}
+
 /// A SQLite restore loads into a staging file and copies it into the target
 /// in one write transaction of the target's. So: a connection that held the
 /// target open throughout (a server kept running with `--force`) reads the

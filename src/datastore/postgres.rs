@@ -70,14 +70,65 @@ impl PostgresDatastore {
         .fetch_all(&mut conn)
         .await
         .map_err(|e| self.err(&e))?;
-        let staging = staging.into_iter().filter(|t| is_staging_table(t));
-        for t in existing.iter().cloned().chain(staging) {
-            exec_on(
+        let replaced: Vec<String> = existing
+            .iter()
+            .cloned()
+            .chain(staging.into_iter().filter(|t| is_staging_table(t)))
+            .collect();
+        let (target_schema, search_path): (Option<String>, String) =
+            sqlx::query_as("SELECT current_schema()::text, current_setting('search_path')")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| self.err(&e))?;
+        let mut staged = None;
+        if let Some(target_schema) = target_schema {
+            // A savepoint: without the privilege the transaction goes on.
+            exec_on(&mut conn, "SAVEPOINT staging_schema", &self.location).await?;
+            let created = exec_on(
                 &mut conn,
-                &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Postgres, &t)),
+                &format!(
+                    "CREATE SCHEMA {}",
+                    quote_ident(Engine::Postgres, STAGING_SCHEMA)
+                ),
                 &self.location,
             )
-            .await?;
+            .await;
+            match created {
+                Ok(()) => {
+                    // Everything the load names (tables, their sequences and
+                    // indexes, `COPY`, `ANALYZE`) resolves into the staging
+                    // schema, under the names it will keep after the swap.
+                    exec_on(
+                        &mut conn,
+                        &format!(
+                            "SET LOCAL search_path = {}",
+                            quote_ident(Engine::Postgres, STAGING_SCHEMA)
+                        ),
+                        &self.location,
+                    )
+                    .await?;
+                    staged = Some(StagedSwap {
+                        target_schema,
+                        search_path,
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(
+                        error = %e,
+                        "no CREATE privilege on the database for a staging schema: the restore \
+                         replaces the tables in place, holding their locks for the whole load"
+                    );
+                    exec_on(
+                        &mut conn,
+                        "ROLLBACK TO SAVEPOINT staging_schema",
+                        &self.location,
+                    )
+                    .await?;
+                }
+            }
+        }
+        if staged.is_none() {
+            drop_tables(&mut conn, &replaced, &self.location).await?;
         }
         Ok(Restore {
             conn: Some(conn),
@@ -86,6 +137,8 @@ impl PostgresDatastore {
             deferred_indexes: Vec::new(),
             column_types: std::collections::HashMap::new(),
             pending: None,
+            staged,
+            replaced,
         })
     }
 
@@ -790,7 +843,8 @@ impl SnapshotRead for Snapshot {
     }
 }
 
-/// A restore inside one transaction (PostgreSQL DDL is transactional).
+/// A restore inside one transaction (PostgreSQL DDL is transactional), into
+/// [`STAGING_SCHEMA`] and swapped into the target's schema at the commit.
 /// Rows go in through `COPY … FROM STDIN`, and the secondary indexes are
 /// built once the tables are full (one sort per index instead of one index
 /// insertion per row), still inside the transaction.
@@ -799,6 +853,13 @@ impl SnapshotRead for Snapshot {
 /// and encodes the next chunk, so the client's work and the server's overlap
 /// (on two cores, a restore otherwise waits for each in turn).
 struct Restore {
+    /// Set when the tables load into [`STAGING_SCHEMA`]; unset when the
+    /// restore user may not create a schema, and the replaced tables were
+    /// dropped at the start instead.
+    staged: Option<StagedSwap>,
+    /// The target's tables the swap drops (when staged; dropped already
+    /// otherwise).
+    replaced: Vec<String>,
     /// Away while a `COPY` is in flight (see [`Restore::conn`]).
     conn: Option<sqlx::postgres::PgConnection>,
     /// The `COPY` in flight; it hands the connection back when done.
@@ -826,6 +887,36 @@ struct PendingCopy {
     /// with its header.
     binary: Option<Vec<BinaryField>>,
     data: Vec<u8>,
+}
+
+/// The schema a restore loads into, inside its transaction: no other session
+/// ever sees it, a rolled-back (or killed) restore leaves nothing of it, and
+/// the tables the restore replaces stay readable until the swap at its end.
+const STAGING_SCHEMA: &str = "_spirekeep_restore";
+
+/// Where a staged restore's tables go at the swap.
+struct StagedSwap {
+    /// The target's schema (`current_schema()` when the restore began).
+    target_schema: String,
+    /// The session's `search_path` before the load narrowed it.
+    search_path: String,
+}
+
+/// Drops `tables` (in the schema the session's `search_path` names first).
+async fn drop_tables(
+    conn: &mut sqlx::postgres::PgConnection,
+    tables: &[String],
+    location: &str,
+) -> Result<()> {
+    for t in tables {
+        exec_on(
+            conn,
+            &format!("DROP TABLE IF EXISTS {}", quote_ident(Engine::Postgres, t)),
+            location,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// How much encoded row data one `COPY` carries at most (bounds memory too:
@@ -982,9 +1073,46 @@ impl RestoreWrite for Restore {
         self.flush_copy().await?;
         let location = self.location.clone();
         let indexes = std::mem::take(&mut self.deferred_indexes);
+        let staged = self.staged.take();
+        let replaced = std::mem::take(&mut self.replaced);
         let conn = self.conn().await?;
         for sql in indexes {
             exec_on(conn, &sql, &location).await?;
+        }
+        // The planner's statistics now, not at autovacuum's next pass: the
+        // SPIRE server's first queries on the restored tables plan with them
+        // (they move with the tables).
+        for t in tables {
+            let sql = format!("ANALYZE {}", quote_ident(Engine::Postgres, &t.name));
+            exec_on(conn, &sql, &location).await?;
+        }
+        if let Some(swap) = staged {
+            // The swap: only from here to the commit are the replaced tables
+            // locked. Each staged table moves with its indexes, constraints
+            // and sequences, under the names it was created with.
+            exec_on(
+                conn,
+                &format!(
+                    "SELECT set_config('search_path', '{}', true)",
+                    swap.search_path.replace('\'', "''")
+                ),
+                &location,
+            )
+            .await?;
+            drop_tables(conn, &replaced, &location).await?;
+            let (staging, target) = (
+                quote_ident(Engine::Postgres, STAGING_SCHEMA),
+                quote_ident(Engine::Postgres, &swap.target_schema),
+            );
+            for t in tables {
+                let sql = format!(
+                    "ALTER TABLE {staging}.{} SET SCHEMA {target}",
+                    quote_ident(Engine::Postgres, &t.name)
+                );
+                exec_on(conn, &sql, &location).await?;
+            }
+            // RESTRICT: a table the swap missed fails the restore, never vanishes.
+            exec_on(conn, &format!("DROP SCHEMA {staging} RESTRICT"), &location).await?;
         }
         // Rows were loaded with explicit ids: move each serial's sequence past them.
         for t in tables {
@@ -1000,12 +1128,6 @@ impl RestoreWrite for Restore {
                 );
                 exec_on(conn, &sql, &location).await?;
             }
-        }
-        // The planner's statistics now, not at autovacuum's next pass: the
-        // SPIRE server's first queries on the restored tables plan with them.
-        for t in tables {
-            let sql = format!("ANALYZE {}", quote_ident(Engine::Postgres, &t.name));
-            exec_on(conn, &sql, &location).await?;
         }
         crate::testpoint::pause("restore.mid_swap").await;
         exec_on(conn, "COMMIT", &location).await?;

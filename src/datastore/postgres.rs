@@ -95,6 +95,14 @@ impl PostgresDatastore {
             .await;
             match created {
                 Ok(()) => {
+                    // The rest of the restore runs in the transaction itself,
+                    // not in a subtransaction.
+                    exec_on(
+                        &mut conn,
+                        "RELEASE SAVEPOINT staging_schema",
+                        &self.location,
+                    )
+                    .await?;
                     // Everything the load names (tables, their sequences and
                     // indexes, `COPY`, `ANALYZE`) resolves into the staging
                     // schema, under the names it will keep after the swap.

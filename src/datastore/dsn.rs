@@ -181,11 +181,14 @@ impl ConnectionSpec {
 
 /// A SQLite database file and its side files (`-wal`, `-shm`, `-journal`), in that order.
 pub(crate) fn sqlite_files(path: &Path) -> [PathBuf; 4] {
-    ["", "-wal", "-shm", "-journal"].map(|suffix| {
-        let mut p = path.to_path_buf().into_os_string();
-        p.push(suffix);
-        PathBuf::from(p)
-    })
+    ["", "-wal", "-shm", "-journal"].map(|suffix| with_suffix(path, suffix))
+}
+
+/// `path` with `suffix` added to its file name (`a.db` → `a.db-wal`).
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
 }
 
 /// Parses a connection string.

@@ -656,9 +656,9 @@ const STAGING_SUFFIX: &str = ".spirekeep-restore";
 
 impl StagingFile {
     fn beside(target: &std::path::Path) -> Self {
-        let mut path = target.as_os_str().to_owned();
-        path.push(STAGING_SUFFIX);
-        Self { path: path.into() }
+        Self {
+            path: super::dsn::with_suffix(target, STAGING_SUFFIX),
+        }
     }
 
     /// Removes the file and the side files SQLite may have made for it.

@@ -451,6 +451,21 @@ impl RowRules {
             || ENTRY_CHILDREN.contains(&table)
     }
 
+    /// Whether [`Self::apply`] may change or drop rows of `table` with these
+    /// options and live facts. When it may not, the table loads exactly the
+    /// snapshot's rows, whose content hash the object reads already checked.
+    /// Mirrors the arms of [`Self::apply`] that edit rows.
+    #[must_use]
+    pub fn may_change(&self, table: &str) -> bool {
+        match table {
+            TOKENS => !self.options.keep_snapshot_join_tokens,
+            BUNDLES => self.report.own_bundle.kept == "live",
+            ENTRIES => !self.options.keep_snapshot_revisions && !self.facts.revisions.is_empty(),
+            AGENTS | NODE_SELECTORS => self.options.keep_live_agents,
+            _ => false,
+        }
+    }
+
     /// Changes a batch of the snapshot's `table` rows in place (rows may be dropped).
     pub fn apply(&mut self, table: &Table, batch: &mut Vec<Vec<Value>>) {
         let at = |name: &str| table.columns.iter().position(|c| c.name == name);
@@ -809,6 +824,103 @@ mod tests {
             (r.revisions.moved, r.revisions.examples.clone()),
             (1, vec!["e1".to_string()])
         );
+    }
+
+    /// The restore skips its second content hash of a table when
+    /// `may_change` says the rules leave it alone: under every option and
+    /// live-datastore combination, `apply` must then keep each batch as it was.
+    #[test]
+    fn tables_the_rules_say_they_leave_alone_come_through_unchanged() {
+        let text = |s: &str| Value::Text(s.into());
+        let samples: Vec<(Table, Vec<Vec<Value>>)> = vec![
+            (
+                tokens_table(),
+                vec![token(1, "unused", 5000), token(2, "gone", 10)],
+            ),
+            (
+                table(
+                    BUNDLES,
+                    &[
+                        ("id", ColumnKind::Integer),
+                        ("updated_at", ColumnKind::Text),
+                        ("trust_domain", ColumnKind::Text),
+                        ("data", ColumnKind::Bytes),
+                    ],
+                ),
+                vec![vec![
+                    Value::Int(1),
+                    text("t-old"),
+                    text("spiffe://example.org"),
+                    Value::Bytes(vec![1]),
+                ]],
+            ),
+            (
+                table(
+                    ENTRIES,
+                    &[
+                        ("id", ColumnKind::Integer),
+                        ("entry_id", ColumnKind::Text),
+                        ("revision_number", ColumnKind::Integer),
+                    ],
+                ),
+                vec![vec![Value::Int(1), text("e1"), Value::Int(5)]],
+            ),
+            (
+                table(
+                    AGENTS,
+                    &[("id", ColumnKind::Integer), ("spiffe_id", ColumnKind::Text)],
+                ),
+                vec![vec![Value::Int(1), text("spiffe://example.org/agent")]],
+            ),
+            (
+                table(NODE_SELECTORS, &[("id", ColumnKind::Integer)]),
+                vec![vec![Value::Int(1)]],
+            ),
+            (
+                table(
+                    "selectors",
+                    &[("id", ColumnKind::Integer), ("type", ColumnKind::Text)],
+                ),
+                vec![vec![Value::Int(1), text("unix")]],
+            ),
+            (
+                table("ca_journals", &[("id", ColumnKind::Integer)]),
+                vec![vec![Value::Int(1)]],
+            ),
+        ];
+        let live = || LiveFacts {
+            present: true,
+            trust_domain: Some("spiffe://example.org".into()),
+            tokens: ["unused".to_string()].into(),
+            own_bundle: Some((Value::Bytes(vec![9]), text("t-live"))),
+            revisions: [("e1".to_string(), 7)].into(),
+            ..LiveFacts::default()
+        };
+        let mut changes_seen = 0;
+        for bits in 0..16u8 {
+            let options = RuleOptions {
+                keep_live_agents: bits & 1 != 0,
+                keep_snapshot_join_tokens: bits & 2 != 0,
+                keep_snapshot_bundle: bits & 4 != 0,
+                keep_snapshot_revisions: bits & 8 != 0,
+            };
+            for facts in [LiveFacts::default(), live()] {
+                let mut rules = RowRules::new(facts, &options, 1000);
+                for (t, rows) in &samples {
+                    let mut batch = rows.clone();
+                    rules.apply(t, &mut batch);
+                    if batch != *rows {
+                        changes_seen += 1;
+                        assert!(
+                            rules.may_change(&t.name),
+                            "{} changed under {options:?} though may_change said no",
+                            t.name
+                        );
+                    }
+                }
+            }
+        }
+        assert!(changes_seen > 0, "the samples exercise the rules");
     }
 
     #[test]

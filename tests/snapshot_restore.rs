@@ -829,8 +829,8 @@ async fn killed_restore_leaves_the_target_as_it_was(engine: Engine) {
         "3s".into(),
     ];
     args.extend(repo.iter().cloned());
-    // Early (a few tables in) and late (the largest table, last).
-    for (table, after_ms) in [("dns_names", 150), ("selectors", 50)] {
+    // In the largest table (loaded first), and a few tables in.
+    for (table, after_ms) in [("selectors", 50), ("dns_names", 150)] {
         let killed = kill_restore_while_loading(&args, table, Duration::from_millis(after_ms));
         assert!(
             killed,
@@ -897,12 +897,13 @@ async fn mysql_tables_physically(url: &str) -> Vec<String> {
     tables
 }
 
-/// A PostgreSQL restore loads into a staging schema inside its transaction
-/// and swaps the tables in at its end. Regression: it dropped the tables it
-/// replaces first, so every reader of the target (a server kept running,
-/// a backup) waited on their locks for the whole load. Now they stay
-/// readable until the swap; a kill then leaves the target as it was and no
-/// staging schema, and the next restore goes through.
+/// A PostgreSQL restore loads into a staging schema and swaps the tables in
+/// at its end. Regression: it dropped the tables it replaces first, so every
+/// reader of the target (a server kept running, a backup) waited on their
+/// locks for the whole load. Now they stay readable until the swap; a kill
+/// then leaves the target as it was (the staging schema, committed as the
+/// tables loaded, stays behind), and the next restore clears the staging
+/// schema and goes through, leaving none.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_postgres_restore_leaves_the_replaced_tables_readable_until_its_swap() {
     let Some(src) = SpireFixture::create(Engine::Postgres, "swap-src", &Population::new(30)).await
@@ -971,13 +972,12 @@ async fn a_postgres_restore_leaves_the_replaced_tables_readable_until_its_swap()
     assert_eq!(entries, 12);
     let _ = child.kill();
     child.wait().unwrap();
-    let schemas: Vec<String> = sqlx::query_scalar(
-        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE '%spirekeep%'",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    assert!(schemas.is_empty(), "left behind: {schemas:?}");
+    let schemas_sql = "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE '%spirekeep%'";
+    let schemas: Vec<String> = sqlx::query_scalar(schemas_sql)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(schemas, ["_spirekeep_restore"], "the killed load's staging");
     sqlx::Connection::close(conn).await.unwrap();
     assert_eq!(
         contents_of(&dst).await,
@@ -987,6 +987,15 @@ async fn a_postgres_restore_leaves_the_replaced_tables_readable_until_its_swap()
 
     let out = spirekeep(&args, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let schemas: Vec<String> = sqlx::query_scalar(schemas_sql)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert!(schemas.is_empty(), "left behind: {schemas:?}");
+    sqlx::Connection::close(conn).await.unwrap();
     let src_ds = src.open().await;
     assert_eq!(
         contents_of(&dst).await,

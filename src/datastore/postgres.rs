@@ -32,23 +32,14 @@ pub(crate) struct PostgresDatastore {
 impl PostgresDatastore {
     /// [`Datastore::begin_restore`], with the concrete type (tests look inside it).
     async fn open_restore(&self, existing: &[String]) -> Result<Restore> {
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| self.err(&e))?
-            .detach();
-        exec_on(&mut conn, "BEGIN", &self.location).await?;
-        // Timestamps go in as UTC (binary COPY's microseconds, or text in
-        // this zone); a `timestamp` column without a zone then holds UTC wall
-        // time, as it is read back.
-        exec_on(&mut conn, "SET LOCAL TimeZone = 'UTC'", &self.location).await?;
+        let mut conn = self.detached_connection().await?;
         // One restore per database at a time (advisory locks are per
-        // database); the lock ends with the transaction or the connection.
+        // database). A session lock: a staged restore commits several
+        // transactions before its swap. It ends with the connection.
         let deadline = std::time::Instant::now() + RESTORE_LOCK_WAIT;
         loop {
             let got: bool = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT pg_try_advisory_xact_lock({RESTORE_LOCK_KEY})"
+                "SELECT pg_try_advisory_lock({RESTORE_LOCK_KEY})"
             )))
             .fetch_one(&mut conn)
             .await
@@ -61,6 +52,10 @@ impl PostgresDatastore {
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
+        // Timestamps go in as UTC (binary COPY's microseconds, or text in
+        // this zone); a `timestamp` column without a zone then holds UTC wall
+        // time, as it is read back.
+        exec_on(&mut conn, "SET TimeZone = 'UTC'", &self.location).await?;
         // Tables named like a restore's staging tables are never the user's
         // (a snapshot taken before spirekeep left them out may have carried them).
         let staging: Vec<String> = sqlx::query_scalar(
@@ -82,60 +77,26 @@ impl PostgresDatastore {
                 .map_err(|e| self.err(&e))?;
         let mut staged = None;
         if let Some(target_schema) = target_schema {
-            // A savepoint: without the privilege the transaction goes on.
-            exec_on(&mut conn, "SAVEPOINT staging_schema", &self.location).await?;
-            let created = exec_on(
-                &mut conn,
-                &format!(
-                    "CREATE SCHEMA {}",
-                    quote_ident(Engine::Postgres, STAGING_SCHEMA)
-                ),
-                &self.location,
-            )
-            .await;
-            match created {
-                Ok(()) => {
-                    // The rest of the restore runs in the transaction itself,
-                    // not in a subtransaction.
-                    exec_on(
-                        &mut conn,
-                        "RELEASE SAVEPOINT staging_schema",
-                        &self.location,
-                    )
-                    .await?;
-                    // Everything the load names (tables, their sequences and
-                    // indexes, `COPY`, `ANALYZE`) resolves into the staging
-                    // schema, under the names it will keep after the swap.
-                    exec_on(
-                        &mut conn,
-                        &format!(
-                            "SET LOCAL search_path = {}",
-                            quote_ident(Engine::Postgres, STAGING_SCHEMA)
-                        ),
-                        &self.location,
-                    )
-                    .await?;
+            match self.open_staging_schema(&mut conn).await {
+                Ok(indexes) => {
                     staged = Some(StagedSwap {
                         target_schema,
                         search_path,
+                        indexes,
                     });
                 }
                 Err(e) => {
                     tracing::info!(
                         error = %e,
-                        "no CREATE privilege on the database for a staging schema: the restore \
-                         replaces the tables in place, holding their locks for the whole load"
+                        "no staging schema (no CREATE privilege on the database?): the restore \
+                         replaces the tables in place, in one transaction that holds their locks \
+                         for the whole load"
                     );
-                    exec_on(
-                        &mut conn,
-                        "ROLLBACK TO SAVEPOINT staging_schema",
-                        &self.location,
-                    )
-                    .await?;
                 }
             }
         }
         if staged.is_none() {
+            exec_on(&mut conn, "BEGIN", &self.location).await?;
             drop_tables(&mut conn, &replaced, &self.location).await?;
         }
         Ok(Restore {
@@ -148,6 +109,44 @@ impl PostgresDatastore {
             staged,
             replaced,
         })
+    }
+
+    /// A connection of its own, out of the pool (a restore's session settings
+    /// and locks must not reach any later user of a pooled connection).
+    async fn detached_connection(&self) -> Result<sqlx::postgres::PgConnection> {
+        Ok(self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.err(&e))?
+            .detach())
+    }
+
+    /// Creates [`STAGING_SCHEMA`] afresh, points `conn` at it, and starts the
+    /// index builder on a second connection pointed there too.
+    async fn open_staging_schema(
+        &self,
+        conn: &mut sqlx::postgres::PgConnection,
+    ) -> Result<IndexBuilder> {
+        let staging = quote_ident(Engine::Postgres, STAGING_SCHEMA);
+        // A schema left by a restore killed before its swap: only a restore,
+        // holding the lock taken above, ever writes there.
+        exec_on(
+            conn,
+            &format!("DROP SCHEMA IF EXISTS {staging} CASCADE"),
+            &self.location,
+        )
+        .await?;
+        exec_on(conn, &format!("CREATE SCHEMA {staging}"), &self.location).await?;
+        // Everything the load names (tables, their sequences and indexes,
+        // `COPY`, `ANALYZE`) resolves into the staging schema, under the
+        // names it keeps after the swap. Nothing before the swap needs to be
+        // durable: the swap's own commit flushes the log up to it.
+        let settings = format!("SET search_path = {staging}; SET synchronous_commit = off");
+        exec_on(conn, &settings, &self.location).await?;
+        let mut builder_conn = self.detached_connection().await?;
+        exec_on(&mut builder_conn, &settings, &self.location).await?;
+        Ok(IndexBuilder::start(builder_conn, self.location.clone()))
     }
 
     pub(crate) async fn open(spec: &PostgresSpec) -> Result<Self> {
@@ -851,15 +850,19 @@ impl SnapshotRead for Snapshot {
     }
 }
 
-/// A restore inside one transaction (PostgreSQL DDL is transactional), into
-/// [`STAGING_SCHEMA`] and swapped into the target's schema at the commit.
-/// Rows go in through `COPY … FROM STDIN`, and the secondary indexes are
-/// built once the tables are full (one sort per index instead of one index
-/// insertion per row), still inside the transaction.
+/// A restore into [`STAGING_SCHEMA`], swapped into the target's schema in
+/// one short transaction at the end. Rows go in through `COPY … FROM STDIN`;
+/// each table's primary key, indexes and `ANALYZE` run once it is full (one
+/// sort per index instead of one insertion per row), on a second connection
+/// ([`IndexBuilder`]) while the next table loads, so the server's index
+/// builds overlap the client's decoding instead of following it.
 ///
 /// One `COPY` at a time runs on a task of its own while the caller decodes
 /// and encodes the next chunk, so the client's work and the server's overlap
 /// (on two cores, a restore otherwise waits for each in turn).
+///
+/// Without the right to create a schema, the restore runs in one transaction
+/// instead: the replaced tables dropped first, indexes built at the end.
 struct Restore {
     /// Set when the tables load into [`STAGING_SCHEMA`]; unset when the
     /// restore user may not create a schema, and the replaced tables were
@@ -897,17 +900,97 @@ struct PendingCopy {
     data: Vec<u8>,
 }
 
-/// The schema a restore loads into, inside its transaction: no other session
-/// ever sees it, a rolled-back (or killed) restore leaves nothing of it, and
-/// the tables the restore replaces stay readable until the swap at its end.
+/// The schema a restore loads into. Its tables are committed as they load
+/// (so a second connection can build their indexes), but nothing reads them:
+/// every catalogue spirekeep reads is `current_schema()`'s, SPIRE's too. A
+/// restore killed before its swap leaves the schema behind with the target
+/// as it was; the next restore drops it (under the restore lock) first.
 const STAGING_SCHEMA: &str = "_spirekeep_restore";
 
-/// Where a staged restore's tables go at the swap.
+/// Where a staged restore's tables go at the swap, and who builds their indexes.
 struct StagedSwap {
     /// The target's schema (`current_schema()` when the restore began).
     target_schema: String,
     /// The session's `search_path` before the load narrowed it.
     search_path: String,
+    indexes: IndexBuilder,
+}
+
+/// Runs a staged restore's index builds and `ANALYZE`s, in the order the
+/// tables finish loading, on a connection of its own; the restore's own
+/// connection joins in once the last table has loaded.
+struct IndexBuilder {
+    /// Closed when the last table's statements are queued.
+    queue: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    statements: std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    worker: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl IndexBuilder {
+    fn start(mut conn: sqlx::postgres::PgConnection, location: String) -> Self {
+        let (queue, statements) = tokio::sync::mpsc::unbounded_channel();
+        let statements = std::sync::Arc::new(tokio::sync::Mutex::new(statements));
+        let shared = std::sync::Arc::clone(&statements);
+        let worker =
+            tokio::spawn(async move { run_statements(&mut conn, &shared, &location).await });
+        Self {
+            queue: Some(queue),
+            statements,
+            worker,
+        }
+    }
+
+    /// Queues `statements` (of tables whose rows are all committed).
+    fn queue(&mut self, statements: Vec<String>, location: &str) -> Result<()> {
+        let lost = || {
+            Error::Aborted(format!(
+                "the restore into {location} lost its index-building connection"
+            ))
+        };
+        let queue = self.queue.as_ref().ok_or_else(lost)?;
+        for sql in statements {
+            queue.send(sql).map_err(|_| lost())?;
+        }
+        Ok(())
+    }
+
+    /// The builder's error, if it has stopped on one (it only stops early so).
+    async fn failure(&mut self) -> Result<()> {
+        if self.worker.is_finished() {
+            return self.finish().await;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        (&mut self.worker)
+            .await
+            .map_err(|e| Error::Aborted(format!("building the restored tables' indexes: {e}")))?
+    }
+}
+
+impl Drop for IndexBuilder {
+    /// A restore that stops (on an error, or dropped before its commit) stops
+    /// its index builds too; the connection closes with the task.
+    fn drop(&mut self) {
+        self.worker.abort();
+    }
+}
+
+/// Takes statements off the shared queue and runs them until it is closed
+/// and empty, or one fails.
+async fn run_statements(
+    conn: &mut sqlx::postgres::PgConnection,
+    statements: &tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<String>>,
+    location: &str,
+) -> Result<()> {
+    loop {
+        let next = statements.lock().await.recv().await;
+        let Some(sql) = next else {
+            return Ok(());
+        };
+        exec_on(conn, &sql, location).await?;
+    }
 }
 
 /// Drops `tables` (in the schema the session's `search_path` names first).
@@ -932,6 +1015,18 @@ async fn drop_tables(
 const COPY_CHUNK_BYTES: usize = 4 << 20;
 
 impl Restore {
+    /// A staged restore hands the statements of the table that has just
+    /// loaded (all its rows committed) to the index builder, and fails here
+    /// if an earlier table's build failed.
+    async fn queue_indexes(&mut self) -> Result<()> {
+        if let Some(swap) = self.staged.as_mut() {
+            swap.indexes.failure().await?;
+            let statements = std::mem::take(&mut self.deferred_indexes);
+            swap.indexes.queue(statements, &self.location)?;
+        }
+        Ok(())
+    }
+
     /// The connection, once the `COPY` in flight (if any) has ended.
     async fn conn(&mut self) -> Result<&mut sqlx::postgres::PgConnection> {
         if let Some(task) = self.in_flight.take() {
@@ -1007,14 +1102,28 @@ impl RestoreWrite for Restore {
 
     async fn create_table(&mut self, source: Engine, table: &Table) -> Result<()> {
         self.flush_copy().await?;
+        self.conn().await?;
+        self.queue_indexes().await?;
         let mut statements =
             ddl::create_statements(source, Engine::Postgres, table, &table.name)?.into_iter();
         // The first statement creates the table; the others add its primary
         // key and its indexes, after the load.
         if let Some(create) = statements.next() {
             let location = self.location.clone();
+            let staged = self.staged.is_some();
             let conn = self.conn().await?;
             exec_on(conn, &create, &location).await?;
+            if staged {
+                // The staging tables are committed as they load, and a large
+                // fresh table draws autovacuum at once: its lock would hold
+                // up the swap's `SET SCHEMA` (until deadlock_timeout cancels
+                // it). The swap turns autovacuum back on.
+                let sql = format!(
+                    "ALTER TABLE {} SET (autovacuum_enabled = false)",
+                    quote_ident(Engine::Postgres, &table.name)
+                );
+                exec_on(conn, &sql, &location).await?;
+            }
             let types: Vec<(String, i64)> = sqlx::query_as(
                 "SELECT attname::text, atttypid::int8 FROM pg_attribute \
                  WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
@@ -1026,6 +1135,13 @@ impl RestoreWrite for Restore {
             self.column_types.insert(table.name.clone(), types);
         }
         self.deferred_indexes.extend(statements);
+        // The planner's statistics now, not at autovacuum's next pass: the
+        // SPIRE server's first queries on the restored tables plan with them
+        // (they move with the tables).
+        self.deferred_indexes.push(format!(
+            "ANALYZE {}",
+            quote_ident(Engine::Postgres, &table.name)
+        ));
         Ok(())
     }
 
@@ -1079,48 +1195,59 @@ impl RestoreWrite for Restore {
 
     async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome> {
         self.flush_copy().await?;
+        self.conn().await?;
+        self.queue_indexes().await?;
         let location = self.location.clone();
         let indexes = std::mem::take(&mut self.deferred_indexes);
         let staged = self.staged.take();
         let replaced = std::mem::take(&mut self.replaced);
         let conn = self.conn().await?;
-        for sql in indexes {
-            exec_on(conn, &sql, &location).await?;
-        }
-        // The planner's statistics now, not at autovacuum's next pass: the
-        // SPIRE server's first queries on the restored tables plan with them
-        // (they move with the tables).
-        for t in tables {
-            let sql = format!("ANALYZE {}", quote_ident(Engine::Postgres, &t.name));
-            exec_on(conn, &sql, &location).await?;
-        }
-        if let Some(swap) = staged {
-            // The swap: only from here to the commit are the replaced tables
-            // locked. Each staged table moves with its indexes, constraints
-            // and sequences, under the names it was created with.
-            exec_on(
-                conn,
-                &format!(
-                    "SELECT set_config('search_path', '{}', true)",
-                    swap.search_path.replace('\'', "''")
-                ),
-                &location,
-            )
-            .await?;
-            drop_tables(conn, &replaced, &location).await?;
-            let (staging, target) = (
-                quote_ident(Engine::Postgres, STAGING_SCHEMA),
-                quote_ident(Engine::Postgres, &swap.target_schema),
-            );
-            for t in tables {
-                let sql = format!(
-                    "ALTER TABLE {staging}.{} SET SCHEMA {target}",
-                    quote_ident(Engine::Postgres, &t.name)
-                );
-                exec_on(conn, &sql, &location).await?;
+        match staged {
+            None => {
+                for sql in indexes {
+                    exec_on(conn, &sql, &location).await?;
+                }
             }
-            // RESTRICT: a table the swap missed fails the restore, never vanishes.
-            exec_on(conn, &format!("DROP SCHEMA {staging} RESTRICT"), &location).await?;
+            Some(mut swap) => {
+                // This connection builds indexes too from here, beside the builder's.
+                swap.indexes.queue = None;
+                let shared = std::sync::Arc::clone(&swap.indexes.statements);
+                let (mine, builder) = tokio::join!(
+                    run_statements(conn, &shared, &location),
+                    swap.indexes.finish()
+                );
+                mine?;
+                builder?;
+                // The swap, in one transaction: only from here to the commit
+                // are the replaced tables locked. Each staged table moves
+                // with its indexes, constraints and sequences, under the
+                // names it was created with.
+                exec_on(conn, "BEGIN", &location).await?;
+                exec_on(
+                    conn,
+                    &format!(
+                        "SET LOCAL synchronous_commit = on; SELECT set_config('search_path', '{}', true)",
+                        swap.search_path.replace('\'', "''")
+                    ),
+                    &location,
+                )
+                .await?;
+                drop_tables(conn, &replaced, &location).await?;
+                let (staging, target) = (
+                    quote_ident(Engine::Postgres, STAGING_SCHEMA),
+                    quote_ident(Engine::Postgres, &swap.target_schema),
+                );
+                for t in tables {
+                    let name = quote_ident(Engine::Postgres, &t.name);
+                    let sql = format!(
+                        "ALTER TABLE {staging}.{name} SET SCHEMA {target}; \
+                         ALTER TABLE {target}.{name} RESET (autovacuum_enabled)"
+                    );
+                    exec_on(conn, &sql, &location).await?;
+                }
+                // RESTRICT: a table the swap missed fails the restore, never vanishes.
+                exec_on(conn, &format!("DROP SCHEMA {staging} RESTRICT"), &location).await?;
+            }
         }
         // Rows were loaded with explicit ids: move each serial's sequence past them.
         for t in tables {

@@ -49,12 +49,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::SnapshotError;
 use super::adapt::{Adapter, Change, ChangeKind};
-use super::codec::{ContentHash, ContentHasher, TableReader, to_hex};
+use super::codec::{ContentHash, ContentHasher, TableReader};
 use super::impact::{
     AgentImpact, EntryChanges, KeyDiff, SideDigests, TokenImpact, agent_impact, entry_changes,
     keyed_diff, token_impact,
@@ -1037,13 +1036,18 @@ async fn load(
     let source_engine = manifest.engine;
     let target_engine = target.engine();
     let adapting = target_engine.needs_preflight_from(source_engine);
-    let restorable: Vec<Table> = manifest
+    let mut restorable: Vec<Table> = manifest
         .catalogue
         .tables
         .iter()
         .filter(|t| !is_staging_table(&t.name))
         .cloned()
         .collect();
+    // The largest tables first: an engine that builds a loaded table's
+    // indexes while the next ones load is then left with the small tables'
+    // builds at the end, not the largest one's. (The rules may still move
+    // some tables after others.)
+    restorable.sort_by_key(|t| std::cmp::Reverse(manifest.table(&t.name).map_or(0, |d| d.rows)));
     // Read before the restore session opens (it may hold the database).
     let facts = if existing.is_empty() {
         LiveFacts::default()
@@ -1435,7 +1439,10 @@ struct ChangeTally {
     total: u64,
     needs_consent: u64,
     blocking: u64,
-    sha: Sha256,
+    /// A sum of the changes' hashes: the same whatever order the tables are
+    /// read in (the preflight and the load read them in different orders).
+    digest: ContentHasher,
+    scratch: Vec<u8>,
 }
 
 impl ChangeTally {
@@ -1447,11 +1454,14 @@ impl ChangeTally {
         if c.kind.is_blocking() {
             self.blocking += 1;
         }
+        self.scratch.clear();
         for part in [&c.table, &c.row, &c.column, &c.detail] {
-            self.sha.update(part.as_bytes());
-            self.sha.update([0u8]);
+            self.scratch.extend_from_slice(part.as_bytes());
+            self.scratch.push(0);
         }
-        self.sha.update(format!("{:?}\n", c.kind).as_bytes());
+        self.scratch
+            .extend_from_slice(format!("{:?}\n", c.kind).as_bytes());
+        self.digest.add_canonical(&self.scratch);
         *self
             .counts
             .entry((c.table.clone(), c.column.clone(), c.kind))
@@ -1481,7 +1491,6 @@ impl ChangeTally {
                 format!("{:?}", b.kind),
             ))
         });
-        let digest: [u8; 32] = self.sha.finalize().into();
         Preflight {
             ran,
             total: self.total,
@@ -1490,7 +1499,7 @@ impl ChangeTally {
             counts,
             changes: self.listed,
             truncated: self.truncated,
-            digest: to_hex(&digest),
+            digest: self.digest.current().hex(),
         }
     }
 }
@@ -1590,6 +1599,15 @@ mod tests {
             b.finish(true).digest,
             p.digest,
             "a different row is a different change"
+        );
+        let mut c = ChangeTally::default();
+        c.add(change("id=3", ChangeKind::UniqueCollision));
+        c.add(change("id=1", ChangeKind::FourByteUtf8));
+        c.add(change("id=2", ChangeKind::SubMicrosecondTimestamp));
+        assert_eq!(
+            c.finish(true).digest,
+            p.digest,
+            "the same changes found in another order"
         );
         assert_eq!(ChangeTally::default().finish(false).total, 0);
     }

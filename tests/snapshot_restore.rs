@@ -1006,6 +1006,80 @@ async fn a_postgres_restore_leaves_the_replaced_tables_readable_until_its_swap()
     src.cleanup().await;
 }
 
+/// A PostgreSQL restore whose index build fails after every row loaded (here
+/// a manifest that declares an index unique over duplicated values) fails
+/// with the database's error, leaves the target as it was, and removes its
+/// staging schema at once rather than at the next restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_restore_whose_index_build_fails_leaves_the_target_and_no_staging() {
+    let Some(src) =
+        SpireFixture::create(Engine::Postgres, "badindex-src", &Population::new(40)).await
+    else {
+        return;
+    };
+    let other = Population {
+        seed: 6,
+        ..Population::new(12)
+    };
+    let dst = SpireFixture::create(Engine::Postgres, "badindex-dst", &other)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = file_repo(&dir);
+    let id = backup(&src.url(), &repo);
+    let path = dir
+        .path()
+        .join("repo/snapshots")
+        .join(&id)
+        .join("manifest.json");
+    let mut manifest: Json = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut made_unique = 0;
+    for t in manifest["catalogue"]["tables"].as_array_mut().unwrap() {
+        for ix in t["indexes"].as_array_mut().unwrap() {
+            if ix["name"] == "idx_registered_entries_parent_id" {
+                ix["unique"] = Json::Bool(true);
+                made_unique += 1;
+            }
+        }
+    }
+    assert_eq!(made_unique, 1);
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let before = contents_of(&dst).await;
+    let url = dst.url();
+    let mut args = vec![
+        "restore",
+        "--keep-join-tokens",
+        "--keep-snapshot-bundle",
+        "--keep-snapshot-revisions",
+        id.as_str(),
+        "--datastore",
+        url.as_str(),
+        "--replace",
+    ];
+    args.extend(repo.iter().map(String::as_str));
+    let out = spirekeep(&args, &[]);
+    assert!(!out.status.success(), "the duplicate keys were accepted");
+    let err = stderr(&out);
+    assert!(
+        err.contains("idx_registered_entries_parent_id") || err.contains("duplicate key"),
+        "{err}"
+    );
+    assert_eq!(contents_of(&dst).await, before, "the target is as it was");
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let schemas: Vec<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE '%spirekeep%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(schemas.is_empty(), "left behind: {schemas:?}");
+    sqlx::Connection::close(conn).await.unwrap();
+    dst.cleanup().await;
+    src.cleanup().await;
+}
+
 /// A restore user that may not create a schema in the database (the owner
 /// granted it only the `public` schema, as managed setups do) still
 /// restores: into an empty target, then over it with `--replace`, with the

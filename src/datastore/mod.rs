@@ -235,6 +235,12 @@ pub trait RestoreWrite: Send {
     /// A failure that left the target as it was. Anything that went wrong
     /// *after* the restore became visible is in [`CommitOutcome::warnings`].
     async fn commit(self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome>;
+
+    /// Ends a restore that will not commit (the caller found an error):
+    /// removes what it staged where the engine can do so at once. Dropping
+    /// the session instead leaves the target as it was too; a staging area
+    /// that outlives it is removed by the next restore.
+    async fn abandon(self: Box<Self>) {}
 }
 
 /// What a restore's commit did besides making the restore visible.

@@ -146,7 +146,15 @@ impl PostgresDatastore {
         exec_on(conn, &settings, &self.location).await?;
         let mut builder_conn = self.detached_connection().await?;
         exec_on(&mut builder_conn, &settings, &self.location).await?;
-        Ok(IndexBuilder::start(builder_conn, self.location.clone()))
+        let backend_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut builder_conn)
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(IndexBuilder::start(
+            builder_conn,
+            backend_pid,
+            self.location.clone(),
+        ))
     }
 
     pub(crate) async fn open(spec: &PostgresSpec) -> Result<Self> {
@@ -215,7 +223,7 @@ const TABLES_SQL: &str = "SELECT c.relname::text, a.attname::text, format_type(a
  WHERE c.relkind IN ('r', 'p') AND n.nspname = current_schema() \
  ORDER BY c.relname, a.attnum";
 
-/// The key of the per-database restore lock (`pg_advisory_xact_lock`):
+/// The key of the per-database restore lock (a session `pg_advisory_lock`):
 /// "spirekeep restore" in ASCII, cut to 64 bits.
 const RESTORE_LOCK_KEY: i64 = 0x7370_6b72_6573_746f;
 
@@ -924,10 +932,14 @@ struct IndexBuilder {
     queue: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     statements: std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     worker: tokio::task::JoinHandle<Result<()>>,
+    /// The builder's server process, to cancel its build when the restore
+    /// is abandoned (a backend notices a closed connection only between
+    /// statements, and its locks would hold up the staging schema's drop).
+    backend_pid: i32,
 }
 
 impl IndexBuilder {
-    fn start(mut conn: sqlx::postgres::PgConnection, location: String) -> Self {
+    fn start(mut conn: sqlx::postgres::PgConnection, backend_pid: i32, location: String) -> Self {
         let (queue, statements) = tokio::sync::mpsc::unbounded_channel();
         let statements = std::sync::Arc::new(tokio::sync::Mutex::new(statements));
         let shared = std::sync::Arc::clone(&statements);
@@ -937,6 +949,7 @@ impl IndexBuilder {
             queue: Some(queue),
             statements,
             worker,
+            backend_pid,
         }
     }
 
@@ -1015,6 +1028,22 @@ async fn drop_tables(
 const COPY_CHUNK_BYTES: usize = 4 << 20;
 
 impl Restore {
+    /// A staged restore that will not commit removes its staging schema now
+    /// (in place, the dropped connection rolls everything back).
+    async fn discard(&mut self) {
+        let Some(swap) = self.staged.take() else {
+            return;
+        };
+        let builder_pid = swap.indexes.backend_pid;
+        drop(swap);
+        // The `COPY` in flight ends first (its outcome no longer matters).
+        let _ = self.conn().await;
+        let location = self.location.clone();
+        if let Some(conn) = self.conn.as_mut() {
+            discard_staging(conn, builder_pid, &location).await;
+        }
+    }
+
     /// A staged restore hands the statements of the table that has just
     /// loaded (all its rows committed) to the index builder, and fails here
     /// if an earlier table's build failed.
@@ -1193,10 +1222,21 @@ impl RestoreWrite for Restore {
         Ok(())
     }
 
+    async fn abandon(mut self: Box<Self>) {
+        self.discard().await;
+    }
+
     async fn commit(mut self: Box<Self>, tables: &[Table]) -> Result<CommitOutcome> {
-        self.flush_copy().await?;
-        self.conn().await?;
-        self.queue_indexes().await?;
+        let loaded = async {
+            self.flush_copy().await?;
+            self.conn().await?;
+            self.queue_indexes().await
+        }
+        .await;
+        if let Err(e) = loaded {
+            self.discard().await;
+            return Err(e);
+        }
         let location = self.location.clone();
         let indexes = std::mem::take(&mut self.deferred_indexes);
         let staged = self.staged.take();
@@ -1207,67 +1247,116 @@ impl RestoreWrite for Restore {
                 for sql in indexes {
                     exec_on(conn, &sql, &location).await?;
                 }
+                set_sequences(conn, tables, &location).await?;
+                crate::testpoint::pause("restore.mid_swap").await;
+                exec_on(conn, "COMMIT", &location).await?;
             }
             Some(mut swap) => {
-                // This connection builds indexes too from here, beside the builder's.
-                swap.indexes.queue = None;
-                let shared = std::sync::Arc::clone(&swap.indexes.statements);
-                let (mine, builder) = tokio::join!(
-                    run_statements(conn, &shared, &location),
-                    swap.indexes.finish()
-                );
-                mine?;
-                builder?;
-                // The swap, in one transaction: only from here to the commit
-                // are the replaced tables locked. Each staged table moves
-                // with its indexes, constraints and sequences, under the
-                // names it was created with.
-                exec_on(conn, "BEGIN", &location).await?;
-                exec_on(
-                    conn,
-                    &format!(
-                        "SET LOCAL synchronous_commit = on; SELECT set_config('search_path', '{}', true)",
-                        swap.search_path.replace('\'', "''")
-                    ),
-                    &location,
-                )
-                .await?;
-                drop_tables(conn, &replaced, &location).await?;
-                let (staging, target) = (
-                    quote_ident(Engine::Postgres, STAGING_SCHEMA),
-                    quote_ident(Engine::Postgres, &swap.target_schema),
-                );
-                for t in tables {
-                    let name = quote_ident(Engine::Postgres, &t.name);
-                    let sql = format!(
-                        "ALTER TABLE {staging}.{name} SET SCHEMA {target}; \
-                         ALTER TABLE {target}.{name} RESET (autovacuum_enabled)"
-                    );
-                    exec_on(conn, &sql, &location).await?;
+                let swapped = swap_in(conn, &mut swap, tables, &replaced, &location).await;
+                if let Err(e) = swapped {
+                    discard_staging(conn, swap.indexes.backend_pid, &location).await;
+                    return Err(e);
                 }
-                // RESTRICT: a table the swap missed fails the restore, never vanishes.
-                exec_on(conn, &format!("DROP SCHEMA {staging} RESTRICT"), &location).await?;
             }
         }
-        // Rows were loaded with explicit ids: move each serial's sequence past them.
-        for t in tables {
-            for c in t.columns.iter().filter(|c| c.auto_increment) {
-                let (tq, cq) = (
-                    quote_ident(Engine::Postgres, &t.name),
-                    quote_ident(Engine::Postgres, &c.name),
-                );
-                let sql = format!(
-                    "SELECT setval(pg_get_serial_sequence('{}', '{}'), GREATEST(COALESCE(MAX({cq}), 0), 1), COALESCE(MAX({cq}), 0) > 0) FROM {tq}",
-                    tq.replace('\'', "''"),
-                    c.name.replace('\'', "''"),
-                );
-                exec_on(conn, &sql, &location).await?;
-            }
-        }
-        crate::testpoint::pause("restore.mid_swap").await;
-        exec_on(conn, "COMMIT", &location).await?;
         Ok(CommitOutcome::default())
     }
+}
+
+/// Removes a staged restore that will not commit (the target is as it
+/// was): rolls back the swap if it began, stops the builder's statement,
+/// drops the staging schema. Best effort: what stays, the next restore drops.
+async fn discard_staging(
+    conn: &mut sqlx::postgres::PgConnection,
+    builder_pid: i32,
+    location: &str,
+) {
+    let staging = quote_ident(Engine::Postgres, STAGING_SCHEMA);
+    let steps = [
+        "ROLLBACK".to_owned(),
+        format!("SELECT pg_cancel_backend({builder_pid})"),
+        format!("DROP SCHEMA IF EXISTS {staging} CASCADE"),
+    ];
+    for sql in steps {
+        if let Err(e) = exec_on(conn, &sql, location).await {
+            tracing::warn!(error = %e, "the abandoned restore's staging schema stays until the next restore");
+            return;
+        }
+    }
+}
+
+/// A staged restore's end: the last index builds (on both connections), then
+/// the swap in one short transaction.
+async fn swap_in(
+    conn: &mut sqlx::postgres::PgConnection,
+    swap: &mut StagedSwap,
+    tables: &[Table],
+    replaced: &[String],
+    location: &str,
+) -> Result<()> {
+    // This connection builds indexes too from here, beside the builder's.
+    swap.indexes.queue = None;
+    let shared = std::sync::Arc::clone(&swap.indexes.statements);
+    let (mine, builder) = tokio::join!(
+        run_statements(conn, &shared, location),
+        swap.indexes.finish()
+    );
+    mine?;
+    builder?;
+    // Only from here to the commit are the replaced tables locked. Each
+    // staged table moves with its indexes, constraints and sequences, under
+    // the names it was created with.
+    exec_on(conn, "BEGIN", location).await?;
+    exec_on(
+        conn,
+        &format!(
+            "SET LOCAL synchronous_commit = on; SELECT set_config('search_path', '{}', true)",
+            swap.search_path.replace('\'', "''")
+        ),
+        location,
+    )
+    .await?;
+    drop_tables(conn, replaced, location).await?;
+    let (staging, target) = (
+        quote_ident(Engine::Postgres, STAGING_SCHEMA),
+        quote_ident(Engine::Postgres, &swap.target_schema),
+    );
+    for t in tables {
+        let name = quote_ident(Engine::Postgres, &t.name);
+        let sql = format!(
+            "ALTER TABLE {staging}.{name} SET SCHEMA {target}; \
+             ALTER TABLE {target}.{name} RESET (autovacuum_enabled)"
+        );
+        exec_on(conn, &sql, location).await?;
+    }
+    // RESTRICT: a table the swap missed fails the restore, never vanishes.
+    exec_on(conn, &format!("DROP SCHEMA {staging} RESTRICT"), location).await?;
+    set_sequences(conn, tables, location).await?;
+    crate::testpoint::pause("restore.mid_swap").await;
+    exec_on(conn, "COMMIT", location).await
+}
+
+/// Rows were loaded with explicit ids: moves each serial's sequence past them.
+async fn set_sequences(
+    conn: &mut sqlx::postgres::PgConnection,
+    tables: &[Table],
+    location: &str,
+) -> Result<()> {
+    for t in tables {
+        for c in t.columns.iter().filter(|c| c.auto_increment) {
+            let (tq, cq) = (
+                quote_ident(Engine::Postgres, &t.name),
+                quote_ident(Engine::Postgres, &c.name),
+            );
+            let sql = format!(
+                "SELECT setval(pg_get_serial_sequence('{}', '{}'), GREATEST(COALESCE(MAX({cq}), 0), 1), COALESCE(MAX({cq}), 0) > 0) FROM {tq}",
+                tq.replace('\'', "''"),
+                c.name.replace('\'', "''"),
+            );
+            exec_on(conn, &sql, location).await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1063,6 +1063,9 @@ async fn load(
     let mut session = target.begin_restore(existing).await?;
     let mut applied = ChangeTally::default();
     let mut tables = Vec::with_capacity(restored.len());
+    // Everything up to the commit: on an error the session is abandoned
+    // (the engine removes what it staged, where it can).
+    let staged: Result<_> = async {
     for table in &restored {
         let data = manifest.table(&table.name).ok_or_else(|| {
             Error::Integrity(format!(
@@ -1193,6 +1196,16 @@ async fn load(
     }
     // A run that lost its repository lease stops here, before anything is visible.
     fence.confirm().await?;
+    Ok(applied)
+    }
+    .await;
+    let applied = match staged {
+        Ok(applied) => applied,
+        Err(e) => {
+            session.abandon().await;
+            return Err(e);
+        }
+    };
     observer.stage("committing");
     crate::testpoint::pause("restore.before_commit").await;
     let outcome = commit(session, &restored).await?;

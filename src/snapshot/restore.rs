@@ -1066,137 +1066,137 @@ async fn load(
     // Everything up to the commit: on an error the session is abandoned
     // (the engine removes what it staged, where it can).
     let staged: Result<_> = async {
-    for table in &restored {
-        let data = manifest.table(&table.name).ok_or_else(|| {
-            Error::Integrity(format!(
-                "manifest {}: table {} has no data",
-                manifest.key(),
-                table.name
-            ))
-        })?;
-        tracing::info!(table = %table.name, rows = data.rows, "loading table");
-        observer.table_started(&table.name, data.rows);
-        let staging = session.staging_name(&table.name);
-        session.create_table(source_engine, table).await?;
-        let columns: Vec<(String, ColumnKind)> = table
-            .columns
-            .iter()
-            .map(|c| (c.name.clone(), c.kind))
-            .collect();
-        let shape = adapting.then(|| ddl::target_shape(source_engine, target_engine, table));
-        let mut adapter = shape
-            .as_ref()
-            .map(|s| Adapter::new(target_engine, table, s));
-        // Rows that load as the snapshot holds them have the content hash
-        // their objects were checked against as they streamed: hashing them
-        // a second time here would cost a tenth of a restore's client CPU.
-        let checked_content = data.objects.iter().try_fold(ContentHash::EMPTY, |sum, o| {
-            ContentHash::from_hex(&o.content_hash, o.rows).map(|h| sum.combine(h))
-        });
-        let rows_may_change = adapter.is_some() || rules.may_change(&table.name);
-        let unchanged_content = checked_content.filter(|_| !rows_may_change);
-        let mut hasher = ContentHasher::new();
-        let mut adapted = 0u64;
-        let mut rows = 0u64;
-        let id_at = table.columns.iter().position(|c| c.auto_increment);
-        let mut max_id: Option<i64> = None;
-        let mut track_ids = |batch: &[Vec<Value>]| {
-            if let Some(p) = id_at {
-                for row in batch {
-                    if let Some(Value::Int(id)) = row.get(p) {
-                        max_id = Some(max_id.map_or(*id, |m| m.max(*id)));
-                    }
-                }
-            }
-        };
-        // A damaged object is found here, while its rows stream into
-        // staging; the error names it, and nothing is committed.
-        let damaged = |e: SnapshotError| -> Error {
-            if e.kind() == crate::ErrorKind::Integrity {
+        for table in &restored {
+            let data = manifest.table(&table.name).ok_or_else(|| {
                 Error::Integrity(format!(
-                    "the snapshot failed its hash check while loading table {} ({e}); nothing was \
-                     committed and the target is as it was: restore from another snapshot \
-                     (`spirekeep list`)",
+                    "manifest {}: table {} has no data",
+                    manifest.key(),
                     table.name
                 ))
-            } else {
-                e.into()
-            }
-        };
-        for object in &data.objects {
-            let mut reader = TableReader::open(repo, table, object)
-                .await
-                .map_err(damaged)?;
-            // The end of each object (None) proves its hashes; nothing is
-            // committed before every object has ended cleanly.
-            while let Some(mut batch) = reader.next_batch().await.map_err(damaged)? {
-                if let Some(adapter) = adapter.as_mut() {
-                    for row in &mut batch {
-                        for change in adapter.adapt(row, false) {
-                            adapted += 1;
-                            applied.add(change);
+            })?;
+            tracing::info!(table = %table.name, rows = data.rows, "loading table");
+            observer.table_started(&table.name, data.rows);
+            let staging = session.staging_name(&table.name);
+            session.create_table(source_engine, table).await?;
+            let columns: Vec<(String, ColumnKind)> = table
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.kind))
+                .collect();
+            let shape = adapting.then(|| ddl::target_shape(source_engine, target_engine, table));
+            let mut adapter = shape
+                .as_ref()
+                .map(|s| Adapter::new(target_engine, table, s));
+            // Rows that load as the snapshot holds them have the content hash
+            // their objects were checked against as they streamed: hashing them
+            // a second time here would cost a tenth of a restore's client CPU.
+            let checked_content = data.objects.iter().try_fold(ContentHash::EMPTY, |sum, o| {
+                ContentHash::from_hex(&o.content_hash, o.rows).map(|h| sum.combine(h))
+            });
+            let rows_may_change = adapter.is_some() || rules.may_change(&table.name);
+            let unchanged_content = checked_content.filter(|_| !rows_may_change);
+            let mut hasher = ContentHasher::new();
+            let mut adapted = 0u64;
+            let mut rows = 0u64;
+            let id_at = table.columns.iter().position(|c| c.auto_increment);
+            let mut max_id: Option<i64> = None;
+            let mut track_ids = |batch: &[Vec<Value>]| {
+                if let Some(p) = id_at {
+                    for row in batch {
+                        if let Some(Value::Int(id)) = row.get(p) {
+                            max_id = Some(max_id.map_or(*id, |m| m.max(*id)));
                         }
                     }
                 }
-                let before = batch.len();
-                rules.apply(table, &mut batch);
-                if unchanged_content.is_some() {
-                    // `may_change` said no; a dropped row would make the
-                    // recorded hash a lie, so stop before anything commits.
-                    if batch.len() != before {
-                        return Err(Error::Aborted(format!(
-                            "internal error: the live-datastore rules dropped rows of table {} \
-                             that they said they would leave alone; nothing was committed",
-                            table.name
-                        )));
-                    }
+            };
+            // A damaged object is found here, while its rows stream into
+            // staging; the error names it, and nothing is committed.
+            let damaged = |e: SnapshotError| -> Error {
+                if e.kind() == crate::ErrorKind::Integrity {
+                    Error::Integrity(format!(
+                        "the snapshot failed its hash check while loading table {} ({e}); nothing was \
+                         committed and the target is as it was: restore from another snapshot \
+                         (`spirekeep list`)",
+                        table.name
+                    ))
                 } else {
-                    for row in &batch {
-                        hasher.add_row(row);
+                    e.into()
+                }
+            };
+            for object in &data.objects {
+                let mut reader = TableReader::open(repo, table, object)
+                    .await
+                    .map_err(damaged)?;
+                // The end of each object (None) proves its hashes; nothing is
+                // committed before every object has ended cleanly.
+                while let Some(mut batch) = reader.next_batch().await.map_err(damaged)? {
+                    if let Some(adapter) = adapter.as_mut() {
+                        for row in &mut batch {
+                            for change in adapter.adapt(row, false) {
+                                adapted += 1;
+                                applied.add(change);
+                            }
+                        }
                     }
+                    let before = batch.len();
+                    rules.apply(table, &mut batch);
+                    if unchanged_content.is_some() {
+                        // `may_change` said no; a dropped row would make the
+                        // recorded hash a lie, so stop before anything commits.
+                        if batch.len() != before {
+                            return Err(Error::Aborted(format!(
+                                "internal error: the live-datastore rules dropped rows of table {} \
+                                 that they said they would leave alone; nothing was committed",
+                                table.name
+                            )));
+                        }
+                    } else {
+                        for row in &batch {
+                            hasher.add_row(row);
+                        }
+                    }
+                    track_ids(&batch);
+                    if !batch.is_empty() {
+                        session.insert_rows(&staging, &columns, &batch).await?;
+                    }
+                    rows += batch.len() as u64;
+                    observer.rows(&table.name, rows);
                 }
-                track_ids(&batch);
-                if !batch.is_empty() {
-                    session.insert_rows(&staging, &columns, &batch).await?;
+            }
+            // Rows carried over from the live datastore, after the snapshot's.
+            let carried = rules.extra_rows(table)?;
+            for batch in carried.chunks(crate::datastore::ROW_BATCH) {
+                for row in batch {
+                    hasher.add_row(row);
                 }
+                track_ids(batch);
+                session.insert_rows(&staging, &columns, batch).await?;
                 rows += batch.len() as u64;
                 observer.rows(&table.name, rows);
             }
+            observer.table_done(&table.name, rows);
+            tables.push(LoadedTable {
+                name: table.name.clone(),
+                // Carried rows were hashed either way.
+                expected: unchanged_content.map_or(hasher.current(), |c| c.combine(hasher.current())),
+                manifest: data.content(),
+                adapted,
+                max_id: id_at
+                    .zip(max_id)
+                    .map(|(p, m)| (table.columns[p].name.clone(), m)),
+            });
         }
-        // Rows carried over from the live datastore, after the snapshot's.
-        let carried = rules.extra_rows(table)?;
-        for batch in carried.chunks(crate::datastore::ROW_BATCH) {
-            for row in batch {
-                hasher.add_row(row);
-            }
-            track_ids(batch);
-            session.insert_rows(&staging, &columns, batch).await?;
-            rows += batch.len() as u64;
-            observer.rows(&table.name, rows);
+        let applied = applied.finish(adapting);
+        if applied.total != plan.preflight.total || applied.digest != plan.preflight.digest {
+            return Err(Error::Integrity(format!(
+                "the restore would change {} value(s), not the {} the preflight listed; nothing was \
+                 committed and the target is as it was",
+                applied.total, plan.preflight.total
+            )));
         }
-        observer.table_done(&table.name, rows);
-        tables.push(LoadedTable {
-            name: table.name.clone(),
-            // Carried rows were hashed either way.
-            expected: unchanged_content.map_or(hasher.current(), |c| c.combine(hasher.current())),
-            manifest: data.content(),
-            adapted,
-            max_id: id_at
-                .zip(max_id)
-                .map(|(p, m)| (table.columns[p].name.clone(), m)),
-        });
-    }
-    let applied = applied.finish(adapting);
-    if applied.total != plan.preflight.total || applied.digest != plan.preflight.digest {
-        return Err(Error::Integrity(format!(
-            "the restore would change {} value(s), not the {} the preflight listed; nothing was \
-             committed and the target is as it was",
-            applied.total, plan.preflight.total
-        )));
-    }
-    // A run that lost its repository lease stops here, before anything is visible.
-    fence.confirm().await?;
-    Ok(applied)
+        // A run that lost its repository lease stops here, before anything is visible.
+        fence.confirm().await?;
+        Ok(applied)
     }
     .await;
     let applied = match staged {

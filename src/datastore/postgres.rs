@@ -76,24 +76,14 @@ impl PostgresDatastore {
                 .await
                 .map_err(|e| self.err(&e))?;
         let mut staged = None;
-        if let Some(target_schema) = target_schema {
-            match self.open_staging_schema(&mut conn).await {
-                Ok(indexes) => {
-                    staged = Some(StagedSwap {
-                        target_schema,
-                        search_path,
-                        indexes,
-                    });
-                }
-                Err(e) => {
-                    tracing::info!(
-                        error = %e,
-                        "no staging schema (no CREATE privilege on the database?): the restore \
-                         replaces the tables in place, in one transaction that holds their locks \
-                         for the whole load"
-                    );
-                }
-            }
+        if let Some(target_schema) = target_schema
+            && let Some(indexes) = self.open_staging_schema(&mut conn).await?
+        {
+            staged = Some(StagedSwap {
+                target_schema,
+                search_path,
+                indexes,
+            });
         }
         if staged.is_none() {
             exec_on(&mut conn, "BEGIN", &self.location).await?;
@@ -123,38 +113,51 @@ impl PostgresDatastore {
     }
 
     /// Creates [`STAGING_SCHEMA`] afresh, points `conn` at it, and starts the
-    /// index builder on a second connection pointed there too.
+    /// index builder on a second connection pointed there too. `None` when
+    /// the database refuses the schema (no `CREATE` on it): nothing has
+    /// changed, and the restore replaces the tables in place instead.
     async fn open_staging_schema(
         &self,
         conn: &mut sqlx::postgres::PgConnection,
-    ) -> Result<IndexBuilder> {
+    ) -> Result<Option<IndexBuilder>> {
+        // The builder's connection before the schema: any failure after the
+        // schema exists fails the restore, never turns it into an in-place
+        // one with the session already pointed at the staging schema.
+        let mut builder_conn = self.detached_connection().await?;
         let staging = quote_ident(Engine::Postgres, STAGING_SCHEMA);
         // A schema left by a restore killed before its swap: only a restore,
         // holding the lock taken above, ever writes there.
-        exec_on(
+        let created = exec_on(
             conn,
-            &format!("DROP SCHEMA IF EXISTS {staging} CASCADE"),
+            &format!("DROP SCHEMA IF EXISTS {staging} CASCADE; CREATE SCHEMA {staging}"),
             &self.location,
         )
-        .await?;
-        exec_on(conn, &format!("CREATE SCHEMA {staging}"), &self.location).await?;
+        .await;
+        if let Err(e) = created {
+            tracing::info!(
+                error = %e,
+                "no staging schema (no CREATE privilege on the database?): the restore \
+                 replaces the tables in place, in one transaction that holds their locks \
+                 for the whole load"
+            );
+            return Ok(None);
+        }
         // Everything the load names (tables, their sequences and indexes,
         // `COPY`, `ANALYZE`) resolves into the staging schema, under the
         // names it keeps after the swap. Nothing before the swap needs to be
         // durable: the swap's own commit flushes the log up to it.
         let settings = format!("SET search_path = {staging}; SET synchronous_commit = off");
         exec_on(conn, &settings, &self.location).await?;
-        let mut builder_conn = self.detached_connection().await?;
         exec_on(&mut builder_conn, &settings, &self.location).await?;
         let backend_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(&mut builder_conn)
             .await
             .map_err(|e| self.err(&e))?;
-        Ok(IndexBuilder::start(
+        Ok(Some(IndexBuilder::start(
             builder_conn,
             backend_pid,
             self.location.clone(),
-        ))
+        )))
     }
 
     pub(crate) async fn open(spec: &PostgresSpec) -> Result<Self> {
@@ -1683,6 +1686,68 @@ mod tests {
         .unwrap();
         assert_eq!(analyzed, ["mixed", "plain"]);
         conn.close().await.unwrap();
+        ds.close().await;
+        db.cleanup().await.unwrap();
+    }
+
+    /// Regression (found in review): a failure after the staging schema was
+    /// made (here the index builder's connection, refused) fell back to an
+    /// in-place restore with the session already pointed at the staging
+    /// schema, so the load would have gone there and the target never been
+    /// replaced. Now the restore fails, and the target's tables stay.
+    #[tokio::test]
+    async fn a_restore_that_cannot_open_its_builder_connection_fails() {
+        let Some(db) = TestDatabase::create_or_skip(Engine::Postgres, "no_builder")
+            .await
+            .unwrap()
+        else {
+            return;
+        };
+        let spec = match crate::datastore::dsn::parse(db.url(), None, std::path::Path::new("."))
+            .unwrap()
+        {
+            crate::datastore::dsn::ConnectionSpec::Postgres(p) => p,
+            _ => unreachable!("a PostgreSQL URL"),
+        };
+        let ds = PostgresDatastore::open(&spec).await.unwrap();
+        ds.execute_script(
+            "CREATE TABLE kept (id serial PRIMARY KEY); INSERT INTO kept DEFAULT VALUES;",
+        )
+        .await
+        .unwrap();
+        // A pool that opens one connection and refuses every later one.
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&opened);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(2))
+            .after_connect(move |_, _| {
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Box::pin(async move {
+                    if n == 0 {
+                        Ok(())
+                    } else {
+                        Err(sqlx::Error::Protocol("refused by the test".into()))
+                    }
+                })
+            })
+            .connect_with(spec.options.clone())
+            .await
+            .unwrap();
+        let one_connection = PostgresDatastore {
+            pool,
+            location: ds.location.clone(),
+        };
+        let opened_restore = one_connection.open_restore(&["kept".to_string()]).await;
+        assert!(
+            opened_restore.is_err(),
+            "the restore went on without its index builder"
+        );
+        drop(opened_restore);
+        one_connection.close().await;
+        let kept = ds.catalogue().await.unwrap();
+        let table = kept.table("kept").expect("the target's table stays");
+        assert_eq!(ds.read_table(table).await.unwrap().len(), 1);
         ds.close().await;
         db.cleanup().await.unwrap();
     }
